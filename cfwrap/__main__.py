@@ -1,0 +1,5 @@
+"""Run the CLI as ``python -m cfwrap``."""
+
+from cfwrap.cli import main
+
+raise SystemExit(main())

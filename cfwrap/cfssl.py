@@ -1,0 +1,116 @@
+"""cfssl's argv and output: building ``gencert`` calls and checking what comes back.
+
+cfssl does not signal failure reliably (notes/cfssl.md): ``gencert`` can log an error, print
+nothing and exit 0, and an unknown ``-profile`` silently becomes the default. So every call here
+checks its output before anyone trusts it, and profile names are checked before cfssl runs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cfwrap.errors import InputError, ToolFailedError
+from cfwrap.models import CSR, SigningConfig, to_cfssl_json
+from cfwrap.runner import Call, Result, failure_reason
+from cfwrap.tools import Tool
+
+_PEM_LABELS = {
+    "cert": (b"-----BEGIN CERTIFICATE-----",),
+    "csr": (b"-----BEGIN CERTIFICATE REQUEST-----",),
+    "key": (
+        b"-----BEGIN EC PRIVATE KEY-----",
+        b"-----BEGIN RSA PRIVATE KEY-----",
+        b"-----BEGIN PRIVATE KEY-----",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Issued:
+    """A certificate, its private key and its CSR as cfssl returned them (PEM bytes)."""
+
+    cert: bytes
+    key: bytes = field(repr=False)
+    csr: bytes
+
+
+def initca(cfssl: Tool, csr: CSR) -> Call:
+    """The call that makes a new CA from ``csr`` (``cfssl gencert -initca -``)."""
+    return Call.of([cfssl.path, "gencert", "-initca", "-"], stdin=to_cfssl_json(csr))
+
+
+def gencert(
+    cfssl: Tool,
+    *,
+    ca_cert: Path,
+    ca_key: Path,
+    config_file: Path,
+    config: SigningConfig,
+    profile: str,
+    csr: CSR,
+) -> Call:
+    """The call that issues a certificate for ``csr`` under ``profile``, signed by the CA.
+
+    ``config`` must be what ``config_file`` holds; it is used to refuse a profile name that cfssl
+    would silently replace with the default profile.
+
+    Raises:
+        InputError: ``profile`` is not in ``config``.
+    """
+    if profile not in config.signing.profiles:
+        known = ", ".join(sorted(config.signing.profiles)) or "none"
+        raise InputError(
+            f"profile {profile!r}",
+            f"not in the signing config (it has: {known})",
+            fix="use one of its profiles; cfssl would silently use the default one instead",
+        )
+    argv = [
+        cfssl.path, "gencert",
+        "-ca", ca_cert, "-ca-key", ca_key,
+        "-config", config_file, "-profile", profile,
+        "-",
+    ]  # fmt: skip
+    return Call.of(argv, stdin=to_cfssl_json(csr))
+
+
+def parse_issued(result: Result) -> Issued:
+    """Read ``cert``, ``key`` and ``csr`` from cfssl's JSON output, refusing anything less.
+
+    Raises:
+        ToolFailedError: empty output (cfssl's silent failure), not JSON, or a missing or
+            malformed field; the message carries cfssl's own error line when it logged one.
+    """
+    tool = result.call.tool
+    if not result.stdout.strip():
+        raise ToolFailedError(
+            tool,
+            f"it exited {result.returncode} but printed nothing ({failure_reason(result.stderr)})",
+            argv=result.call.argv,
+            returncode=result.returncode,
+        )
+    try:
+        data = json.loads(result.stdout)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise ToolFailedError(
+            tool,
+            "its output is not the JSON object cfssl gencert prints",
+            argv=result.call.argv,
+            returncode=result.returncode,
+            fix=f"check that {result.call.argv[0]} is really cfssl 1.6.5",
+        )
+    values: dict[str, bytes] = {}
+    for name, labels in _PEM_LABELS.items():
+        value = data.get(name)
+        if not isinstance(value, str) or not value.encode().lstrip().startswith(labels):
+            raise ToolFailedError(
+                tool,
+                f"its output has no valid {name!r} PEM ({failure_reason(result.stderr)})",
+                argv=result.call.argv,
+                returncode=result.returncode,
+            )
+        values[name] = value.encode().strip() + b"\n"
+    return Issued(cert=values["cert"], key=values["key"], csr=values["csr"])

@@ -1,0 +1,384 @@
+"""The ``cfwrap`` command: arguments in, results and one-line errors out, named exit codes.
+
+The only module that prints or decides an exit code. Standard output carries data (paths, keys,
+``--json``); standard error carries messages for people. Each command imports only what it
+needs, so ``cfwrap keygen`` does not pay for cfssl, X.509 or JSON Schema.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from cfwrap import __version__
+from cfwrap.errors import CfwrapError, ExitCode, InputError
+
+if TYPE_CHECKING:
+    from cfwrap.kit import KitResult
+    from cfwrap.tools import Tool
+
+log = logging.getLogger("cfwrap")
+
+# Which flag a spec field comes from, so a refused value is reported under the flag the user typed.
+_FLAGS = {
+    "region": "--region",
+    "dns_names": "--dns",
+    "ip_addresses": "--ip",
+    "expiry": "--expiry",
+    "key": "--key-algo/--key-size",
+    "role": "--role",
+    "common_name": "--cn",
+}
+
+_EPILOG = """\
+exit codes: 0 ok, 2 usage, 3 bad input, 4 output exists or folder busy, 5 cfssl missing or too
+old, 6 cfssl failed, 7 verification failed, 8 file system error.
+
+cfssl is found by --cfssl-dir, then $CFWRAP_CFSSL_DIR, then .tools/cfssl/bin in this checkout
+(./scripts/install-cfssl), then PATH. cfwrap needs cfssl 1.6 or newer.
+"""
+
+
+class _UsageError(CfwrapError):
+    exit_code = ExitCode.USAGE
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, like every other cfwrap error."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{self.prog}: {message}", fix=f"see `{self.prog} --help`")
+
+
+def _key_options(parser: argparse.ArgumentParser, *, default_expiry: str) -> None:
+    parser.add_argument(
+        "--expiry",
+        default=default_expiry,
+        help=f"lifetime as a Go duration in hours/minutes (default {default_expiry})",
+    )
+    parser.add_argument("--key-algo", choices=("ecdsa", "rsa"), default="ecdsa",
+                        help="key algorithm (default ecdsa)")
+    parser.add_argument("--key-size", type=int, default=None,
+                        help="key size: ecdsa 256/384/521 (default 256), rsa 2048-8192 (default 2048)")
+
+
+def _name_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--region", default="global", help="Nomad region (default global)")
+    parser.add_argument("--dns", action="append", default=[], metavar="NAME",
+                        help="extra DNS name for server and client certificates (repeatable)")
+    parser.add_argument("--ip", action="append", default=[], metavar="ADDR",
+                        help="extra IP address for server and client certificates (repeatable)")
+
+
+def _output_options(parser: argparse.ArgumentParser, *, what: str) -> None:
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help=what)
+    parser.add_argument("--force", action="store_true",
+                        help="replace existing output (a replaced kit folder is kept as a backup)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (exposed for tests and documentation)."""
+    parser = _Parser(
+        prog="cfwrap",
+        description="Make Nomad TLS kits (CA, role certificates, gossip key, agent config) with "
+        "real cfssl, check them, and describe them in a manifest.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="store_true", help="show versions of cfwrap and cfssl")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
+    parser.add_argument("--cfssl-dir", type=Path, metavar="DIR",
+                        help="folder holding cfssl 1.6.5 (overrides the search)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    quick = sub.add_parser(
+        "quickstart",
+        help="all of a region's kit: CA, server/client/cli certificates, gossip key, configs",
+        description="Make a complete Nomad TLS kit for one region in a new folder: CA, "
+        "server, client and cli certificates, gossip key, server and client HCL, the CLI's "
+        "environment file, and manifest.json. Built beside DIR and moved into place whole.",
+    )
+    _output_options(quick, what="folder to create (must not exist or be empty, unless --force)")
+    _name_options(quick)
+    _key_options(quick, default_expiry="8760h")
+    quick.add_argument("--ca-expiry", default="43800h", help="CA lifetime (default 43800h, 5y)")
+    quick.add_argument("--gossip-bytes", type=int, choices=(16, 24, 32), default=32,
+                       help="gossip key size in bytes (default 32, AES-256)")
+    quick.add_argument("--tls-dir", type=Path, metavar="DIR",
+                       help="where the files will live on the nodes, for the HCL paths "
+                       "(default: the kit folder)")
+    quick.set_defaults(handler=_quickstart)
+
+    ca = sub.add_parser("ca", help="a new CA in its own folder",
+                        description="Make a new CA (ca.pem, ca-key.pem, ca.csr) in a new folder.")
+    _output_options(ca, what="folder to create for the CA")
+    ca.add_argument("--csr", type=Path, metavar="FILE",
+                    help="your own cfssl CSR JSON for the CA (instead of the defaults)")
+    ca.add_argument("--cn", default="Nomad Agent CA", help="CA common name")
+    _key_options(ca, default_expiry="43800h")
+    ca.set_defaults(handler=_ca)
+
+    cert = sub.add_parser("cert", help="one role certificate from an existing CA",
+                          description="Issue one Nomad role certificate from an existing CA into "
+                          "a folder: <region>-<role>-nomad.pem, -key.pem, .csr and the JSON "
+                          "given to cfssl. The folder's manifest is rebuilt.")
+    cert.add_argument("--ca", type=Path, required=True, metavar="FILE", help="CA certificate")
+    cert.add_argument("--ca-key", type=Path, required=True, metavar="FILE", help="CA private key")
+    cert.add_argument("--role", choices=("server", "client", "cli"), required=True)
+    _output_options(cert, what="folder for the certificate (created if missing)")
+    _name_options(cert)
+    _key_options(cert, default_expiry="8760h")
+    cert.set_defaults(handler=_cert)
+
+    keygen = sub.add_parser("keygen", help="a gossip encryption key, or check one",
+                            description="Print a new gossip key (standard base64), or check one "
+                            "read from a file or stdin (never from the command line).")
+    keygen.add_argument("--bytes", type=int, choices=(16, 24, 32), default=32,
+                        help="key size (default 32, what current Nomad makes)")
+    keygen.add_argument("--check", metavar="FILE", help="check the key in FILE ('-': stdin)")
+    keygen.add_argument("--json", action="store_true", help="print the result as JSON")
+    keygen.set_defaults(handler=_keygen)
+
+    man = sub.add_parser("manifest", help="rebuild a kit's manifest from disk and compare",
+                         description="Rebuild DIR's manifest from the files on disk and report "
+                         "where it disagrees with manifest.json (exit 7 if it does).")
+    man.add_argument("folder", type=Path, metavar="DIR")
+    man.add_argument("--write", action="store_true",
+                     help="write the rebuilt manifest instead of comparing")
+    man.add_argument("--json", action="store_true", help="print the result as JSON")
+    man.set_defaults(handler=_manifest)
+    return parser
+
+
+def _find_cfssl(args: argparse.Namespace) -> Tool:
+    from cfwrap import tools
+
+    return tools.find("cfssl", directory=args.cfssl_dir)
+
+
+def _key(args: argparse.Namespace) -> dict[str, Any]:
+    size = args.key_size or (256 if args.key_algo == "ecdsa" else 2048)
+    return {"algo": args.key_algo, "size": size}
+
+
+def _spec(cls: type[Any], data: dict[str, Any]) -> Any:  # noqa: ANN401 (returns an instance of cls)
+    """Build a spec from flags; a refused field is reported under its flag."""
+    from pydantic import ValidationError
+
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = first["loc"]
+        flag = _FLAGS.get(str(loc[0]), str(loc[0])) if loc else "arguments"
+        value = first.get("input")
+        shown = f" {value!r}" if isinstance(value, str) and flag != "--region" else ""
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise InputError(f"{flag}{shown}", message) from None
+
+
+def _cert_specs(args: argparse.Namespace, roles: Sequence[str]) -> list[Any]:
+    from cfwrap.nomad import CertSpec
+
+    specs = []
+    for role in roles:
+        extra = role != "cli"  # the CLI never serves: it gets no server names or addresses
+        specs.append(_spec(CertSpec, {
+            "role": role,
+            "region": args.region,
+            "dns_names": args.dns if extra else [],
+            "ip_addresses": args.ip if extra else [],
+            "expiry": args.expiry,
+            "key": _key(args),
+        }))
+    return specs
+
+
+def _report(result: KitResult, args: argparse.Namespace) -> int:
+    if args.json:
+        print(json.dumps({
+            "folder": str(result.folder),
+            "files": list(result.files),
+            "backup": str(result.backup) if result.backup else None,
+        }, indent=2))
+    else:
+        for name in result.files:
+            print(result.folder / name)
+        if result.backup:
+            print(f"cfwrap: the old {result.folder} is kept as {result.backup}", file=sys.stderr)
+    return ExitCode.OK
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    from cfwrap import kit
+    from cfwrap.nomad import CASpec
+
+    specs = _cert_specs(args, ("server", "client", "cli"))
+    ca = _spec(CASpec, {"expiry": args.ca_expiry, "key": specs[0].key.model_dump()})
+    result = kit.quickstart(
+        out=args.out,
+        cfssl_tool=_find_cfssl(args),
+        ca=ca,
+        specs=specs,
+        gossip_bytes=args.gossip_bytes,
+        tls_dir=args.tls_dir,
+        force=args.force,
+    )
+    return _report(result, args)
+
+
+def _ca(args: argparse.Namespace) -> int:
+    from cfwrap import kit
+    from cfwrap.nomad import CASpec
+
+    if args.csr is not None:
+        spec = _ca_from_csr_file(args.csr)
+    else:
+        spec = _spec(CASpec, {"common_name": args.cn, "expiry": args.expiry, "key": _key(args)})
+    result = kit.make_ca(out=args.out, cfssl_tool=_find_cfssl(args), spec=spec, force=args.force)
+    return _report(result, args)
+
+
+def _ca_from_csr_file(path: Path) -> Any:  # noqa: ANN401 (a CASpec)
+    """Read a user's cfssl CSR JSON for a CA, refusing what cfssl would silently ignore."""
+    from cfwrap.models import CSR, parse_model
+    from cfwrap.nomad import CASpec
+
+    try:
+        data = json.loads(path.read_bytes())
+    except OSError as e:
+        raise InputError(str(path), e.strerror or str(e), fix="give a readable CSR JSON file") from None
+    except ValueError as e:
+        raise InputError(str(path), f"not JSON ({e})") from None
+    csr = parse_model(CSR, data, what=str(path))
+    if csr.hosts:
+        raise InputError(f"{path}: hosts", "a CA certificate should carry no host names",
+                         fix="remove hosts from the CA's CSR")
+    organization = next((n.O for n in csr.names if n.O), None)
+    expiry = csr.ca.expiry if csr.ca else "43800h"
+    return _spec(CASpec, {"common_name": csr.CN, "organization": organization,
+                          "expiry": expiry, "key": csr.key.model_dump()})
+
+
+def _cert(args: argparse.Namespace) -> int:
+    from cfwrap import kit
+
+    (spec,) = _cert_specs(args, (args.role,))
+    if args.role == "cli" and (args.dns or args.ip):
+        raise InputError("--dns/--ip", "a cli certificate carries no server names",
+                         fix="drop --dns and --ip for --role cli")
+    ca = kit.load_ca(args.ca, args.ca_key)
+    tool = _find_cfssl(args)
+    result = kit.issue_cert(out=args.out, cfssl_tool=tool, ca=ca, spec=spec, force=args.force)
+    return _report(result, args)
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from cfwrap import gossip
+
+    if args.check is None:
+        key = gossip.generate(args.bytes)
+        print(json.dumps({"key": key, "bytes": args.bytes}) if args.json else key)
+        return ExitCode.OK
+    source = "stdin" if args.check == "-" else args.check
+    try:
+        text = sys.stdin.read() if args.check == "-" else Path(args.check).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(source, getattr(e, "strerror", None) or str(e)) from None
+    try:
+        size = gossip.check(text)
+    except ValueError as e:
+        raise InputError(f"gossip key from {source}", str(e),
+                         fix="make a new one with `cfwrap keygen`") from None
+    if args.json:
+        print(json.dumps({"valid": True, "bytes": size}))
+    else:
+        print(f"cfwrap: gossip key from {source} is valid ({size} bytes, AES-{size * 8})",
+              file=sys.stderr)
+    return ExitCode.OK
+
+
+def _manifest(args: argparse.Namespace) -> int:
+    from cfwrap import manifest
+    from cfwrap.errors import VerificationError
+
+    folder: Path = args.folder
+    if not folder.is_dir():
+        raise InputError(str(folder), "not a folder", fix="give a kit folder")
+    if args.write:
+        from cfwrap import files
+
+        tools = manifest.load(folder).tools if (folder / manifest.FILE_NAME).exists() else []
+        with files.FolderLock(folder):
+            path = manifest.write(folder, manifest.build(folder, tools))
+        print(path)
+        return ExitCode.OK
+    recorded = manifest.load(folder)
+    problems = manifest.differences(recorded, manifest.scan(folder))
+    if args.json:
+        print(json.dumps({"folder": str(folder), "matches": not problems, "differences": problems},
+                         indent=2))
+    else:
+        for line in problems:
+            print(f"{folder / line}", file=sys.stderr)
+    if problems:
+        raise VerificationError(
+            str(folder / manifest.FILE_NAME),
+            f"{len(problems)} difference(s) from the files on disk",
+            fix="inspect the changes; `cfwrap manifest --write DIR` records the folder as it is",
+        )
+    if not args.json:
+        print(f"cfwrap: {folder / manifest.FILE_NAME} matches the files on disk", file=sys.stderr)
+    return ExitCode.OK
+
+
+def _version(args: argparse.Namespace) -> int:
+    info: dict[str, Any] = {"cfwrap": __version__}
+    try:
+        tool = _find_cfssl(args)
+    except CfwrapError as e:
+        info["cfssl"] = {"error": str(e)}
+    else:
+        info["cfssl"] = {"path": str(tool.path), "package": tool.package,
+                         "version": tool.version, "sha256": tool.sha256}
+    print(json.dumps(info, indent=2))
+    return ExitCode.OK
+
+
+def _setup_logging(*, verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("cfwrap: %(levelname)s: %(name)s: %(message)s"))
+    root = logging.getLogger("cfwrap")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    root.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the cfwrap command line; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        _setup_logging(verbose=args.verbose)
+        if args.version:
+            return _version(args)
+        handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
+        if handler is None:
+            parser.print_help(sys.stderr)
+            return ExitCode.USAGE
+        return handler(args)
+    except CfwrapError as e:
+        detail = getattr(e, "stderr", "")
+        if detail:
+            log.debug("tool stderr:\n%s", detail)
+        print(f"cfwrap: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("cfwrap: interrupted", file=sys.stderr)
+        return 130

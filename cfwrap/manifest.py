@@ -1,0 +1,338 @@
+"""The kit's manifest: one entry per file, derived from what is on disk, validated, written last.
+
+The manifest is never built from what cfwrap meant to write: :func:`scan` reads the folder back
+(parsing every certificate, pairing keys with certificates, checking each chain to the kit's CA),
+so ``cfwrap manifest DIR`` can rebuild it and report any disagreement.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import stat
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cfwrap import parsers
+from cfwrap.errors import VerificationError
+from cfwrap.nomad import parse_role_name
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from cfwrap.tools import Tool
+
+SCHEMA_VERSION = 1
+FILE_NAME = "manifest.json"
+SCHEMA_FILE = "manifest.schema.json"
+
+ArtifactKind = Literal[
+    "ca-cert", "ca-key", "cert", "key", "csr", "csr-json", "config", "gossip-key", "hcl", "env",
+    "other",
+]  # fmt: skip
+ArtifactRole = Literal["ca", "server", "client", "cli"]
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+_CONFIG_STEM = re.compile(r"(?P<region>[a-z0-9-]+)-(?P<role>server|client|cli)")
+
+
+class ToolRecord(BaseModel):
+    """A binary that made the kit: where it was, which package and build."""
+
+    model_config = _FROZEN
+
+    name: str
+    path: str
+    package: str | None
+    version: str | None
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class CertificateInfo(BaseModel):
+    """What a certificate in the kit says, and what cfwrap verified about it."""
+
+    model_config = _FROZEN
+
+    subject: str
+    issuer: str
+    serial: str
+    not_before: datetime
+    not_after: datetime
+    dns_names: list[str]
+    ip_addresses: list[str]
+    key_algorithm: str
+    key_size: int
+    key_usage: list[str]
+    extended_key_usage: list[str]
+    is_ca: bool
+    fingerprint_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    chain_verified: bool = Field(description="signed by a CA certificate in the same kit")
+    key_pair_verified: bool | None = Field(
+        description="the kit's key file matches it; null when the kit holds no key for it"
+    )
+
+
+class Artifact(BaseModel):
+    """One file of the kit."""
+
+    model_config = _FROZEN
+
+    path: str = Field(description="relative to the manifest")
+    kind: ArtifactKind
+    role: ArtifactRole | None
+    region: str | None
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    mode: str = Field(pattern=r"^0[0-7]{3}$")
+    certificate: CertificateInfo | None = None
+
+
+class Manifest(BaseModel):
+    """Everything in a kit, and the tools that made it. Holds no secret values."""
+
+    model_config = _FROZEN
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    created_at: datetime
+    tools: list[ToolRecord]
+    artifacts: list[Artifact]
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of the manifest, as checked in under ``schemas/``."""
+    schema = Manifest.model_json_schema()
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://cfwrap.invalid/schemas/manifest.schema.json",
+        **schema,
+    }
+
+
+def tool_record(tool: Tool) -> ToolRecord:
+    """Describe a located binary for the manifest."""
+    return ToolRecord(
+        name=tool.name,
+        path=str(tool.path),
+        package=tool.package,
+        version=tool.version,
+        sha256=tool.sha256,
+    )
+
+
+def _pair_stem(name: str) -> str:
+    for suffix in ("-key.pem", "-csr.json", ".csr", ".pem"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+class _Read:
+    """One file's bytes and what parsing them found."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data = path.read_bytes()
+        self.mode = stat.S_IMODE(path.stat().st_mode)
+        self.pem = parsers.pem_kind(self.data) if path.suffix in (".pem", ".csr") else None
+        self.cert: x509.Certificate | None = None
+        self.facts: parsers.CertFacts | None = None
+        if self.pem == "certificate":
+            try:
+                self.cert = parsers.load_certificate(self.data)
+                self.facts = parsers.certificate_facts(self.cert)
+            except parsers.ParseError:
+                self.pem = None
+
+    def public_key_sha256(self) -> str | None:
+        try:
+            if self.pem == "private-key":
+                return parsers.read_private_key(self.data).public_key_sha256
+        except parsers.ParseError:
+            return None
+        return self.facts.key.public_key_sha256 if self.facts else None
+
+
+def _role_of(facts: parsers.CertFacts) -> tuple[ArtifactRole | None, str | None]:
+    if facts.is_ca:
+        return "ca", None
+    for name in (facts.common_name or "", *facts.dns_names):
+        parsed = parse_role_name(name)
+        if parsed is not None:
+            return parsed
+    return None, None
+
+
+def scan(folder: Path) -> list[Artifact]:
+    """Read every regular file of a kit folder (except the manifest) into artifacts.
+
+    Raises:
+        OSError: the folder or a file cannot be read.
+    """
+    reads = {
+        p.name: _Read(p)
+        for p in sorted(folder.iterdir())
+        if p.is_file() and not p.is_symlink() and p.name != FILE_NAME and not p.name.startswith(".")
+    }
+    cas = [r.cert for r in reads.values() if r.cert is not None and r.facts and r.facts.is_ca]
+    certs = {_pair_stem(n): r for n, r in reads.items() if r.facts is not None}
+    artifacts = []
+    for name, read in reads.items():
+        pair = certs.get(_pair_stem(name))
+        role, region = _role_of(pair.facts) if pair and pair.facts else (None, None)
+        kind: ArtifactKind = "other"
+        info = None
+        if read.facts is not None and read.cert is not None:
+            kind = "ca-cert" if read.facts.is_ca else "cert"
+            info = _certificate_info(read, reads, cas)
+        elif read.pem == "private-key":
+            kind = "ca-key" if role == "ca" else "key"
+        elif read.pem == "csr":
+            kind = "csr"
+        elif name == "cfssl.json":
+            kind = "config"
+        elif name.endswith("-csr.json"):
+            kind = "csr-json"
+        elif name == "gossip.key":
+            kind = "gossip-key"
+        elif name.endswith((".hcl", ".env")):
+            kind = "hcl" if name.endswith(".hcl") else "env"
+            match = _CONFIG_STEM.fullmatch(Path(name).stem)
+            if match:
+                role, region = match.group("role"), match.group("region")  # type: ignore[assignment]
+        artifacts.append(
+            Artifact(
+                path=name,
+                kind=kind,
+                role=role,
+                region=region,
+                sha256=hashlib.sha256(read.data).hexdigest(),
+                mode=f"0{read.mode:03o}",
+                certificate=info,
+            )
+        )
+    return artifacts
+
+
+def _certificate_info(
+    read: _Read, reads: dict[str, _Read], cas: list[x509.Certificate]
+) -> CertificateInfo:
+    assert read.facts is not None and read.cert is not None  # noqa: S101 (caller checked)
+    facts = read.facts
+    key = reads.get(f"{_pair_stem(read.path.name)}-key.pem")
+    key_hash = key.public_key_sha256() if key is not None else None
+    return CertificateInfo(
+        subject=facts.subject,
+        issuer=facts.issuer,
+        serial=facts.serial,
+        not_before=facts.not_before,
+        not_after=facts.not_after,
+        dns_names=list(facts.dns_names),
+        ip_addresses=list(facts.ip_addresses),
+        key_algorithm=facts.key.algorithm,
+        key_size=facts.key.size,
+        key_usage=list(facts.key_usage),
+        extended_key_usage=list(facts.extended_key_usage),
+        is_ca=facts.is_ca,
+        fingerprint_sha256=facts.fingerprint_sha256,
+        chain_verified=any(parsers.is_issued_by(read.cert, ca) for ca in cas),
+        key_pair_verified=None if key is None else key_hash == facts.key.public_key_sha256,
+    )
+
+
+def build(folder: Path, tools: list[ToolRecord]) -> Manifest:
+    """Build the manifest of ``folder`` from what is on disk now."""
+    return Manifest(created_at=datetime.now(UTC), tools=tools, artifacts=scan(folder))
+
+
+def schema_path() -> Path:
+    """Where the checked-in schema is: ``schemas/`` of a checkout, or inside an installed wheel."""
+    package = Path(__file__).resolve().parent
+    for folder in (package.parent / "schemas", package / "schemas"):
+        if (folder / SCHEMA_FILE).is_file():
+            return folder / SCHEMA_FILE
+    raise VerificationError(SCHEMA_FILE, "not found beside the cfwrap package", fix="reinstall cfwrap")
+
+
+def _schema() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(schema_path().read_text())
+    return loaded
+
+
+def to_json(manifest: Manifest) -> bytes:
+    """Serialise a manifest and validate it against the checked-in schema.
+
+    Raises:
+        VerificationError: the manifest does not satisfy ``schemas/manifest.schema.json``.
+    """
+    import jsonschema
+
+    data = json.loads(manifest.model_dump_json())
+    errors = sorted(jsonschema.Draft202012Validator(_schema()).iter_errors(data), key=str)
+    if errors:
+        where = "/".join(str(p) for p in errors[0].absolute_path) or "(top)"
+        raise VerificationError(
+            FILE_NAME,
+            f"does not match {SCHEMA_FILE} at {where}: {errors[0].message}",
+            fix="this is a cfwrap bug; please report it with the command you ran",
+        )
+    return (json.dumps(data, indent=2) + "\n").encode()
+
+
+def load(folder: Path) -> Manifest:
+    """Read and validate ``folder``'s manifest.
+
+    Raises:
+        VerificationError: missing, not JSON, or not a valid manifest.
+    """
+    import jsonschema
+
+    path = folder / FILE_NAME
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise VerificationError(
+            str(path), "no manifest here", fix="run `cfwrap manifest --write DIR` to make one"
+        ) from None
+    except ValueError as e:
+        raise VerificationError(str(path), f"not valid JSON ({e})") from None
+    try:
+        jsonschema.Draft202012Validator(_schema()).validate(data)
+    except jsonschema.ValidationError as e:
+        where = "/".join(str(p) for p in e.absolute_path) or "(top)"
+        raise VerificationError(str(path), f"invalid at {where}: {e.message}") from None
+    return Manifest.model_validate(data)
+
+
+def differences(recorded: Manifest, actual: list[Artifact]) -> list[str]:
+    """Say, one line each, where a recorded manifest and the files on disk disagree."""
+    before = {a.path: a for a in recorded.artifacts}
+    now = {a.path: a for a in actual}
+    lines = [f"{p}: in the manifest but not on disk" for p in sorted(before.keys() - now.keys())]
+    lines += [f"{p}: on disk but not in the manifest" for p in sorted(now.keys() - before.keys())]
+    for path in sorted(before.keys() & now.keys()):
+        old, new = before[path], now[path]
+        if old.sha256 != new.sha256:
+            lines.append(f"{path}: content changed (sha256 {new.sha256[:12]}..., manifest says "
+                         f"{old.sha256[:12]}...)")
+        if old.mode != new.mode:
+            lines.append(f"{path}: mode {new.mode}, manifest says {old.mode}")
+        if old.sha256 == new.sha256 and old != new:
+            lines.append(f"{path}: facts differ from the manifest (kind, role, or verification)")
+    return lines
+
+
+def write(folder: Path, manifest: Manifest) -> Path:
+    """Validate and write ``folder``'s manifest atomically; the only place that writes one.
+
+    Raises:
+        VerificationError: the manifest does not satisfy the schema.
+        FileSystemError: the write failed.
+    """
+    from cfwrap.files import PUBLIC_MODE, write_replace
+
+    path = folder / FILE_NAME
+    write_replace(path, to_json(manifest), mode=PUBLIC_MODE)
+    return path

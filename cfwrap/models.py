@@ -1,0 +1,207 @@
+"""Pydantic models of what cfssl reads: the CSR JSON and the signing configuration.
+
+The models refuse what cfssl would silently ignore or misread (unknown keys, unknown usages,
+durations it cannot parse, key sizes it calls too weak), so a wrong input fails here, before cfssl
+runs. Serialised with :func:`to_cfssl_json`, they are exactly the files a person can hand to cfssl.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Annotated, Literal, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    model_validator,
+)
+
+# Go's time.ParseDuration units that make sense for certificate lifetimes. cfssl rejects "1y"/"1d".
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|m|s)")
+_DURATION_WHOLE = re.compile(r"(?:\d+(?:\.\d+)?(?:h|m|s))+")
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0}
+
+#: The shortest and longest lifetime cfwrap issues. Shorter than an hour cannot survive cfssl's
+#: five-minute backdating and clock skew; longer than 30 years is a typo, not a policy.
+MIN_LIFETIME = timedelta(hours=1)
+MAX_LIFETIME = timedelta(days=365 * 30)
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse a positive Go duration such as ``8760h`` or ``1h30m`` into a timedelta.
+
+    Raises:
+        ValueError: not a Go duration in h/m/s, or outside cfwrap's lifetime bounds.
+    """
+    if not _DURATION_WHOLE.fullmatch(text):
+        raise ValueError(
+            f"{text!r} is not a duration like 8760h (Go duration units h, m, s; cfssl refuses y and d)"
+        )
+    seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
+    value = timedelta(seconds=seconds)
+    if value < MIN_LIFETIME:
+        raise ValueError(f"{text!r} is shorter than the minimum lifetime of 1h")
+    if value > MAX_LIFETIME:
+        raise ValueError(f"{text!r} is longer than the maximum lifetime of 30 years (262800h)")
+    return value
+
+
+def format_duration(value: timedelta) -> str:
+    """Format a timedelta as the whole-hour Go duration cfssl reads (``8760h``)."""
+    return f"{int(value.total_seconds() // 3600)}h"
+
+
+def _check_duration(text: str) -> str:
+    parse_duration(text)
+    return text
+
+
+#: A lifetime as cfssl writes it: a Go duration string, checked on the way in.
+Duration = Annotated[str, AfterValidator(_check_duration)]
+
+KeyAlgo = Literal["ecdsa", "rsa"]
+
+#: Key usages cfssl knows (config.KeyUsage and config.ExtKeyUsage in cfssl's signer). Anything
+#: else is dropped by cfssl without a word, so the model refuses it.
+Usage = Literal[
+    "signing",
+    "digital signature",
+    "content commitment",
+    "key encipherment",
+    "key agreement",
+    "data encipherment",
+    "cert sign",
+    "crl sign",
+    "encipher only",
+    "decipher only",
+    "any",
+    "server auth",
+    "client auth",
+    "code signing",
+    "email protection",
+    "s/mime",
+    "ipsec end system",
+    "ipsec tunnel",
+    "ipsec user",
+    "timestamping",
+    "ocsp signing",
+    "microsoft sgc",
+    "netscape sgc",
+]
+
+M = TypeVar("M", bound=BaseModel)
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class KeySpec(BaseModel):
+    """The ``key`` object of a CSR: algorithm and size."""
+
+    model_config = _FROZEN
+
+    algo: KeyAlgo = "ecdsa"
+    size: int = 256
+
+    @model_validator(mode="after")
+    def _size_fits_algo(self) -> KeySpec:
+        if self.algo == "ecdsa" and self.size not in (256, 384, 521):
+            raise ValueError(f"ecdsa key size must be 256, 384 or 521, not {self.size}")
+        if self.algo == "rsa" and not (2048 <= self.size <= 8192 and self.size % 8 == 0):
+            raise ValueError(f"rsa key size must be 2048 to 8192 bits, not {self.size}")
+        return self
+
+
+class SubjectName(BaseModel):
+    """One entry of a CSR's ``names``: the subject's country, state, locality, org and unit."""
+
+    model_config = _FROZEN
+
+    C: str | None = None
+    ST: str | None = None
+    L: str | None = None
+    O: str | None = None  # noqa: E741 (cfssl's own field name)
+    OU: str | None = None
+
+
+class CAOptions(BaseModel):
+    """The ``ca`` object of a CSR, read by ``cfssl gencert -initca``."""
+
+    model_config = _FROZEN
+
+    expiry: Duration = "43800h"
+    pathlen: int | None = Field(default=None, ge=0)
+    pathlenzero: bool | None = None
+
+
+class CSR(BaseModel):
+    """cfssl's certificate request JSON (the guide's ``nomad-csr.json``)."""
+
+    model_config = _FROZEN
+
+    CN: str = Field(min_length=1, max_length=64)
+    hosts: tuple[str, ...] = ()
+    key: KeySpec = KeySpec()
+    names: tuple[SubjectName, ...] = ()
+    ca: CAOptions | None = None
+
+
+class SigningProfile(BaseModel):
+    """One signing profile: what a certificate may be used for, and for how long."""
+
+    model_config = _FROZEN
+
+    usages: tuple[Usage, ...] = Field(min_length=1)
+    expiry: Duration
+
+
+class Signing(BaseModel):
+    """The ``signing`` object: a default profile and named ones."""
+
+    model_config = _FROZEN
+
+    default: SigningProfile
+    profiles: dict[str, SigningProfile] = Field(default_factory=dict)
+
+
+class SigningConfig(BaseModel):
+    """cfssl's ``-config`` file (the later guides' ``cfssl.json``)."""
+
+    model_config = _FROZEN
+
+    signing: Signing
+
+    def profile(self, name: str) -> SigningProfile:
+        """Return a named profile, refusing names cfssl would silently replace with the default.
+
+        Raises:
+            KeyError: no such profile.
+        """
+        return self.signing.profiles[name]
+
+
+def to_cfssl_json(model: BaseModel) -> bytes:
+    """Serialise a model as the JSON cfssl reads (no nulls, stable key order, newline at end)."""
+    return (model.model_dump_json(exclude_none=True, indent=2) + "\n").encode()
+
+
+
+def parse_model(cls: type[M], data: object, *, what: str) -> M:
+    """Validate ``data`` as ``cls``, turning pydantic's report into one line that names the field.
+
+    Raises:
+        InputError: the first problem pydantic found, with the path of the offending field.
+    """
+    from pydantic import ValidationError
+
+    from cfwrap.errors import InputError
+
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top)"
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise InputError(f"{what}: {where}", message) from None

@@ -1,0 +1,308 @@
+"""Nomad's rules: the names each role must carry, the usages it needs, and the agent config.
+
+Sources (hashicorp/nomad): ``helper/tlsutil/config.go`` (outgoing TLS checks
+``server.<region>.nomad``), ``nomad/rpc.go`` ``rpcNameAndRegionValidator`` (incoming RPC wants
+``client.<region>.nomad`` or ``server.<any>.nomad``), ``validateRaftTLS`` (exact server name, no
+wildcards), ``command/tls_cert_create.go`` (CN and SANs per role, ``localhost`` and ``127.0.0.1``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, model_validator
+
+from cfwrap.models import (
+    CSR,
+    CAOptions,
+    Duration,
+    KeySpec,
+    SigningConfig,
+    SigningProfile,
+    Usage,
+    parse_duration,
+)
+
+if TYPE_CHECKING:
+    from cfwrap.parsers import CertFacts
+
+Role = Literal["server", "client", "cli"]
+ROLES: tuple[Role, ...] = ("server", "client", "cli")
+DEFAULT_REGION = "global"
+
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_ROLE_NAME = re.compile(r"(server|client|cli)\.([^.]+)\.nomad")
+
+
+def check_label(text: str, *, what: str = "label") -> str:
+    """Check one DNS label (letters, digits, inner hyphens, at most 63 characters).
+
+    Raises:
+        ValueError: with the reason, for pydantic or the CLI to report.
+    """
+    if not text:
+        raise ValueError(f"empty {what}")
+    if "*" in text:
+        raise ValueError(f"wildcard in {what} {text!r}: Nomad's Raft check accepts exact names only")
+    if "/" in text or "\\" in text or ".." in text:
+        raise ValueError(f"{what} {text!r} contains a path separator or '..'")
+    if len(text) > 63:
+        raise ValueError(f"{what} {text[:20]!r}... is {len(text)} characters; DNS allows 63")
+    if not _LABEL.fullmatch(text):
+        raise ValueError(
+            f"{what} {text!r} is not a DNS label (lowercase a-z, 0-9 and inner '-' only)"
+        )
+    return text
+
+
+def check_region(text: str) -> str:
+    """Check a Nomad region name: one DNS label, since it becomes part of ``server.<region>.nomad``.
+
+    Raises:
+        ValueError: with the reason.
+    """
+    if "." in text and ".." not in text:
+        raise ValueError(f"region {text!r} contains '.'; it must be a single DNS label")
+    return check_label(text, what="region")
+
+
+def check_dns_name(text: str) -> str:
+    """Check an extra DNS name for a certificate and return it in lowercase.
+
+    Raises:
+        ValueError: with the reason.
+    """
+    name = text.lower()
+    if name.endswith("."):
+        raise ValueError(f"DNS name {text!r} ends with '.'; give it without the trailing dot")
+    if len(name) > 253:
+        raise ValueError(f"DNS name {text[:20]!r}... is longer than 253 characters")
+    for label in name.split("."):
+        check_label(label, what=f"label in DNS name {text!r}")
+    return name
+
+
+Region = Annotated[str, AfterValidator(check_region)]
+DnsName = Annotated[str, AfterValidator(check_dns_name)]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def role_name(role: Role, region: str) -> str:
+    """Return the name Nomad checks for a role in a region, e.g. ``server.global.nomad``."""
+    return f"{role}.{region}.nomad"
+
+
+def parse_role_name(name: str) -> tuple[Role, str] | None:
+    """Split ``<role>.<region>.nomad`` into role and region; None for any other name."""
+    match = _ROLE_NAME.fullmatch(name)
+    if match is None:
+        return None
+    role: Role = match.group(1)  # type: ignore[assignment] # the pattern admits only Role values
+    return role, match.group(2)
+
+
+def usages_for(role: Role, key: KeySpec) -> tuple[Usage, ...]:
+    """Key usages for a role's certificate.
+
+    Servers dial each other and client agents serve HTTPS, so both need serverAuth and
+    clientAuth; the CLI only dials. keyEncipherment only for RSA: an EC key cannot encrypt
+    (RFC 5480 section 3), although the old guide's profile asks for it.
+    """
+    usages: list[Usage] = ["digital signature"]
+    if key.algo == "rsa":
+        usages.append("key encipherment")
+    if role != "cli":
+        usages.append("server auth")
+    usages.append("client auth")
+    return tuple(usages)
+
+
+class CASpec(BaseModel):
+    """What the kit's certificate authority should be."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    common_name: str = "Nomad Agent CA"
+    organization: str | None = None
+    expiry: Duration = "43800h"
+    key: KeySpec = KeySpec()
+
+    def csr(self) -> CSR:
+        """Build the CSR for ``cfssl gencert -initca``; path length 0: it signs leaves only."""
+        from cfwrap.models import SubjectName
+
+        names = (SubjectName(O=self.organization),) if self.organization else ()
+        return CSR(
+            CN=self.common_name,
+            key=self.key,
+            names=names,
+            ca=CAOptions(expiry=self.expiry, pathlen=0, pathlenzero=True),
+        )
+
+
+class CertSpec(BaseModel):
+    """One Nomad role certificate: role, region, extra names, lifetime and key."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    role: Role
+    region: Region = DEFAULT_REGION
+    dns_names: tuple[DnsName, ...] = ()
+    ip_addresses: tuple[IPAddress, ...] = ()
+    expiry: Duration = "8760h"
+    key: KeySpec = KeySpec()
+
+    @model_validator(mode="after")
+    def _one_role_only(self) -> CertSpec:
+        for name in self.dns_names:
+            parsed = parse_role_name(name)
+            if parsed is not None and parsed[0] != self.role:
+                raise ValueError(
+                    f"extra name {name!r} is another role's name; one certificate must carry one "
+                    "role, or Nomad's role check is void"
+                )
+        return self
+
+    @property
+    def common_name(self) -> str:
+        """The CN, which is also the first SAN: ``<role>.<region>.nomad``."""
+        return role_name(self.role, self.region)
+
+    @property
+    def stem(self) -> str:
+        """File name stem, as ``nomad tls cert create`` names its files: ``global-server-nomad``."""
+        return f"{self.region}-{self.role}-nomad"
+
+    def hosts(self) -> tuple[str, ...]:
+        """All SANs in order: the role name, extra DNS names, then localhost and addresses."""
+        hosts: list[str] = [self.common_name, *self.dns_names]
+        if self.role != "cli":
+            hosts += ["localhost", "127.0.0.1"]
+        hosts += [str(ip) for ip in self.ip_addresses]
+        return tuple(dict.fromkeys(hosts))
+
+    def csr(self) -> CSR:
+        """Build the CSR JSON that cfssl reads for this certificate."""
+        return CSR(CN=self.common_name, hosts=self.hosts(), key=self.key)
+
+    def profile(self) -> SigningProfile:
+        """The signing profile for this certificate's role."""
+        return SigningProfile(usages=usages_for(self.role, self.key), expiry=self.expiry)
+
+
+def signing_config(specs: Sequence[CertSpec]) -> SigningConfig:
+    """Build the signing configuration with one profile per role in ``specs``.
+
+    The default profile is the narrowest (client auth only): cfssl falls back to it silently when
+    a profile name is wrong, so a typo by hand never yields a server certificate.
+
+    Raises:
+        ValueError: two specs of one role disagree on their profile.
+    """
+    from cfwrap.models import Signing
+
+    profiles: dict[str, SigningProfile] = {}
+    for spec in specs:
+        profile = spec.profile()
+        if profiles.setdefault(spec.role, profile) != profile:
+            raise ValueError(f"two {spec.role} certificates need different profiles")
+    shortest = min((s.expiry for s in specs), key=parse_duration, default="8760h")
+    default = SigningProfile(usages=("digital signature", "client auth"), expiry=shortest)
+    return SigningConfig(signing=Signing(default=default, profiles=profiles))
+
+
+def _hcl_string(value: str) -> str:
+    """Quote a string for HCL: escape backslashes, quotes and template sequences."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    escaped = escaped.replace("${", "$${").replace("%{", "%%{")
+    return f'"{escaped}"'
+
+
+def agent_hcl(
+    role: Literal["server", "client"],
+    *,
+    region: str,
+    ca_file: str,
+    cert_file: str,
+    key_file: str,
+    gossip_key: str | None = None,
+) -> str:
+    """Render a Nomad agent configuration with the ``tls {}`` block (and gossip key for servers)."""
+    lines = [
+        f"# Nomad {role} agent TLS settings for region {region}, written by cfwrap.",
+        f"region = {_hcl_string(region)}",
+        "",
+    ]
+    if role == "server" and gossip_key is not None:
+        lines += [
+            "server {",
+            "  # Seeds <data_dir>/server/serf.keyring on first start only; rotate with",
+            "  # `nomad operator gossip keyring install/use/remove`.",
+            f"  encrypt = {_hcl_string(gossip_key)}",
+            "}",
+            "",
+        ]
+    lines += [
+        "tls {",
+        "  http = true",
+        "  rpc  = true",
+        "",
+        f"  ca_file   = {_hcl_string(ca_file)}",
+        f"  cert_file = {_hcl_string(cert_file)}",
+        f"  key_file  = {_hcl_string(key_file)}",
+        "",
+        "  verify_server_hostname = true",
+        "  verify_https_client    = true",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _env_value(value: str) -> str:
+    """Single-quote a value so both ``sh`` and systemd's EnvironmentFile read it back unchanged."""
+    return "'" + value.replace("'", "'\\''") + "'"
+
+
+def cli_env(*, address: str, ca_file: str, cert_file: str, key_file: str) -> str:
+    """Render the environment for the ``nomad`` CLI: ``set -a; . ./global-cli.env; set +a``."""
+    pairs = {
+        "NOMAD_ADDR": address,
+        "NOMAD_CACERT": ca_file,
+        "NOMAD_CLIENT_CERT": cert_file,
+        "NOMAD_CLIENT_KEY": key_file,
+    }
+    return "".join(f"{k}={_env_value(v)}\n" for k, v in pairs.items())
+
+
+_EKU_FOR_USAGE = {"server auth": "serverAuth", "client auth": "clientAuth"}
+
+
+def certificate_problems(spec: CertSpec, facts: CertFacts) -> list[str]:
+    """Compare an issued certificate with the spec it was made from; one line per mismatch.
+
+    Catches what cfssl does silently: a profile that fell back to the default, hosts that were
+    replaced, usages that were dropped.
+    """
+    problems = []
+    if facts.common_name != spec.common_name:
+        problems.append(f"CN is {facts.common_name!r}, not {spec.common_name!r}")
+    wanted = set(spec.hosts())
+    have = set(facts.dns_names) | set(facts.ip_addresses)
+    if have != wanted:
+        problems.append(f"names are {sorted(have)}, not {sorted(wanted)}")
+    eku_wanted = {_EKU_FOR_USAGE[u] for u in spec.profile().usages if u in _EKU_FOR_USAGE}
+    if set(facts.extended_key_usage) != eku_wanted:
+        problems.append(
+            f"extended key usage is {sorted(facts.extended_key_usage)}, not {sorted(eku_wanted)}"
+        )
+    if facts.key.algorithm == "ecdsa" and "key_encipherment" in facts.key_usage:
+        problems.append("an EC key with keyEncipherment (RFC 5480 forbids it)")
+    if facts.is_ca:
+        problems.append("it is a CA certificate")
+    if (facts.key.algorithm, facts.key.size) != (spec.key.algo, spec.key.size):
+        problems.append(f"key is {facts.key.algorithm} {facts.key.size}, not {spec.key.algo} "
+                        f"{spec.key.size}")
+    return problems

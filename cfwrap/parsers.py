@@ -1,0 +1,281 @@
+"""Read PEM certificates, private keys and CSRs into plain facts.
+
+Parsers know nothing about Nomad or cfwrap's kits: ``nomad``, ``manifest`` and ``doctor``
+interpret the facts, so they work on certificates cfwrap did not make. Facts about a private key
+never include the key: only its type, size and a hash of its public half (to pair it with a
+certificate).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric.types import (
+        CertificateIssuerPublicKeyTypes,
+        PrivateKeyTypes,
+    )
+
+PemKind = Literal["certificate", "private-key", "csr"]
+
+
+class ParseError(ValueError):
+    """The bytes are not a PEM object of the expected kind (the message says what they are)."""
+
+
+@dataclass(frozen=True)
+class KeyFacts:
+    """A public or private key's type and size, and the SHA-256 of its SubjectPublicKeyInfo."""
+
+    algorithm: str
+    size: int
+    public_key_sha256: str
+
+
+@dataclass(frozen=True)
+class CertFacts:
+    """What a certificate says, in plain values."""
+
+    subject: str
+    common_name: str | None
+    issuer: str
+    serial: str
+    not_before: datetime
+    not_after: datetime
+    dns_names: tuple[str, ...]
+    ip_addresses: tuple[str, ...]
+    key: KeyFacts
+    key_usage: tuple[str, ...]
+    extended_key_usage: tuple[str, ...]
+    is_ca: bool
+    path_length: int | None
+    signature_algorithm: str
+    fingerprint_sha256: str
+
+
+@dataclass(frozen=True)
+class CSRFacts:
+    """What a certificate signing request asks for."""
+
+    subject: str
+    common_name: str | None
+    dns_names: tuple[str, ...]
+    ip_addresses: tuple[str, ...]
+    key: KeyFacts
+    signature_valid: bool
+
+
+_LABELS: dict[bytes, PemKind] = {
+    b"CERTIFICATE": "certificate",
+    b"CERTIFICATE REQUEST": "csr",
+    b"NEW CERTIFICATE REQUEST": "csr",
+    b"PRIVATE KEY": "private-key",
+    b"EC PRIVATE KEY": "private-key",
+    b"RSA PRIVATE KEY": "private-key",
+    b"ENCRYPTED PRIVATE KEY": "private-key",
+}
+
+
+def pem_kind(data: bytes) -> PemKind | None:
+    """Say what the first PEM block in ``data`` holds, without parsing it (None if no PEM)."""
+    start = data.find(b"-----BEGIN ")
+    if start < 0:
+        return None
+    end = data.find(b"-----", start + 11)
+    return _LABELS.get(data[start + 11 : end]) if end > 0 else None
+
+
+def _key_facts(public: CertificateIssuerPublicKeyTypes) -> KeyFacts:
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    spki = public.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    digest = hashlib.sha256(spki).hexdigest()
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        return KeyFacts("ecdsa", public.curve.key_size, digest)
+    if isinstance(public, rsa.RSAPublicKey):
+        return KeyFacts("rsa", public.key_size, digest)
+    if isinstance(public, ed25519.Ed25519PublicKey):
+        return KeyFacts("ed25519", 256, digest)
+    if isinstance(public, ed448.Ed448PublicKey):
+        return KeyFacts("ed448", 456, digest)
+    return KeyFacts(type(public).__name__, 0, digest)
+
+
+def _common_name(name: x509.Name) -> str | None:
+    from cryptography.x509.oid import NameOID
+
+    values = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(values[0].value) if values else None
+
+
+def _sans(extensions: x509.Extensions) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    from cryptography import x509
+
+    try:
+        san = extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return (), ()
+    dns = tuple(san.get_values_for_type(x509.DNSName))
+    ips = tuple(str(ip) for ip in san.get_values_for_type(x509.IPAddress))
+    return dns, ips
+
+
+_KEY_USAGE_FIELDS = (
+    "digital_signature",
+    "content_commitment",
+    "key_encipherment",
+    "data_encipherment",
+    "key_agreement",
+    "key_cert_sign",
+    "crl_sign",
+)
+
+
+def _key_usage(extensions: x509.Extensions) -> tuple[str, ...]:
+    from cryptography import x509
+
+    try:
+        usage = extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return ()
+    names = [f for f in _KEY_USAGE_FIELDS if getattr(usage, f)]
+    if usage.key_agreement:
+        names += [f for f in ("encipher_only", "decipher_only") if getattr(usage, f)]
+    return tuple(names)
+
+
+def _extended_key_usage(extensions: x509.Extensions) -> tuple[str, ...]:
+    from cryptography import x509
+
+    try:
+        eku = extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return ()
+    return tuple(oid._name if oid._name != "Unknown OID" else oid.dotted_string for oid in eku)
+
+
+def load_certificate(data: bytes) -> x509.Certificate:
+    """Load the first PEM certificate in ``data``.
+
+    Raises:
+        ParseError: no PEM certificate, or a damaged one.
+    """
+    from cryptography import x509
+
+    if pem_kind(data) != "certificate":
+        raise ParseError(f"not a PEM certificate (found: {pem_kind(data) or 'no PEM block'})")
+    try:
+        return x509.load_pem_x509_certificate(data)
+    except ValueError as e:
+        raise ParseError(f"damaged PEM certificate ({e})") from None
+
+
+def certificate_facts(cert: x509.Certificate) -> CertFacts:
+    """Turn a loaded certificate into facts."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    extensions = cert.extensions
+    dns, ips = _sans(extensions)
+    try:
+        basic = extensions.get_extension_for_class(x509.BasicConstraints).value
+        is_ca, path_length = basic.ca, basic.path_length
+    except x509.ExtensionNotFound:
+        is_ca, path_length = False, None
+    signature = cert.signature_algorithm_oid._name
+    return CertFacts(
+        subject=cert.subject.rfc4514_string(),
+        common_name=_common_name(cert.subject),
+        issuer=cert.issuer.rfc4514_string(),
+        serial=format(cert.serial_number, "x"),
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+        dns_names=dns,
+        ip_addresses=ips,
+        key=_key_facts(cert.public_key()),
+        key_usage=_key_usage(extensions),
+        extended_key_usage=_extended_key_usage(extensions),
+        is_ca=is_ca,
+        path_length=path_length,
+        signature_algorithm=signature,
+        fingerprint_sha256=cert.fingerprint(hashes.SHA256()).hex(),
+    )
+
+
+def read_certificate(data: bytes) -> CertFacts:
+    """Read the first PEM certificate in ``data`` into facts.
+
+    Raises:
+        ParseError: no PEM certificate, or a damaged one.
+    """
+    return certificate_facts(load_certificate(data))
+
+
+def load_private_key(data: bytes) -> PrivateKeyTypes:
+    """Load an unencrypted PEM private key.
+
+    Raises:
+        ParseError: not a private key, encrypted, or damaged (the message never quotes the key).
+    """
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    if pem_kind(data) != "private-key":
+        raise ParseError(f"not a PEM private key (found: {pem_kind(data) or 'no PEM block'})")
+    if b"ENCRYPTED" in data.split(b"\n", 3)[0] or b"Proc-Type: 4,ENCRYPTED" in data:
+        raise ParseError("encrypted private key; cfssl needs it unencrypted")
+    try:
+        return load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as e:
+        # cryptography's messages describe the structure, never the key bytes.
+        raise ParseError(f"damaged PEM private key ({type(e).__name__})") from None
+
+
+def read_private_key(data: bytes) -> KeyFacts:
+    """Read a PEM private key into facts about its public half.
+
+    Raises:
+        ParseError: see :func:`load_private_key`.
+    """
+    key = load_private_key(data)
+    return _key_facts(key.public_key())  # type: ignore[arg-type] # X25519/X448 keys never sign
+
+
+def read_csr(data: bytes) -> CSRFacts:
+    """Read a PEM certificate signing request into facts.
+
+    Raises:
+        ParseError: not a CSR, or a damaged one.
+    """
+    from cryptography import x509
+
+    if pem_kind(data) != "csr":
+        raise ParseError(f"not a PEM CSR (found: {pem_kind(data) or 'no PEM block'})")
+    try:
+        csr = x509.load_pem_x509_csr(data)
+        dns, ips = _sans(csr.extensions)
+    except ValueError as e:
+        raise ParseError(f"damaged PEM CSR ({e})") from None
+    return CSRFacts(
+        subject=csr.subject.rfc4514_string(),
+        common_name=_common_name(csr.subject),
+        dns_names=dns,
+        ip_addresses=ips,
+        key=_key_facts(csr.public_key()),
+        signature_valid=csr.is_signature_valid,
+    )
+
+
+def is_issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """True when ``issuer``'s key signed ``cert`` and the issuer names match."""
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True

@@ -1,0 +1,193 @@
+"""The one door to outside processes. Nothing else in cfwrap imports ``sh`` or ``subprocess``.
+
+Every call passes argv as a list (never a shell string), may feed bytes on stdin, has a timeout,
+logs its argv at INFO and its output at DEBUG with private key material removed, and turns sh's
+exceptions into cfwrap's errors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shlex
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cfwrap.errors import ToolFailedError, ToolMissingError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 120.0
+
+_PEM_PRIVATE = re.compile(
+    rb"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----.*?(?:-----END \1PRIVATE KEY-----|$)", re.S
+)
+_JSON_KEY_FIELD = re.compile(rb'"key"\s*:\s*"[^"]*"')
+
+
+def redact(data: bytes) -> bytes:
+    """Remove private keys (PEM blocks, and cfssl's JSON ``"key"`` field) from tool output."""
+    data = _PEM_PRIVATE.sub(rb"[private key removed]", data)
+    return _JSON_KEY_FIELD.sub(rb'"key":"[removed]"', data)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One invocation: argv (the first item is the binary's path) and optional stdin."""
+
+    argv: tuple[str, ...]
+    stdin: bytes | None = None
+    timeout: float = DEFAULT_TIMEOUT
+
+    @classmethod
+    def of(
+        cls, argv: Sequence[str | Path], *, stdin: bytes | None = None, timeout: float = DEFAULT_TIMEOUT
+    ) -> Call:
+        """Build a call from path-or-string arguments."""
+        return cls(tuple(str(a) for a in argv), stdin, timeout)
+
+    @property
+    def tool(self) -> str:
+        """The tool's short name, for messages."""
+        return Path(self.argv[0]).name
+
+    def display(self) -> str:
+        """The command as a person would type it."""
+        return shlex.join(self.argv) + (" < (stdin)" if self.stdin is not None else "")
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a finished call returned."""
+
+    call: Call
+    returncode: int
+    stdout: bytes = field(repr=False)
+    stderr: bytes = field(repr=False)
+    seconds: float
+
+
+def failure_reason(stderr: bytes) -> str:
+    """Pick the line of a tool's stderr that says what went wrong.
+
+    cfssl reports errors as JSON (``{"code":2400,"message":"invalid curve"}``), as log lines
+    (``[ERROR] ...``, ``[CRITICAL] ...``) or as plain Go errors; prefer them in that order.
+    """
+    lines = [line.strip() for line in redact(stderr).decode("utf-8", "replace").splitlines()]
+    lines = [line for line in lines if line]
+    for line in reversed(lines):
+        if line.startswith("{"):
+            try:
+                message = json.loads(line).get("message")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(message, str) and message:
+                return message
+    for line in reversed(lines):
+        match = re.search(r"\[(?:ERROR|CRITICAL|FATAL)\]\s*(.*)", line)
+        if match:
+            return match.group(1)
+    return lines[-1] if lines else "no error message"
+
+
+def _start(call: Call) -> Any:  # noqa: ANN401 (sh's RunningCommand has no type information)
+    import sh
+
+    log.info("run: %s", call.display())
+    try:
+        command = sh.Command(call.argv[0])
+    except sh.CommandNotFound as e:
+        raise ToolMissingError(
+            call.tool,
+            f"{call.argv[0]} is not an executable file",
+            fix="run ./scripts/install-cfssl or point --cfssl-dir at cfssl 1.6.5",
+        ) from e
+    return command(
+        *call.argv[1:],
+        _in=call.stdin,
+        _tty_in=False,
+        _tty_out=False,
+        _timeout=call.timeout,
+        _bg=True,
+        _bg_exc=False,
+        _return_cmd=True,
+    )
+
+
+def _finish(call: Call, running: Any, started: float) -> Result:  # noqa: ANN401
+    import sh
+
+    try:
+        running.wait()
+    except sh.TimeoutException as e:
+        raise ToolFailedError(
+            call.tool,
+            f"no answer within {call.timeout:.0f}s",
+            argv=call.argv,
+            fix="check that the tool is not waiting on a terminal or a network",
+        ) from e
+    except sh.ErrorReturnCode as e:
+        # str(e) truncates stderr; e.stderr holds all of it.
+        result = Result(call, e.exit_code, e.stdout or b"", e.stderr or b"", time.monotonic() - started)
+        _log_output(result)
+        raise ToolFailedError(
+            call.tool,
+            f"{failure_reason(result.stderr)} (exit {e.exit_code})",
+            argv=call.argv,
+            returncode=e.exit_code,
+            stderr=redact(result.stderr).decode("utf-8", "replace"),
+        ) from e
+    except sh.SignalException as e:
+        raise ToolFailedError(
+            call.tool, f"killed by signal {-e.exit_code}", argv=call.argv, returncode=e.exit_code
+        ) from e
+    result = Result(call, running.exit_code, running.stdout, running.stderr, time.monotonic() - started)
+    _log_output(result)
+    return result
+
+
+def _log_output(result: Result) -> None:
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug(
+            "%s exited %d after %.3fs\nstdout: %s\nstderr: %s",
+            result.call.tool,
+            result.returncode,
+            result.seconds,
+            redact(result.stdout).decode("utf-8", "replace"),
+            redact(result.stderr).decode("utf-8", "replace"),
+        )
+
+
+def run(call: Call) -> Result:
+    """Run one call to completion.
+
+    Raises:
+        ToolMissingError: the binary does not exist or is not executable.
+        ToolFailedError: non-zero exit (message from the tool's stderr), timeout, or signal.
+    """
+    return run_all([call])[0]
+
+
+def run_all(calls: Sequence[Call]) -> list[Result]:
+    """Run independent calls concurrently and return their results in order.
+
+    Raises:
+        ToolMissingError: a binary does not exist.
+        ToolFailedError: the first call (in order) that failed; the others are still awaited.
+    """
+    started = time.monotonic()
+    running = [_start(call) for call in calls]
+    results: list[Result] = []
+    first_error: ToolFailedError | None = None
+    for call, proc in zip(calls, running, strict=True):
+        try:
+            results.append(_finish(call, proc, started))
+        except ToolFailedError as e:
+            first_error = first_error or e
+    if first_error is not None:
+        raise first_error
+    return results
