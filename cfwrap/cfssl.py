@@ -66,7 +66,7 @@ def gencert(
             f"not in the signing config (it has: {known})",
             fix="use one of its profiles; cfssl would silently use the default one instead",
         )
-    argv = [
+    argv: list[str | Path] = [
         cfssl.path, "gencert",
         "-ca", ca_cert, "-ca-key", ca_key,
         "-config", config_file, "-profile", profile,

@@ -61,24 +61,45 @@ def _key_options(parser: argparse.ArgumentParser, *, default_expiry: str) -> Non
         default=default_expiry,
         help=f"lifetime as a Go duration in hours/minutes (default {default_expiry})",
     )
-    parser.add_argument("--key-algo", choices=("ecdsa", "rsa"), default="ecdsa",
-                        help="key algorithm (default ecdsa)")
-    parser.add_argument("--key-size", type=int, default=None,
-                        help="key size: ecdsa 256/384/521 (default 256), rsa 2048-8192 (default 2048)")
+    parser.add_argument(
+        "--key-algo",
+        choices=("ecdsa", "rsa"),
+        default="ecdsa",
+        help="key algorithm (default ecdsa)",
+    )
+    parser.add_argument(
+        "--key-size",
+        type=int,
+        default=None,
+        help="key size: ecdsa 256/384/521 (default 256), rsa 2048-8192 (default 2048)",
+    )
 
 
 def _name_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--region", default="global", help="Nomad region (default global)")
-    parser.add_argument("--dns", action="append", default=[], metavar="NAME",
-                        help="extra DNS name for server and client certificates (repeatable)")
-    parser.add_argument("--ip", action="append", default=[], metavar="ADDR",
-                        help="extra IP address for server and client certificates (repeatable)")
+    parser.add_argument(
+        "--dns",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="extra DNS name for server and client certificates (repeatable)",
+    )
+    parser.add_argument(
+        "--ip",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="extra IP address for server and client certificates (repeatable)",
+    )
 
 
 def _output_options(parser: argparse.ArgumentParser, *, what: str) -> None:
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help=what)
-    parser.add_argument("--force", action="store_true",
-                        help="replace existing output (a replaced kit folder is kept as a backup)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace existing output (a replaced kit folder is kept as a backup)",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -93,8 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="store_true", help="show versions of cfwrap and cfssl")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
-    parser.add_argument("--cfssl-dir", type=Path, metavar="DIR",
-                        help="folder holding cfssl 1.6.5 (overrides the search)")
+    parser.add_argument(
+        "--cfssl-dir",
+        type=Path,
+        metavar="DIR",
+        help="folder holding cfssl 1.6.5 (overrides the search)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     quick = sub.add_parser(
@@ -108,26 +133,44 @@ def build_parser() -> argparse.ArgumentParser:
     _name_options(quick)
     _key_options(quick, default_expiry="8760h")
     quick.add_argument("--ca-expiry", default="43800h", help="CA lifetime (default 43800h, 5y)")
-    quick.add_argument("--gossip-bytes", type=int, choices=(16, 24, 32), default=32,
-                       help="gossip key size in bytes (default 32, AES-256)")
-    quick.add_argument("--tls-dir", type=Path, metavar="DIR",
-                       help="where the files will live on the nodes, for the HCL paths "
-                       "(default: the kit folder)")
+    quick.add_argument(
+        "--gossip-bytes",
+        type=int,
+        choices=(16, 24, 32),
+        default=32,
+        help="gossip key size in bytes (default 32, AES-256)",
+    )
+    quick.add_argument(
+        "--tls-dir",
+        type=Path,
+        metavar="DIR",
+        help="where the files will live on the nodes, for the HCL paths (default: the kit folder)",
+    )
     quick.set_defaults(handler=_quickstart)
 
-    ca = sub.add_parser("ca", help="a new CA in its own folder",
-                        description="Make a new CA (ca.pem, ca-key.pem, ca.csr) in a new folder.")
+    ca = sub.add_parser(
+        "ca",
+        help="a new CA in its own folder",
+        description="Make a new CA (ca.pem, ca-key.pem, ca.csr) in a new folder.",
+    )
     _output_options(ca, what="folder to create for the CA")
-    ca.add_argument("--csr", type=Path, metavar="FILE",
-                    help="your own cfssl CSR JSON for the CA (instead of the defaults)")
+    ca.add_argument(
+        "--csr",
+        type=Path,
+        metavar="FILE",
+        help="your own cfssl CSR JSON for the CA (instead of the defaults)",
+    )
     ca.add_argument("--cn", default="Nomad Agent CA", help="CA common name")
     _key_options(ca, default_expiry="43800h")
     ca.set_defaults(handler=_ca)
 
-    cert = sub.add_parser("cert", help="one role certificate from an existing CA",
-                          description="Issue one Nomad role certificate from an existing CA into "
-                          "a folder: <region>-<role>-nomad.pem, -key.pem, .csr and the JSON "
-                          "given to cfssl. The folder's manifest is rebuilt.")
+    cert = sub.add_parser(
+        "cert",
+        help="one role certificate from an existing CA",
+        description="Issue one Nomad role certificate from an existing CA into "
+        "a folder: <region>-<role>-nomad.pem, -key.pem, .csr and the JSON "
+        "given to cfssl. The folder's manifest is rebuilt.",
+    )
     cert.add_argument("--ca", type=Path, required=True, metavar="FILE", help="CA certificate")
     cert.add_argument("--ca-key", type=Path, required=True, metavar="FILE", help="CA private key")
     cert.add_argument("--role", choices=("server", "client", "cli"), required=True)
@@ -136,21 +179,33 @@ def build_parser() -> argparse.ArgumentParser:
     _key_options(cert, default_expiry="8760h")
     cert.set_defaults(handler=_cert)
 
-    keygen = sub.add_parser("keygen", help="a gossip encryption key, or check one",
-                            description="Print a new gossip key (standard base64), or check one "
-                            "read from a file or stdin (never from the command line).")
-    keygen.add_argument("--bytes", type=int, choices=(16, 24, 32), default=32,
-                        help="key size (default 32, what current Nomad makes)")
+    keygen = sub.add_parser(
+        "keygen",
+        help="a gossip encryption key, or check one",
+        description="Print a new gossip key (standard base64), or check one "
+        "read from a file or stdin (never from the command line).",
+    )
+    keygen.add_argument(
+        "--bytes",
+        type=int,
+        choices=(16, 24, 32),
+        default=32,
+        help="key size (default 32, what current Nomad makes)",
+    )
     keygen.add_argument("--check", metavar="FILE", help="check the key in FILE ('-': stdin)")
     keygen.add_argument("--json", action="store_true", help="print the result as JSON")
     keygen.set_defaults(handler=_keygen)
 
-    man = sub.add_parser("manifest", help="rebuild a kit's manifest from disk and compare",
-                         description="Rebuild DIR's manifest from the files on disk and report "
-                         "where it disagrees with manifest.json (exit 7 if it does).")
+    man = sub.add_parser(
+        "manifest",
+        help="rebuild a kit's manifest from disk and compare",
+        description="Rebuild DIR's manifest from the files on disk and report "
+        "where it disagrees with manifest.json (exit 7 if it does).",
+    )
     man.add_argument("folder", type=Path, metavar="DIR")
-    man.add_argument("--write", action="store_true",
-                     help="write the rebuilt manifest instead of comparing")
+    man.add_argument(
+        "--write", action="store_true", help="write the rebuilt manifest instead of comparing"
+    )
     man.add_argument("--json", action="store_true", help="print the result as JSON")
     man.set_defaults(handler=_manifest)
     return parser
@@ -189,24 +244,34 @@ def _cert_specs(args: argparse.Namespace, roles: Sequence[str]) -> list[Any]:
     specs = []
     for role in roles:
         extra = role != "cli"  # the CLI never serves: it gets no server names or addresses
-        specs.append(_spec(CertSpec, {
-            "role": role,
-            "region": args.region,
-            "dns_names": args.dns if extra else [],
-            "ip_addresses": args.ip if extra else [],
-            "expiry": args.expiry,
-            "key": _key(args),
-        }))
+        specs.append(
+            _spec(
+                CertSpec,
+                {
+                    "role": role,
+                    "region": args.region,
+                    "dns_names": args.dns if extra else [],
+                    "ip_addresses": args.ip if extra else [],
+                    "expiry": args.expiry,
+                    "key": _key(args),
+                },
+            )
+        )
     return specs
 
 
 def _report(result: KitResult, args: argparse.Namespace) -> int:
     if args.json:
-        print(json.dumps({
-            "folder": str(result.folder),
-            "files": list(result.files),
-            "backup": str(result.backup) if result.backup else None,
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "folder": str(result.folder),
+                    "files": list(result.files),
+                    "backup": str(result.backup) if result.backup else None,
+                },
+                indent=2,
+            )
+        )
     else:
         for name in result.files:
             print(result.folder / name)
@@ -253,17 +318,29 @@ def _ca_from_csr_file(path: Path) -> Any:  # noqa: ANN401 (a CASpec)
     try:
         data = json.loads(path.read_bytes())
     except OSError as e:
-        raise InputError(str(path), e.strerror or str(e), fix="give a readable CSR JSON file") from None
+        raise InputError(
+            str(path), e.strerror or str(e), fix="give a readable CSR JSON file"
+        ) from None
     except ValueError as e:
         raise InputError(str(path), f"not JSON ({e})") from None
     csr = parse_model(CSR, data, what=str(path))
     if csr.hosts:
-        raise InputError(f"{path}: hosts", "a CA certificate should carry no host names",
-                         fix="remove hosts from the CA's CSR")
+        raise InputError(
+            f"{path}: hosts",
+            "a CA certificate should carry no host names",
+            fix="remove hosts from the CA's CSR",
+        )
     organization = next((n.O for n in csr.names if n.O), None)
     expiry = csr.ca.expiry if csr.ca else "43800h"
-    return _spec(CASpec, {"common_name": csr.CN, "organization": organization,
-                          "expiry": expiry, "key": csr.key.model_dump()})
+    return _spec(
+        CASpec,
+        {
+            "common_name": csr.CN,
+            "organization": organization,
+            "expiry": expiry,
+            "key": csr.key.model_dump(),
+        },
+    )
 
 
 def _cert(args: argparse.Namespace) -> int:
@@ -271,8 +348,11 @@ def _cert(args: argparse.Namespace) -> int:
 
     (spec,) = _cert_specs(args, (args.role,))
     if args.role == "cli" and (args.dns or args.ip):
-        raise InputError("--dns/--ip", "a cli certificate carries no server names",
-                         fix="drop --dns and --ip for --role cli")
+        raise InputError(
+            "--dns/--ip",
+            "a cli certificate carries no server names",
+            fix="drop --dns and --ip for --role cli",
+        )
     ca = kit.load_ca(args.ca, args.ca_key)
     tool = _find_cfssl(args)
     result = kit.issue_cert(out=args.out, cfssl_tool=tool, ca=ca, spec=spec, force=args.force)
@@ -294,13 +374,16 @@ def _keygen(args: argparse.Namespace) -> int:
     try:
         size = gossip.check(text)
     except ValueError as e:
-        raise InputError(f"gossip key from {source}", str(e),
-                         fix="make a new one with `cfwrap keygen`") from None
+        raise InputError(
+            f"gossip key from {source}", str(e), fix="make a new one with `cfwrap keygen`"
+        ) from None
     if args.json:
         print(json.dumps({"valid": True, "bytes": size}))
     else:
-        print(f"cfwrap: gossip key from {source} is valid ({size} bytes, AES-{size * 8})",
-              file=sys.stderr)
+        print(
+            f"cfwrap: gossip key from {source} is valid ({size} bytes, AES-{size * 8})",
+            file=sys.stderr,
+        )
     return ExitCode.OK
 
 
@@ -322,8 +405,11 @@ def _manifest(args: argparse.Namespace) -> int:
     recorded = manifest.load(folder)
     problems = manifest.differences(recorded, manifest.scan(folder))
     if args.json:
-        print(json.dumps({"folder": str(folder), "matches": not problems, "differences": problems},
-                         indent=2))
+        print(
+            json.dumps(
+                {"folder": str(folder), "matches": not problems, "differences": problems}, indent=2
+            )
+        )
     else:
         for line in problems:
             print(f"{folder / line}", file=sys.stderr)
@@ -345,8 +431,12 @@ def _version(args: argparse.Namespace) -> int:
     except CfwrapError as e:
         info["cfssl"] = {"error": str(e)}
     else:
-        info["cfssl"] = {"path": str(tool.path), "package": tool.package,
-                         "version": tool.version, "sha256": tool.sha256}
+        info["cfssl"] = {
+            "path": str(tool.path),
+            "package": tool.package,
+            "version": tool.version,
+            "sha256": tool.sha256,
+        }
     print(json.dumps(info, indent=2))
     return ExitCode.OK
 

@@ -1,4 +1,4 @@
-"""Every file cfwrap writes goes through here: atomic, with explicit modes, never a silent overwrite.
+"""Every file cfwrap writes goes through here: atomic, explicit modes, never a silent overwrite.
 
 A file is written to a temporary name in its own folder, fsynced, then linked (new files: fails
 if the name exists) or renamed (replacements: a new inode, so a too-open old key file is not
@@ -87,7 +87,9 @@ def write_replace(path: Path, data: bytes, *, mode: int) -> None:
         FileSystemError: the folder refused the write.
     """
     if path.is_symlink() or path.is_dir():
-        raise ConflictError(path, "is a symlink or a folder", fix="remove it or choose another path")
+        raise ConflictError(
+            path, "is a symlink or a folder", fix="remove it or choose another path"
+        )
     with _os_errors(path):
         temp = _write_temp(path.parent, data, mode)
         try:
@@ -106,7 +108,9 @@ def check_absent(paths: list[Path]) -> None:
     """
     for path in paths:
         if path.exists() or path.is_symlink():
-            raise ConflictError(path, "already exists", fix="remove it, or pass --force to replace it")
+            raise ConflictError(
+                path, "already exists", fix="remove it, or pass --force to replace it"
+            )
 
 
 class FolderLock:
@@ -138,7 +142,7 @@ class FolderLock:
                     ) from None
                 raise FileSystemError(self.path, e) from e
             try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+                same = self.path.stat().st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
                 same = False
             if same:
@@ -201,7 +205,9 @@ class Staging:
             raise ConflictError(
                 self.target.parent, "is not an existing folder", fix="create it first"
             )
-        check_target_folder(self.target, force=self.force)  # before the lock: a refusal leaves no trace
+        check_target_folder(
+            self.target, force=self.force
+        )  # before the lock: a refusal leaves no trace
         self._lock.__enter__()
         try:
             check_target_folder(self.target, force=self.force)
@@ -209,7 +215,7 @@ class Staging:
                 self._path = Path(
                     tempfile.mkdtemp(prefix=f".{self.target.name}.cfwrap-", dir=self.target.parent)
                 )
-                os.chmod(self._path, DIR_MODE)
+                self._path.chmod(DIR_MODE)
         except BaseException:
             self._lock.__exit__(None, None, None)
             raise

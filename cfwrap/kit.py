@@ -131,7 +131,10 @@ def _write_specs(
     written: list[str] = []
     for spec, one in zip(specs, issued, strict=True):
         write(folder / f"{spec.stem}-csr.json", to_cfssl_json(spec.csr()), mode=files.PUBLIC_MODE)
-        written += [f"{spec.stem}-csr.json", *_write_issued(folder, spec.stem, one, replace=replace)]
+        written += [
+            f"{spec.stem}-csr.json",
+            *_write_issued(folder, spec.stem, one, replace=replace),
+        ]
     return written
 
 
@@ -261,7 +264,9 @@ def load_ca(cert_path: Path, key_path: Path) -> CA:
     try:
         key = parsers.read_private_key(key_data)
     except parsers.ParseError as e:
-        raise InputError(str(key_path), str(e), fix="give the CA's private key (ca-key.pem)") from None
+        raise InputError(
+            str(key_path), str(e), fix="give the CA's private key (ca-key.pem)"
+        ) from None
     if not facts.is_ca or "key_cert_sign" not in facts.key_usage:
         raise InputError(
             str(cert_path),
@@ -291,7 +296,9 @@ def make_ca(*, out: Path, cfssl_tool: Tool, spec: CASpec, force: bool = False) -
     """
     with files.Staging(out, force=force) as staging:
         written = _make_ca(cfssl_tool, staging.path, spec)
-        manifest.write(staging.path, manifest.build(staging.path, [manifest.tool_record(cfssl_tool)]))
+        manifest.write(
+            staging.path, manifest.build(staging.path, [manifest.tool_record(cfssl_tool)])
+        )
         staging.commit()
     return KitResult(out, (*written, manifest.FILE_NAME), staging.backup)
 
@@ -301,8 +308,9 @@ def issue_cert(
 ) -> KitResult:
     """Issue one role certificate from an existing CA into the folder ``out``.
 
-    The files are checked absent (unless ``force``) before cfssl runs; the folder's manifest is
-    rebuilt afterwards from what is on disk.
+    The files are checked absent (unless ``force``) before cfssl runs; the CA certificate is
+    copied in as ``ca.pem`` when the folder has none; the folder's manifest is rebuilt afterwards
+    from what is on disk.
 
     Raises:
         InputError: the certificate would outlive the CA.
@@ -329,10 +337,18 @@ def issue_cert(
             out.mkdir(mode=files.DIR_MODE)
         except OSError as e:
             raise InputError(str(out), e.strerror or str(e), fix="choose another --out") from None
+    ca_copy = out / f"{CA_STEM}.pem"
+    ca_pem = ca.cert_path.read_bytes()
     try:
         with files.FolderLock(out), tempfile.TemporaryDirectory(prefix="cfwrap-") as scratch:
             if not force:
                 files.check_absent([out / n for n in names])
+            if ca_copy.exists() and ca_copy.read_bytes() != ca_pem:
+                raise InputError(
+                    str(ca_copy),
+                    f"holds another CA than {ca.cert_path}",
+                    fix="issue into a folder of this CA's kit, or a new folder",
+                )
             # cfssl reads -config from a file; it reaches the kit only once the certificate is good.
             files.write_new(Path(scratch) / CONFIG_FILE, config_json, mode=files.PUBLIC_MODE)
             issued = _issue_all(
@@ -346,6 +362,10 @@ def issue_cert(
             write = files.write_replace if force else files.write_new
             write(out / config_name, config_json, mode=files.PUBLIC_MODE)
             written = [config_name, *_write_specs(out, [spec], issued, replace=force)]
+            if not ca_copy.exists():
+                # The folder then holds what an agent needs (ca_file) and its chain verifies.
+                files.write_new(ca_copy, ca_pem, mode=files.PUBLIC_MODE)
+                written.append(ca_copy.name)
             tools = [manifest.tool_record(cfssl_tool)]
             if (out / manifest.FILE_NAME).exists():
                 old = manifest.load(out)

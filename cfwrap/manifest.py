@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from cfwrap.tools import Tool
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 FILE_NAME = "manifest.json"
 SCHEMA_FILE = "manifest.schema.json"
 
@@ -191,7 +191,7 @@ def scan(folder: Path) -> list[Artifact]:
             kind = "ca-key" if role == "ca" else "key"
         elif read.pem == "csr":
             kind = "csr"
-        elif name == "cfssl.json":
+        elif name.endswith("cfssl.json"):
             kind = "config"
         elif name.endswith("-csr.json"):
             kind = "csr-json"
@@ -253,7 +253,9 @@ def schema_path() -> Path:
     for folder in (package.parent / "schemas", package / "schemas"):
         if (folder / SCHEMA_FILE).is_file():
             return folder / SCHEMA_FILE
-    raise VerificationError(SCHEMA_FILE, "not found beside the cfwrap package", fix="reinstall cfwrap")
+    raise VerificationError(
+        SCHEMA_FILE, "not found beside the cfwrap package", fix="reinstall cfwrap"
+    )
 
 
 def _schema() -> dict[str, Any]:
@@ -315,8 +317,10 @@ def differences(recorded: Manifest, actual: list[Artifact]) -> list[str]:
     for path in sorted(before.keys() & now.keys()):
         old, new = before[path], now[path]
         if old.sha256 != new.sha256:
-            lines.append(f"{path}: content changed (sha256 {new.sha256[:12]}..., manifest says "
-                         f"{old.sha256[:12]}...)")
+            lines.append(
+                f"{path}: content changed (sha256 {new.sha256[:12]}..., manifest says "
+                f"{old.sha256[:12]}...)"
+            )
         if old.mode != new.mode:
             lines.append(f"{path}: mode {new.mode}, manifest says {old.mode}")
         if old.sha256 == new.sha256 and old != new:

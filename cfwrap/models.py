@@ -36,9 +36,11 @@ def parse_duration(text: str) -> timedelta:
     Raises:
         ValueError: not a Go duration in h/m/s, or outside cfwrap's lifetime bounds.
     """
+    if text.startswith("-"):
+        raise ValueError(f"{text!r} is negative; a lifetime must be positive, like 8760h")
     if not _DURATION_WHOLE.fullmatch(text):
         raise ValueError(
-            f"{text!r} is not a duration like 8760h (Go duration units h, m, s; cfssl refuses y and d)"
+            f"{text!r} is not a duration like 8760h (Go units h, m, s; cfssl refuses y and d)"
         )
     seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
     value = timedelta(seconds=seconds)
@@ -185,7 +187,6 @@ class SigningConfig(BaseModel):
 def to_cfssl_json(model: BaseModel) -> bytes:
     """Serialise a model as the JSON cfssl reads (no nulls, stable key order, newline at end)."""
     return (model.model_dump_json(exclude_none=True, indent=2) + "\n").encode()
-
 
 
 def parse_model(cls: type[M], data: object, *, what: str) -> M:

@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo, field_validator
 
 from cfwrap.models import (
     CSR,
@@ -46,11 +46,15 @@ def check_label(text: str, *, what: str = "label") -> str:
     if not text:
         raise ValueError(f"empty {what}")
     if "*" in text:
-        raise ValueError(f"wildcard in {what} {text!r}: Nomad's Raft check accepts exact names only")
+        raise ValueError(
+            f"wildcard in {what} {text!r}: Nomad's Raft check accepts exact names only"
+        )
     if "/" in text or "\\" in text or ".." in text:
         raise ValueError(f"{what} {text!r} contains a path separator or '..'")
     if len(text) > 63:
         raise ValueError(f"{what} {text[:20]!r}... is {len(text)} characters; DNS allows 63")
+    if not text.isascii():
+        raise ValueError(f"{what} {text!r} is not ASCII; give international names in punycode")
     if not _LABEL.fullmatch(text):
         raise ValueError(
             f"{what} {text!r} is not a DNS label (lowercase a-z, 0-9 and inner '-' only)"
@@ -76,6 +80,8 @@ def check_dns_name(text: str) -> str:
         ValueError: with the reason.
     """
     name = text.lower()
+    if "*" in name:
+        raise ValueError(f"wildcard DNS name {text!r}: Nomad's Raft check accepts exact names only")
     if name.endswith("."):
         raise ValueError(f"DNS name {text!r} ends with '.'; give it without the trailing dot")
     if len(name) > 253:
@@ -155,16 +161,18 @@ class CertSpec(BaseModel):
     expiry: Duration = "8760h"
     key: KeySpec = KeySpec()
 
-    @model_validator(mode="after")
-    def _one_role_only(self) -> CertSpec:
-        for name in self.dns_names:
+    @field_validator("dns_names")
+    @classmethod
+    def _one_role_only(cls, names: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        role = info.data.get("role")
+        for name in names:
             parsed = parse_role_name(name)
-            if parsed is not None and parsed[0] != self.role:
+            if parsed is not None and parsed[0] != role:
                 raise ValueError(
-                    f"extra name {name!r} is another role's name; one certificate must carry one "
-                    "role, or Nomad's role check is void"
+                    f"{name!r} is another role's name; one certificate must carry one role, or "
+                    "Nomad's role check is void"
                 )
-        return self
+        return names
 
     @property
     def common_name(self) -> str:
@@ -303,6 +311,7 @@ def certificate_problems(spec: CertSpec, facts: CertFacts) -> list[str]:
     if facts.is_ca:
         problems.append("it is a CA certificate")
     if (facts.key.algorithm, facts.key.size) != (spec.key.algo, spec.key.size):
-        problems.append(f"key is {facts.key.algorithm} {facts.key.size}, not {spec.key.algo} "
-                        f"{spec.key.size}")
+        problems.append(
+            f"key is {facts.key.algorithm} {facts.key.size}, not {spec.key.algo} {spec.key.size}"
+        )
     return problems

@@ -15,10 +15,7 @@ from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from cryptography import x509
-    from cryptography.hazmat.primitives.asymmetric.types import (
-        CertificateIssuerPublicKeyTypes,
-        PrivateKeyTypes,
-    )
+    from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 
 PemKind = Literal["certificate", "private-key", "csr"]
 
@@ -89,7 +86,7 @@ def pem_kind(data: bytes) -> PemKind | None:
     return _LABELS.get(data[start + 11 : end]) if end > 0 else None
 
 
-def _key_facts(public: CertificateIssuerPublicKeyTypes) -> KeyFacts:
+def _key_facts(public: PublicKeyTypes) -> KeyFacts:
     from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -242,7 +239,7 @@ def read_private_key(data: bytes) -> KeyFacts:
         ParseError: see :func:`load_private_key`.
     """
     key = load_private_key(data)
-    return _key_facts(key.public_key())  # type: ignore[arg-type] # X25519/X448 keys never sign
+    return _key_facts(key.public_key())
 
 
 def read_csr(data: bytes) -> CSRFacts:

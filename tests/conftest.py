@@ -1,0 +1,102 @@
+"""Shared fixtures: real cfssl 1.6.5, kits made once per session, and a CLI runner."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cfwrap.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+CFSSL_DIR = ROOT / ".tools" / "cfssl" / "bin"
+OLD_CFSSL_DIR = ROOT / ".tools" / "cfssl-1.2.0" / "bin"
+
+
+@dataclass(frozen=True)
+class CliResult:
+    """What an in-process ``cfwrap`` run returned and printed."""
+
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _real_cfssl() -> Iterator[None]:
+    """Point every test at the project's cfssl 1.6.5 (installed by scripts/test)."""
+    if not (CFSSL_DIR / "cfssl").is_file():
+        subprocess.run([ROOT / "scripts" / "install-cfssl"], check=True)
+    os.environ.pop("CFWRAP_CFSSL_DIR", None)
+    yield
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]):
+    """Run ``cfwrap`` in-process and capture its exit code, stdout and stderr."""
+
+    def run(*argv: str | Path) -> CliResult:
+        code = main([str(a) for a in argv])
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def kits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Quickstart kits for the default region and for another one, made once."""
+    made = {}
+    for region in ("global", "eu-west-1"):
+        out = tmp_path_factory.mktemp("kits") / f"kit-{region}"
+        code = main(
+            [
+                "quickstart",
+                "--out",
+                str(out),
+                "--region",
+                region,
+                "--dns",
+                "nomad.example.com",
+                "--ip",
+                "10.0.0.5",
+            ]
+        )
+        assert code == 0
+        made[region] = out
+    return made
+
+
+@pytest.fixture(scope="session")
+def other_kit(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A kit from an unrelated CA, for the cases that must be rejected."""
+    out = tmp_path_factory.mktemp("other") / "kit"
+    assert main(["quickstart", "--out", str(out)]) == 0
+    return out
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, str]]:
+    """Every entry below ``folder`` (hidden ones included) with its mode and content hash."""
+    result = {}
+    for path in sorted(folder.rglob("*")):
+        info = path.lstat()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+        result[str(path.relative_to(folder))] = (stat.S_IMODE(info.st_mode), digest)
+    return result
+
+
+_PRIVATE = re.compile(r"PRIVATE KEY-----")
+
+
+def assert_no_secrets(text: str, *secrets: str) -> None:
+    """Fail when text shows a PEM private key or any of the given secret values."""
+    assert not _PRIVATE.search(text), "a private key PEM block leaked"
+    for secret in secrets:
+        assert secret.strip() not in text, "a secret value leaked"

@@ -1,0 +1,81 @@
+"""The README's first command on a fresh copy of the checkout, and the installed ``cfwrap``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from tests.conftest import ROOT, assert_no_secrets
+
+
+def _fresh_copy(dest: Path) -> Path:
+    """Copy what a clone would hold (tracked and unignored files), without .venv or .tools."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, check=True,
+    ).stdout.split(b"\0")
+    for name in filter(None, listed):
+        source = ROOT / name.decode()
+        if source.is_file():
+            target = dest / name.decode()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    return dest
+
+
+@pytest.mark.slow
+def test_quickstart_script_on_a_fresh_copy(tmp_path):
+    clone = _fresh_copy(tmp_path / "clone")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "CFWRAP_"))}
+    first = subprocess.run(["./scripts/quickstart"], cwd=clone, env=env, capture_output=True,
+                           text=True, timeout=900, check=False)
+    assert first.returncode == 0, first.stderr
+    kit = clone / "nomad-tls"
+    assert (clone / ".tools" / "cfssl" / "bin" / "cfssl").is_file()
+    data = json.loads((kit / "manifest.json").read_text())
+    schema = json.loads((clone / "schemas" / "manifest.schema.json").read_text())
+    jsonschema.Draft202012Validator(schema).validate(data)
+    listed = {a["path"] for a in data["artifacts"]}
+    assert listed == {p.name for p in kit.iterdir()} - {"manifest.json"}
+    check = subprocess.run([clone / ".venv" / "bin" / "cfwrap", "manifest", kit],
+                           capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stderr
+    verify = subprocess.run(["openssl", "verify", "-CAfile", kit / "ca.pem", "-verify_hostname",
+                             "server.global.nomad", kit / "global-server-nomad.pem"],
+                            capture_output=True, check=False)
+    assert verify.returncode == 0
+    # Paths printed on stdout; nothing secret on either stream.
+    assert str(kit / "ca.pem").removeprefix(str(clone) + "/") in first.stdout
+    assert_no_secrets(first.stdout + first.stderr, (kit / "gossip.key").read_text())
+    # Running it again refuses to touch the kit.
+    again = subprocess.run(["./scripts/quickstart"], cwd=clone, env=env, capture_output=True,
+                           text=True, timeout=900, check=False)
+    assert again.returncode == 4
+    assert again.stderr.strip().splitlines()[-1].startswith("cfwrap: error: ")
+    assert json.loads((kit / "manifest.json").read_text()) == data
+
+
+@pytest.mark.slow
+def test_installed_command_end_to_end(tmp_path):
+    cfwrap = ROOT / ".venv" / "bin" / "cfwrap"
+    made = subprocess.run([cfwrap, "-v", "quickstart", "--out", tmp_path / "kit", "--region",
+                           "dc-1"], capture_output=True, text=True, check=False)
+    assert made.returncode == 0, made.stderr
+    # Debug logs show each cfssl call and its output, never a key.
+    assert "run: " in made.stderr
+    assert "gencert" in made.stderr
+    assert_no_secrets(made.stdout + made.stderr, (tmp_path / "kit" / "gossip.key").read_text())
+    module = subprocess.run([ROOT / ".venv" / "bin" / "python", "-m", "cfwrap", "manifest",
+                             tmp_path / "kit"], capture_output=True, text=True, check=False)
+    assert module.returncode == 0, module.stderr
+    bad = subprocess.run([cfwrap, "quickstart", "--out", tmp_path / "x", "--region", "a/b"],
+                         capture_output=True, text=True, check=False)
+    assert bad.returncode == 3
+    assert bad.stderr.count("\n") == 1
+    assert "Traceback" not in bad.stderr

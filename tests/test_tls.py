@@ -1,0 +1,165 @@
+"""Real mutual-TLS handshakes on loopback between the certificates of a quickstart kit."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.tlspeer import Party, handshake
+
+
+def _party(kit: Path, region: str, role: str, ca: Path | None = None) -> Party:
+    stem = kit / f"{region}-{role}-nomad"
+    return Party(Path(f"{stem}.pem"), Path(f"{stem}-key.pem"), ca or kit / "ca.pem")
+
+
+@pytest.mark.parametrize("region", ["global", "eu-west-1"])
+def test_client_agent_reaches_server_under_its_role_name(kits, region):
+    kit = kits[region]
+    outcome = handshake(
+        _party(kit, region, "server"), _party(kit, region, "client"), f"server.{region}.nomad"
+    )
+    assert outcome.ok, outcome
+
+
+@pytest.mark.parametrize("name", ["localhost", "nomad.example.com"])
+def test_cli_reaches_server_https_under_extra_names(kits, name):
+    kit = kits["global"]
+    outcome = handshake(_party(kit, "global", "server"), _party(kit, "global", "cli"), name)
+    assert outcome.ok, outcome
+
+
+def test_api_reaches_client_agent_under_client_name(kits):
+    kit = kits["global"]
+    outcome = handshake(
+        _party(kit, "global", "client"), _party(kit, "global", "server"), "client.global.nomad"
+    )
+    assert outcome.ok, outcome
+
+
+def test_server_presenting_client_certificate_is_rejected(kits):
+    kit = kits["global"]
+    outcome = handshake(
+        _party(kit, "global", "client"), _party(kit, "global", "client"), "server.global.nomad"
+    )
+    assert not outcome.ok
+    assert "Hostname mismatch" in (outcome.client_error or "")
+
+
+def test_wrong_region_server_name_is_rejected(kits):
+    kit = kits["eu-west-1"]
+    outcome = handshake(
+        _party(kit, "eu-west-1", "server"),
+        _party(kit, "eu-west-1", "client"),
+        "server.global.nomad",
+    )
+    assert not outcome.ok
+    assert "Hostname mismatch" in (outcome.client_error or "")
+
+
+def test_client_certificate_from_another_ca_is_rejected(kits, other_kit):
+    kit = kits["global"]
+    foreign = _party(other_kit, "global", "client", ca=kit / "ca.pem")
+    outcome = handshake(_party(kit, "global", "server"), foreign, "server.global.nomad")
+    assert not outcome.ok
+    assert "certificate verify failed" in (outcome.server_error or "")
+
+
+def test_missing_client_certificate_is_rejected(kits):
+    kit = kits["global"]
+    anonymous = Party(None, None, kit / "ca.pem")
+    outcome = handshake(_party(kit, "global", "server"), anonymous, "server.global.nomad")
+    assert not outcome.ok
+    assert outcome.server_error is not None
+
+
+def test_cli_certificate_cannot_serve(kits):
+    """The cli certificate lacks serverAuth: refused as a server even under its own name."""
+    kit = kits["global"]
+    outcome = handshake(
+        _party(kit, "global", "cli"), _party(kit, "global", "client"), "cli.global.nomad"
+    )
+    assert not outcome.ok
+    assert "unsuitable certificate purpose" in (outcome.client_error or "")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.mark.slow
+def test_openssl_peers_complete_mutual_tls(kits, other_kit):
+    """openssl s_server/s_client, as a second, independent TLS stack."""
+    kit = kits["global"]
+    port = _free_port()
+    with subprocess.Popen(
+        [
+            "openssl",
+            "s_server",
+            "-accept",
+            f"127.0.0.1:{port}",
+            "-cert",
+            kit / "global-server-nomad.pem",
+            "-key",
+            kit / "global-server-nomad-key.pem",
+            "-CAfile",
+            kit / "ca.pem",
+            "-Verify",
+            "1",
+            "-verify_return_error",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    ) as server:
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    time.sleep(0.05)
+
+            def client(party_kit: Path) -> subprocess.CompletedProcess[bytes]:
+                return subprocess.run(
+                    [
+                        "openssl",
+                        "s_client",
+                        "-connect",
+                        f"127.0.0.1:{port}",
+                        "-CAfile",
+                        kit / "ca.pem",
+                        "-cert",
+                        party_kit / "global-client-nomad.pem",
+                        "-key",
+                        party_kit / "global-client-nomad-key.pem",
+                        "-verify_hostname",
+                        "server.global.nomad",
+                        "-verify_return_error",
+                        "-brief",
+                    ],
+                    input=b"ping\n",
+                    capture_output=True,
+                    timeout=20,
+                    check=False,
+                )
+
+            good = client(kit)
+            assert good.returncode == 0, good.stderr
+            assert b"Verification: OK" in good.stderr
+            assert b"server.global.nomad" in good.stderr
+            bad = client(other_kit)
+            # TLS 1.3: the client may see the handshake finish before the server's alert arrives.
+            assert bad.returncode != 0, bad.stderr
+            assert b"alert unknown ca" in bad.stderr, bad.stderr
+        finally:
+            server.kill()
+            server.wait()
