@@ -18,7 +18,9 @@ def _fresh_copy(dest: Path) -> Path:
     """Copy what a clone would hold (tracked and unignored files), without .venv or .tools."""
     listed = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT, capture_output=True, check=True,
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
     ).stdout.split(b"\0")
     for name in filter(None, listed):
         source = ROOT / name.decode()
@@ -33,8 +35,15 @@ def _fresh_copy(dest: Path) -> Path:
 def test_quickstart_script_on_a_fresh_copy(tmp_path):
     clone = _fresh_copy(tmp_path / "clone")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "CFWRAP_"))}
-    first = subprocess.run(["./scripts/quickstart"], cwd=clone, env=env, capture_output=True,
-                           text=True, timeout=900, check=False)
+    first = subprocess.run(
+        ["./scripts/quickstart"],
+        cwd=clone,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     assert first.returncode == 0, first.stderr
     kit = clone / "nomad-tls"
     assert (clone / ".tools" / "cfssl" / "bin" / "cfssl").is_file()
@@ -43,19 +52,40 @@ def test_quickstart_script_on_a_fresh_copy(tmp_path):
     jsonschema.Draft202012Validator(schema).validate(data)
     listed = {a["path"] for a in data["artifacts"]}
     assert listed == {p.name for p in kit.iterdir()} - {"manifest.json"}
-    check = subprocess.run([clone / ".venv" / "bin" / "cfwrap", "manifest", kit],
-                           capture_output=True, text=True, check=False)
+    check = subprocess.run(
+        [clone / ".venv" / "bin" / "cfwrap", "manifest", kit],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert check.returncode == 0, check.stderr
-    verify = subprocess.run(["openssl", "verify", "-CAfile", kit / "ca.pem", "-verify_hostname",
-                             "server.global.nomad", kit / "global-server-nomad.pem"],
-                            capture_output=True, check=False)
+    verify = subprocess.run(
+        [
+            "openssl",
+            "verify",
+            "-CAfile",
+            kit / "ca.pem",
+            "-verify_hostname",
+            "server.global.nomad",
+            kit / "global-server-nomad.pem",
+        ],
+        capture_output=True,
+        check=False,
+    )
     assert verify.returncode == 0
     # Paths printed on stdout; nothing secret on either stream.
     assert str(kit / "ca.pem").removeprefix(str(clone) + "/") in first.stdout
     assert_no_secrets(first.stdout + first.stderr, (kit / "gossip.key").read_text())
     # Running it again refuses to touch the kit.
-    again = subprocess.run(["./scripts/quickstart"], cwd=clone, env=env, capture_output=True,
-                           text=True, timeout=900, check=False)
+    again = subprocess.run(
+        ["./scripts/quickstart"],
+        cwd=clone,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     assert again.returncode == 4
     assert again.stderr.strip().splitlines()[-1].startswith("cfwrap: error: ")
     assert json.loads((kit / "manifest.json").read_text()) == data
@@ -64,18 +94,30 @@ def test_quickstart_script_on_a_fresh_copy(tmp_path):
 @pytest.mark.slow
 def test_installed_command_end_to_end(tmp_path):
     cfwrap = ROOT / ".venv" / "bin" / "cfwrap"
-    made = subprocess.run([cfwrap, "-v", "quickstart", "--out", tmp_path / "kit", "--region",
-                           "dc-1"], capture_output=True, text=True, check=False)
+    made = subprocess.run(
+        [cfwrap, "-v", "quickstart", "--out", tmp_path / "kit", "--region", "dc-1"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert made.returncode == 0, made.stderr
     # Debug logs show each cfssl call and its output, never a key.
     assert "run: " in made.stderr
     assert "gencert" in made.stderr
     assert_no_secrets(made.stdout + made.stderr, (tmp_path / "kit" / "gossip.key").read_text())
-    module = subprocess.run([ROOT / ".venv" / "bin" / "python", "-m", "cfwrap", "manifest",
-                             tmp_path / "kit"], capture_output=True, text=True, check=False)
+    module = subprocess.run(
+        [ROOT / ".venv" / "bin" / "python", "-m", "cfwrap", "manifest", tmp_path / "kit"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert module.returncode == 0, module.stderr
-    bad = subprocess.run([cfwrap, "quickstart", "--out", tmp_path / "x", "--region", "a/b"],
-                         capture_output=True, text=True, check=False)
+    bad = subprocess.run(
+        [cfwrap, "quickstart", "--out", tmp_path / "x", "--region", "a/b"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert bad.returncode == 3
     assert bad.stderr.count("\n") == 1
     assert "Traceback" not in bad.stderr
