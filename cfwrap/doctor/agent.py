@@ -1,0 +1,205 @@
+"""Nomad agent configuration checks: the ``tls {}`` block, the gossip key, cipher suites.
+
+The HCL is read with a real HCL2 parser (python-hcl2), so a file Nomad would refuse to parse is
+reported as such instead of being half-read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cfwrap import gossip, parsers
+from cfwrap.doctor.findings import Finding, Severity
+from cfwrap.nomad import DEFAULT_REGION, Role
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """What an agent configuration file says about TLS (paths resolved against its folder)."""
+
+    path: Path
+    role: Role | None
+    region: str
+    tls: dict[str, Any] | None
+    encrypt: str | None
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def _block(data: dict[str, Any], name: str) -> dict[str, Any] | None:
+    value = data.get(name)
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return value if isinstance(value, dict) else None
+
+
+def read(path: Path) -> tuple[AgentConfig | None, list[Finding]]:
+    """Parse one agent configuration file.
+
+    The role comes from the file name (``server``/``client`` in it), else from its blocks.
+    """
+    import hcl2
+    from hcl2 import SerializationOptions
+
+    options = SerializationOptions(
+        with_comments=False, strip_string_quotes=True, explicit_blocks=False
+    )
+    try:
+        with path.open() as f:
+            data = hcl2.load(f, serialization_options=options)
+    except OSError as e:
+        return None, [Finding("error", str(path), "hcl.read", f"cannot read: {e.strerror}")]
+    except Exception as e:  # lark raises many unrelated exception types for bad syntax
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return None, [
+            Finding(
+                "error",
+                str(path),
+                "hcl.parse",
+                f"not valid HCL: {first}",
+                nomad_error="Error loading configuration",
+                fix="fix the syntax",
+            )
+        ]
+    server = _block(data, "server")
+    stem = path.stem
+    role: Role | None = None
+    if "server" in stem or (server is not None and "client" not in stem):
+        role = "server"
+    elif "client" in stem or _block(data, "client") is not None:
+        role = "client"
+    tls = _block(data, "tls")
+    files = {}
+    for key in ("ca_file", "cert_file", "key_file"):
+        value = tls.get(key) if tls else None
+        if isinstance(value, str) and value:
+            files[key] = Path(value) if Path(value).is_absolute() else path.parent / value
+    encrypt = server.get("encrypt") if server else None
+    region = data.get("region")
+    return AgentConfig(
+        path=path,
+        role=role,
+        region=region if isinstance(region, str) else DEFAULT_REGION,
+        tls=tls,
+        encrypt=encrypt if isinstance(encrypt, str) else None,
+        files=files,
+    ), []
+
+
+def check(config: AgentConfig) -> list[Finding]:
+    """Findings for one agent configuration (the certificates it names are checked elsewhere)."""
+    path = str(config.path)
+    if config.tls is None:
+        return [
+            Finding(
+                "error",
+                path,
+                "hcl.tls",
+                "no tls {} block: HTTP and RPC are plaintext",
+                fix="add the tls block cfwrap quickstart writes",
+            )
+        ]
+    findings = []
+    tls = config.tls
+    flags: tuple[tuple[str, Severity], ...] = (("rpc", "error"), ("http", "warning"))
+    for flag, severity in flags:
+        if tls.get(flag) is not True:
+            findings.append(
+                Finding(
+                    severity,
+                    path,
+                    f"hcl.{flag}",
+                    f"tls {{ {flag} = true }} is not set",
+                    fix=f"set {flag} = true in the tls block",
+                )
+            )
+    if tls.get("verify_server_hostname") is not True:
+        findings.append(
+            Finding(
+                "error",
+                path,
+                "hcl.verify_server_hostname",
+                "verify_server_hostname is off: any certificate from the CA can pose as a server",
+                fix="set verify_server_hostname = true",
+            )
+        )
+    if tls.get("verify_https_client") is not True:
+        findings.append(
+            Finding(
+                "warning",
+                path,
+                "hcl.verify_https_client",
+                "verify_https_client is off: anyone who reaches the HTTP API needs no certificate",
+                fix="set verify_https_client = true (the CLI then needs the cli certificate)",
+            )
+        )
+    for key in ("ca_file", "cert_file", "key_file"):
+        target = config.files.get(key)
+        if target is None:
+            findings.append(
+                Finding(
+                    "error",
+                    path,
+                    f"hcl.{key}",
+                    f"{key} is not set",
+                    fix=f"set {key} in the tls block",
+                )
+            )
+        elif not target.is_file():
+            findings.append(
+                Finding(
+                    "error",
+                    path,
+                    f"hcl.{key}",
+                    f"{key} names a missing file: {target}",
+                    nomad_error=f"open {target}: no such file or directory",
+                    fix=f"correct {key}, or put the file there (cfwrap quickstart makes a kit)",
+                )
+            )
+    if config.encrypt is not None:
+        try:
+            gossip.check(config.encrypt)
+        except ValueError as e:
+            findings.append(
+                Finding(
+                    "error",
+                    path,
+                    "hcl.encrypt",
+                    str(e),
+                    fix="cfwrap keygen, then rotate with nomad operator "
+                    "gossip keyring install/use/remove",
+                )
+            )
+    findings += _check_ciphers(config)
+    return findings
+
+
+def _check_ciphers(config: AgentConfig) -> list[Finding]:
+    """``tls_cipher_suites`` must offer at least one suite for the certificate's key type."""
+    assert config.tls is not None  # noqa: S101 (caller checked)
+    suites = config.tls.get("tls_cipher_suites")
+    cert_file = config.files.get("cert_file")
+    if not isinstance(suites, str) or not suites.strip() or cert_file is None:
+        return []
+    if config.tls.get("tls_min_version") == "tls13":
+        return []  # Go's TLS 1.3 suites are fixed and fit every key type
+    try:
+        algorithm = parsers.read_certificate(cert_file.read_bytes()).key.algorithm
+    except (OSError, parsers.ParseError):
+        return []
+    marker = {"ecdsa": "_ECDSA_", "rsa": "_RSA_"}.get(algorithm)
+    names = [s.strip() for s in suites.split(",") if s.strip()]
+    if marker is None or any(marker in name for name in names):
+        return []
+    return [
+        Finding(
+            "error",
+            str(config.path),
+            "hcl.tls_cipher_suites",
+            f"none of tls_cipher_suites fits the {algorithm} key of {cert_file.name}",
+            nomad_error="tls: no cipher suite supported by both client and server",
+            fix=f"add suites with {marker.strip('_')} in their name, e.g. "
+            f"TLS_ECDHE_{marker.strip('_')}_WITH_AES_128_GCM_SHA256",
+        )
+    ]

@@ -1,0 +1,75 @@
+"""Certificates made with cfssl by hand, the way users make them, for doctor to find fault with."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import CFSSL_DIR
+
+CFSSL = CFSSL_DIR / "cfssl"
+EC_USAGES = ["signing", "digital signature", "server auth", "client auth"]
+
+
+def _write_outputs(stdout: bytes, folder: Path, stem: str) -> Path:
+    """What ``| cfssljson -bare STEM`` does (key 0600), without cfssljson."""
+    data = json.loads(stdout)
+    (folder / f"{stem}.pem").write_text(data["cert"])
+    key = folder / f"{stem}-key.pem"
+    key.write_text(data["key"])
+    key.chmod(0o600)
+    return folder / f"{stem}.pem"
+
+
+def make_ca(folder: Path, *, expiry: str = "43800h", stem: str = "ca") -> Path:
+    """A CA from a CSR JSON, via ``cfssl gencert -initca``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    csr = {"CN": "Hand CA", "key": {"algo": "ecdsa", "size": 256}, "ca": {"expiry": expiry}}
+    made = subprocess.run(
+        [CFSSL, "gencert", "-initca", "-"],
+        input=json.dumps(csr).encode(),
+        capture_output=True,
+        check=True,
+    )
+    return _write_outputs(made.stdout, folder, stem)
+
+
+def issue(
+    folder: Path,
+    stem: str,
+    *,
+    cn: str,
+    hosts: list[str],
+    ca: Path,
+    profile: dict[str, Any] | None = None,
+) -> Path:
+    """A leaf signed by ``ca`` with a one-off signing profile (or cfssl's defaults)."""
+    csr = {"CN": cn, "hosts": hosts, "key": {"algo": "ecdsa", "size": 256}}
+    argv: list[str | Path] = [
+        CFSSL,
+        "gencert",
+        "-ca",
+        ca,
+        "-ca-key",
+        ca.with_name(ca.name.replace(".pem", "-key.pem")),
+    ]
+    if profile is not None:
+        config = folder / f".{stem}-config.json"
+        config.write_text(json.dumps({"signing": {"default": profile}}))
+        argv += ["-config", config]
+    made = subprocess.run(
+        [*argv, "-"], input=json.dumps(csr).encode(), capture_output=True, check=True
+    )
+    return _write_outputs(made.stdout, folder, stem)
+
+
+def copy_kit(kit: Path, dest: Path) -> Path:
+    """A private copy of a kit that a test may damage."""
+    shutil.copytree(kit, dest)
+    for path in dest.iterdir():
+        os.utime(path)
+    return dest

@@ -1,0 +1,483 @@
+"""`cfwrap doctor`: a clean kit passes; each broken thing is found with its message and fix."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import CFSSL_DIR, assert_no_secrets
+from tests.handmade import EC_USAGES, copy_kit, issue, make_ca
+
+
+def _doctor(cli, *args: str | Path) -> tuple[int, dict[str, Any]]:
+    result = cli("doctor", "--json", *args)
+    assert "Traceback" not in result.err
+    return result.code, json.loads(result.out)
+
+
+def _checks(report: dict[str, Any], severity: str = "error") -> dict[str, dict[str, Any]]:
+    return {
+        f"{Path(f['path']).name}:{f['check']}": f
+        for f in report["findings"]
+        if f["severity"] == severity
+    }
+
+
+def test_clean_kit_has_no_findings_and_probes_as_expected(cli, kits):
+    code, report = _doctor(cli, kits["global"], "--probe")
+    assert code == 0
+    assert report["findings"] == []
+    names = {p["name"]: p for p in report["probes"]}
+    assert len(names) == 8
+    assert all(p["as_expected"] for p in names.values())
+    assert names["rpc: client agent -> server"]["ok"] is True
+    assert names["must fail: client certificate posing as a server"]["ok"] is False
+    assert names["must fail: server dialled for another region"]["ok"] is False
+    assert names["must fail: no client certificate"]["ok"] is False
+    assert names["https: cli -> server as 127.0.0.1"]["ok"] is True
+    assert names["api: cli -> client agent"]["ok"] is True
+
+
+def test_clean_kit_in_another_region(cli, kits):
+    code, report = _doctor(cli, kits["eu-west-1"], "--probe")
+    assert code == 0, report
+    assert {p["server_name"] for p in report["probes"]} >= {"server.eu-west-1.nomad"}
+
+
+def test_human_output_groups_by_file(cli, kits, tmp_path):
+    kit = copy_kit(kits["global"], tmp_path / "kit")
+    (kit / "global-server-nomad-key.pem").chmod(0o644)
+    result = cli("doctor", kit)
+    assert result.code == 7
+    lines = result.out.splitlines()
+    header = lines.index(str(kit / "global-server-nomad-key.pem"))
+    assert lines[header + 1].startswith("  ERROR   key.mode: mode 0644")
+    assert f"fix: chmod 0600 {kit / 'global-server-nomad-key.pem'}" in result.out
+    assert result.err.strip() == (
+        "cfwrap: error: doctor: 1 error(s), 0 warning(s); see the findings above; each has its fix"
+    )
+    assert_no_secrets(result.out + result.err)
+
+
+def test_seed_guide_certificate(cli, tmp_path):
+    """Made with cfssl exactly as the old guide says: regionglobal, both roles, default profile."""
+    folder = tmp_path / "guide"
+    ca = make_ca(folder)
+    cert = issue(
+        folder,
+        "nomad",
+        cn="regionglobal.nomad",
+        hosts=["server.regionglobal.nomad", "client.regionglobal.nomad"],
+        ca=ca,
+    )
+    code, report = _doctor(
+        cli,
+        "--ca",
+        ca,
+        "--cert",
+        cert,
+        "--key",
+        folder / "nomad-key.pem",
+        "--role",
+        "server",
+        "--region",
+        "global",
+    )
+    assert code == 7
+    errors = _checks(report)
+    assert set(errors) == {"nomad.pem:names.server", "nomad.pem:names.both-roles"}
+    server = errors["nomad.pem:names.server"]
+    assert server["message"] == "made for region regionglobal, not global"
+    assert server["nomad_error"] == (
+        "x509: certificate is valid for server.regionglobal.nomad, client.regionglobal.nomad, "
+        "not server.global.nomad"
+    )
+    assert server["fix"].startswith(f"cfwrap cert --ca {ca} --ca-key ")
+    assert "--role server --region global" in server["fix"]
+    # cfssl's default profile also gives the EC key keyEncipherment, and no localhost.
+    warnings = _checks(report, "warning")
+    assert "nomad.pem:usage.key-encipherment" in warnings
+    assert "nomad.pem:names.local" in warnings
+
+
+def test_client_certificate_in_the_servers_place(cli, kits, tmp_path):
+    kit = copy_kit(kits["global"], tmp_path / "kit")
+    for suffix in (".pem", "-key.pem"):
+        (kit / f"global-server-nomad{suffix}").write_bytes(
+            (kit / f"global-client-nomad{suffix}").read_bytes()
+        )
+    code, report = _doctor(cli, kit)
+    assert code == 7
+    finding = _checks(report)["global-server-nomad.pem:names.server"]
+    assert "not a server certificate" in finding["message"]
+    assert finding["nomad_error"].endswith("not server.global.nomad")
+    assert "--role server --region global" in finding["fix"]
+    # The server's HCL names that file: the same certificate is judged as the server's.
+    assert all(f["path"] != str(kit / "global-server.hcl") for f in report["findings"])
+
+
+def test_wrong_region(cli, kits):
+    kit = kits["global"]
+    code, report = _doctor(
+        cli,
+        "--ca",
+        kit / "ca.pem",
+        "--cert",
+        kit / "global-server-nomad.pem",
+        "--role",
+        "server",
+        "--region",
+        "eu-west-1",
+    )
+    assert code == 7
+    finding = _checks(report)["global-server-nomad.pem:names.server"]
+    assert finding["message"] == "made for region global, not eu-west-1"
+    assert "not server.eu-west-1.nomad" in finding["nomad_error"]
+
+
+def test_certificate_from_another_ca(cli, kits, other_kit, tmp_path):
+    kit = copy_kit(kits["global"], tmp_path / "kit")
+    for suffix in (".pem", "-key.pem"):
+        (kit / f"global-client-nomad{suffix}").write_bytes(
+            (other_kit / f"global-client-nomad{suffix}").read_bytes()
+        )
+    code, report = _doctor(cli, kit)
+    assert code == 7
+    finding = _checks(report)["global-client-nomad.pem:chain"]
+    assert finding["nomad_error"] == "x509: certificate signed by unknown authority"
+    assert "--role client" in finding["fix"]
+
+
+def test_key_that_does_not_match(cli, kits, other_kit, tmp_path):
+    kit = copy_kit(kits["global"], tmp_path / "kit")
+    (kit / "global-cli-nomad-key.pem").write_bytes(
+        (other_kit / "global-cli-nomad-key.pem").read_bytes()
+    )
+    code, report = _doctor(cli, kit)
+    assert code == 7
+    finding = _checks(report)["global-cli-nomad-key.pem:key.pair"]
+    assert finding["nomad_error"] == "tls: private key does not match public key"
+
+
+def test_expired_and_expiring_certificates(cli, kits, tmp_path):
+    kit = kits["global"]
+    now = datetime.now(UTC)
+    folder = tmp_path / "dated"
+    folder.mkdir()
+    expired = issue(
+        folder,
+        "expired",
+        cn="server.global.nomad",
+        hosts=["server.global.nomad", "localhost", "127.0.0.1"],
+        ca=kit / "ca.pem",
+        profile={
+            "usages": EC_USAGES,
+            "expiry": "1h",
+            "not_before": "2020-01-01T00:00:00Z",
+            "not_after": "2020-06-01T00:00:00Z",
+        },
+    )
+    soon = issue(
+        folder,
+        "soon",
+        cn="server.global.nomad",
+        hosts=["server.global.nomad", "localhost", "127.0.0.1"],
+        ca=kit / "ca.pem",
+        profile={"usages": EC_USAGES, "expiry": "240h"},
+    )
+    code, report = _doctor(cli, "--ca", kit / "ca.pem", "--cert", expired, "--role", "server")
+    assert code == 7
+    finding = _checks(report)["expired.pem:dates.expired"]
+    assert finding["message"] == "expired on 2020-06-01 00:00 UTC"
+    assert finding["nomad_error"].startswith(
+        "x509: certificate has expired or is not yet valid: current time "
+    )
+    assert finding["nomad_error"].endswith("is after 2020-06-01T00:00:00Z")
+    code, report = _doctor(cli, "--ca", kit / "ca.pem", "--cert", soon, "--role", "server")
+    assert code == 0  # a warning only
+    warning = _checks(report, "warning")["soon.pem:dates.expiring"]
+    assert "expires in 9 days" in warning["message"]
+    code, report = _doctor(
+        cli, "--ca", kit / "ca.pem", "--cert", soon, "--role", "server", "--warn-within", "5"
+    )
+    assert report["findings"] == []
+    assert now < datetime.now(UTC)
+
+
+def test_leaf_that_outlives_its_ca(cli, tmp_path):
+    folder = tmp_path / "short"
+    ca = make_ca(folder, expiry="2160h")  # 90 days
+    leaf = issue(
+        folder,
+        "global-server-nomad",
+        cn="server.global.nomad",
+        hosts=["server.global.nomad", "localhost", "127.0.0.1"],
+        ca=ca,
+        profile={"usages": EC_USAGES, "expiry": "8760h"},
+    )
+    code, report = _doctor(cli, "--ca", ca, "--cert", leaf)
+    assert code == 0
+    warning = _checks(report, "warning")["global-server-nomad.pem:dates.outlives-ca"]
+    assert "after its CA expires" in warning["message"]
+
+
+def test_wildcard_and_key_encipherment(cli, kits, tmp_path):
+    kit = kits["global"]
+    folder = tmp_path / "wild"
+    folder.mkdir()
+    cert = issue(
+        folder,
+        "wild",
+        cn="server.global.nomad",
+        hosts=["*.global.nomad", "server.global.nomad", "localhost", "127.0.0.1"],
+        ca=kit / "ca.pem",
+        profile={"usages": [*EC_USAGES, "key encipherment"], "expiry": "720h"},
+    )
+    code, report = _doctor(cli, "--ca", kit / "ca.pem", "--cert", cert, "--role", "server")
+    assert code == 7
+    assert "wild.pem:names.wildcard" in _checks(report)
+    assert "wild.pem:usage.key-encipherment" in _checks(report, "warning")
+
+
+def test_missing_extended_key_usage(cli, kits, tmp_path):
+    kit = kits["global"]
+    code, report = _doctor(
+        cli, "--ca", kit / "ca.pem", "--cert", kit / "global-cli-nomad.pem", "--role", "client"
+    )
+    assert code == 7
+    errors = _checks(report)
+    assert errors["global-cli-nomad.pem:usage.extended"]["nomad_error"] == (
+        "x509: certificate specifies an incompatible key usage"
+    )
+    assert "global-cli-nomad.pem:names.client" in errors
+
+
+def test_hcl_pointing_at_a_missing_file_and_weak_settings(cli, kits, tmp_path):
+    kit = copy_kit(kits["global"], tmp_path / "kit")
+    hcl = kit / "global-client.hcl"
+    text = hcl.read_text().replace("global-client-nomad-key.pem", "gone-key.pem")
+    text = text.replace("verify_https_client    = true", "verify_https_client    = false")
+    text = text.replace(
+        "  rpc  = true\n",
+        '  rpc  = true\n  tls_cipher_suites = "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256"\n',
+    )
+    hcl.write_text(text)
+    code, report = _doctor(cli, kit)
+    assert code == 7
+    errors = _checks(report)
+    missing = errors["global-client.hcl:hcl.key_file"]
+    # The HCL's paths are absolute: they still point into the original kit folder.
+    gone = kits["global"] / "gone-key.pem"
+    assert missing["message"] == f"key_file names a missing file: {gone}"
+    assert errors["global-client.hcl:hcl.tls_cipher_suites"]["nomad_error"] == (
+        "tls: no cipher suite supported by both client and server"
+    )
+    assert "global-client.hcl:hcl.verify_https_client" in _checks(report, "warning")
+
+
+def test_bad_gossip_key_in_hcl_is_reported_without_the_key(cli, kits, tmp_path):
+    kit = copy_kit(kits["global"], tmp_path / "kit")
+    hcl = kit / "global-server.hcl"
+    key = (kit / "gossip.key").read_text().strip()
+    hcl.write_text(hcl.read_text().replace(key, key[:10]))
+    code, report = _doctor(cli, kit)
+    assert code == 7
+    assert "global-server.hcl:hcl.encrypt" in _checks(report)
+    assert_no_secrets(json.dumps(report), key, key[:10])
+
+
+def test_unparseable_hcl(cli, kits, tmp_path):
+    kit = copy_kit(kits["global"], tmp_path / "kit")
+    (kit / "global-client.hcl").write_text("tls {\n  http = \n")
+    code, report = _doctor(cli, kit)
+    assert code == 7
+    assert "global-client.hcl:hcl.parse" in _checks(report)
+
+
+def test_doctor_bad_arguments(cli, tmp_path):
+    result = cli("doctor", tmp_path / "nope")
+    assert result.code == 3
+    assert result.err.startswith("cfwrap: error: ")
+    result = cli("doctor", "--warn-within", "soon", tmp_path)
+    assert result.code == 3
+    result = cli("doctor", "--connect", "nohost", "--ca", tmp_path / "x.pem")
+    assert result.code == 3
+
+
+# --connect against real TLS servers: openssl s_server and nginx.
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _wait(port: int) -> None:
+    import socket
+    import time
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listens on {port}")
+
+
+@pytest.fixture
+def s_server(kits):
+    """Start openssl s_server with a given certificate (client certificates required)."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(cert: Path, key: Path) -> int:
+        port = _free_port()
+        ca = kits["global"] / "ca.pem"
+        proc = subprocess.Popen(
+            [
+                "openssl",
+                "s_server",
+                "-accept",
+                f"127.0.0.1:{port}",
+                "-cert",
+                cert,
+                "-key",
+                key,
+                "-CAfile",
+                ca,
+                "-Verify",
+                "1",
+                "-quiet",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        started.append(proc)
+        _wait(port)
+        return port
+
+    yield start
+    for proc in started:
+        proc.kill()
+        proc.wait()
+        assert proc.stdin is not None
+        proc.stdin.close()
+
+
+@pytest.mark.slow
+def test_connect_to_openssl_server(cli, kits, s_server):
+    kit = kits["global"]
+    good = s_server(kit / "global-server-nomad.pem", kit / "global-server-nomad-key.pem")
+    code, report = _doctor(cli, kit, "--connect", f"127.0.0.1:{good}")
+    assert code == 0, report
+    assert report["presented"]["subject"] == "CN=server.global.nomad"
+    assert report["presented"]["verified"] is True
+    bad = s_server(kit / "global-client-nomad.pem", kit / "global-client-nomad-key.pem")
+    code, report = _doctor(cli, kit, "--connect", f"127.0.0.1:{bad}")
+    assert code == 7
+    errors = _checks(report)
+    assert f"127.0.0.1:{bad}:names.server" in errors
+    assert "Hostname mismatch" in errors[f"127.0.0.1:{bad}:connect.verify"]["nomad_error"]
+    assert report["presented"]["subject"] == "CN=client.global.nomad"
+
+
+NGINX_CONF = """
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log;
+events {{ worker_connections 16; }}
+http {{
+  access_log off;
+  client_body_temp_path {prefix}/tmp; proxy_temp_path {prefix}/tmp;
+  fastcgi_temp_path {prefix}/tmp; uwsgi_temp_path {prefix}/tmp; scgi_temp_path {prefix}/tmp;
+  server {{
+    listen 127.0.0.1:{port} ssl;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    ssl_client_certificate {ca};
+    ssl_verify_client on;
+    location / {{ return 200 "ok\\n"; }}
+  }}
+}}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("role", ["server", "client"])
+def test_connect_to_nginx_with_mutual_tls(cli, kits, tmp_path, role):
+    from tests.conftest import ROOT
+
+    nginx = ROOT / ".tools" / "nginx" / "bin" / "nginx"
+    if not nginx.is_file():
+        subprocess.run([ROOT / "scripts" / "install-nginx"], check=True)
+    kit = kits["global"]
+    prefix = tmp_path / "nginx"
+    (prefix / "tmp").mkdir(parents=True)
+    port = _free_port()
+    conf = prefix / "nginx.conf"
+    conf.write_text(
+        NGINX_CONF.format(
+            prefix=prefix,
+            port=port,
+            cert=kit / f"global-{role}-nomad.pem",
+            key=kit / f"global-{role}-nomad-key.pem",
+            ca=kit / "ca.pem",
+        )
+    )
+    with subprocess.Popen(
+        [nginx, "-p", prefix, "-c", conf, "-e", prefix / "error.log"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    ) as proc:
+        try:
+            _wait(port)
+            # nginx really demands the client certificate: without one, HTTP 400.
+            curl = subprocess.run(
+                [
+                    "curl",
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "--cacert",
+                    kit / "ca.pem",
+                    "--resolve",
+                    f"{role}.global.nomad:{port}:127.0.0.1",
+                    f"https://{role}.global.nomad:{port}/",
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            assert curl.stdout == "400"
+            code, report = _doctor(cli, kit, "--connect", f"127.0.0.1:{port}")
+        finally:
+            proc.terminate()
+            proc.wait()
+    assert report["presented"]["subject"] == f"CN={role}.global.nomad"
+    if role == "server":
+        assert code == 0, report
+    else:
+        assert code == 7
+        assert f"127.0.0.1:{port}:names.server" in _checks(report)
+
+
+def test_doctor_finds_no_keys_in_its_own_output(cli, kits):
+    result = cli("doctor", kits["global"], "--probe", "--json")
+    for path in kits["global"].glob("*-key.pem"):
+        body = "".join(path.read_text().splitlines()[1:-1])
+        assert body[:40] not in result.out
+    assert_no_secrets(result.out + result.err, (kits["global"] / "gossip.key").read_text())
+    assert CFSSL_DIR.is_dir()
