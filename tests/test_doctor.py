@@ -1,4 +1,4 @@
-"""`cfwrap doctor`: a clean kit passes; each broken thing is found with its message and fix."""
+"""cfwrap doctor: a clean kit passes; each broken thing is found with its message and fix."""
 
 from __future__ import annotations
 
