@@ -55,6 +55,11 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(f"{self.prog}: {message}", fix=f"see `{self.prog} --help`")
 
 
+if TYPE_CHECKING:
+    # The type of add_subparsers()'s result (argparse names it privately).
+    _Subparsers = argparse._SubParsersAction[_Parser]
+
+
 def _key_options(parser: argparse.ArgumentParser, *, default_expiry: str) -> None:
     parser.add_argument(
         "--expiry",
@@ -122,6 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
+    _add_quickstart(sub)
+    _add_ca(sub)
+    _add_cert(sub)
+    _add_keygen(sub)
+    _add_doctor(sub)
+    _add_replay(sub)
+    _add_manifest(sub)
+    return parser
+
+
+def _add_quickstart(sub: _Subparsers) -> None:
+    """Add the ``quickstart`` command."""
     quick = sub.add_parser(
         "quickstart",
         help="all of a region's kit: CA, server/client/cli certificates, gossip key, configs",
@@ -148,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quick.set_defaults(handler=_quickstart)
 
+
+def _add_ca(sub: _Subparsers) -> None:
+    """Add the ``ca`` command."""
     ca = sub.add_parser(
         "ca",
         help="a new CA in its own folder",
@@ -164,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     _key_options(ca, default_expiry="43800h")
     ca.set_defaults(handler=_ca)
 
+
+def _add_cert(sub: _Subparsers) -> None:
+    """Add the ``cert`` command."""
     cert = sub.add_parser(
         "cert",
         help="one role certificate from an existing CA",
@@ -179,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     _key_options(cert, default_expiry="8760h")
     cert.set_defaults(handler=_cert)
 
+
+def _add_keygen(sub: _Subparsers) -> None:
+    """Add the ``keygen`` command."""
     keygen = sub.add_parser(
         "keygen",
         help="a gossip encryption key, or check one",
@@ -196,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--json", action="store_true", help="print the result as JSON")
     keygen.set_defaults(handler=_keygen)
 
+
+def _add_doctor(sub: _Subparsers) -> None:
+    """Add the ``doctor`` command."""
     doc = sub.add_parser(
         "doctor",
         help="check certificates, keys and agent config against Nomad's own TLS rules",
@@ -239,6 +268,37 @@ def build_parser() -> argparse.ArgumentParser:
     doc.add_argument("--json", action="store_true", help="print the report as JSON")
     doc.set_defaults(handler=_doctor)
 
+
+def _add_replay(sub: _Subparsers) -> None:
+    """Add the ``replay`` command."""
+    rep = sub.add_parser(
+        "replay",
+        help="run a published guide's steps for real, record them, say where it goes wrong",
+        description="Run a guide's steps with the real binaries (pipes included) in DIR/files, "
+        "record a transcript (DIR/transcript.md and .json), compare the folder with the "
+        "guide's table of files, and check the result against Nomad's rules. GUIDE is a "
+        "shipped guide's name (see --list) or a guide file (TOML, schemas/guide.schema.json).",
+    )
+    rep.add_argument("guide", nargs="?", metavar="GUIDE")
+    rep.add_argument("--out", type=Path, metavar="DIR", help="folder to create for the replay")
+    rep.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing DIR (the old one is kept as a backup)",
+    )
+    rep.add_argument(
+        "--print",
+        action="store_true",
+        dest="print_script",
+        help="print the guide as a shell script instead of running it",
+    )
+    rep.add_argument("--list", action="store_true", help="list the guides cfwrap ships")
+    rep.add_argument("--json", action="store_true", help="print the transcript as JSON")
+    rep.set_defaults(handler=_replay)
+
+
+def _add_manifest(sub: _Subparsers) -> None:
+    """Add the ``manifest`` command."""
     man = sub.add_parser(
         "manifest",
         help="rebuild a kit's manifest from disk and compare",
@@ -251,7 +311,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     man.add_argument("--json", action="store_true", help="print the result as JSON")
     man.set_defaults(handler=_manifest)
-    return parser
 
 
 def _find_cfssl(args: argparse.Namespace) -> Tool:
@@ -574,6 +633,49 @@ def _render_report(report: Any) -> str:  # noqa: ANN401 (a doctor.Report)
             lines.append(f"  {mark} {result.name} [{result.server_name}]: {got}")
     lines.append(f"{report.errors} error(s), {report.warnings} warning(s)")
     return "\n".join(lines)
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from cfwrap import replay
+    from cfwrap.errors import ToolFailedError, ToolMissingError, VerificationError
+    from cfwrap.replay import guide
+
+    if args.list:
+        for name in guide.shipped():
+            print(name)
+        return ExitCode.OK
+    if args.guide is None:
+        raise _UsageError("cfwrap replay: give a GUIDE", fix="see `cfwrap replay --list`")
+    loaded = guide.load(args.guide)
+    if args.print_script:
+        print(guide.to_shell(loaded), end="")
+        return ExitCode.OK
+    if args.out is None:
+        raise _UsageError(
+            "cfwrap replay: --out DIR is required to run a guide",
+            fix="or pass --print to see it as a script",
+        )
+    result = replay.replay(loaded, out=args.out, cfssl_dir=args.cfssl_dir, force=args.force)
+    transcript = result.transcript
+    if args.json:
+        print(transcript.model_dump_json(indent=2))
+    else:
+        print(result.markdown)
+        print(result.json)
+    where = f"see {result.markdown}"
+    if transcript.outcome == "tool-missing":
+        raise ToolMissingError("replay", transcript.stopped_because, fix=where)
+    if transcript.outcome == "step-failed":
+        raise ToolFailedError("replay", transcript.stopped_because, fix=where)
+    if transcript.outcome == "findings":
+        errors = sum(f.severity == "error" for f in transcript.findings)
+        missing = len(transcript.missing_files)
+        raise VerificationError(
+            f"guide {loaded.name}",
+            f"its result fails {errors} of Nomad's checks and lacks {missing} of its own files",
+            fix=f"{where} for the findings and the corrected commands",
+        )
+    return ExitCode.OK
 
 
 def _version(args: argparse.Namespace) -> int:

@@ -247,20 +247,10 @@ def build(folder: Path, tools: list[ToolRecord]) -> Manifest:
     return Manifest(created_at=datetime.now(UTC), tools=tools, artifacts=scan(folder))
 
 
-def schema_path() -> Path:
-    """Where the checked-in schema is: ``schemas/`` of a checkout, or inside an installed wheel."""
-    package = Path(__file__).resolve().parent
-    for folder in (package.parent / "schemas", package / "schemas"):
-        if (folder / SCHEMA_FILE).is_file():
-            return folder / SCHEMA_FILE
-    raise VerificationError(
-        SCHEMA_FILE, "not found beside the cfwrap package", fix="reinstall cfwrap"
-    )
-
-
 def _schema() -> dict[str, Any]:
-    loaded: dict[str, Any] = json.loads(schema_path().read_text())
-    return loaded
+    from cfwrap import schema_files
+
+    return schema_files.load(SCHEMA_FILE)
 
 
 def to_json(manifest: Manifest) -> bytes:

@@ -44,6 +44,7 @@ class Call:
     argv: tuple[str, ...]
     stdin: bytes | None = None
     timeout: float = DEFAULT_TIMEOUT
+    cwd: Path | None = None
 
     @classmethod
     def of(
@@ -52,9 +53,10 @@ class Call:
         *,
         stdin: bytes | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        cwd: Path | None = None,
     ) -> Call:
         """Build a call from path-or-string arguments."""
-        return cls(tuple(str(a) for a in argv), stdin, timeout)
+        return cls(tuple(str(a) for a in argv), stdin, timeout, cwd)
 
     @property
     def tool(self) -> str:
@@ -111,7 +113,8 @@ class _Running:
     timed_out: threading.Event
 
 
-def _start(call: Call) -> _Running:
+def _start(call: Call, *, upstream: _Running | None = None, piped: bool = False) -> _Running:
+    """Start a call in the background; ``upstream``'s stdout becomes its stdin (a pipe)."""
     import sh
 
     log.info("run: %s", call.display())
@@ -123,14 +126,18 @@ def _start(call: Call) -> _Running:
             f"{call.argv[0]} is not an executable file",
             fix="run ./scripts/install-cfssl or point --cfssl-dir at cfssl 1.6.5",
         ) from e
+    options: dict[str, Any] = {"_piped": True} if piped else {}
+    if call.cwd is not None:
+        options["_cwd"] = str(call.cwd)
     running = command(
         *call.argv[1:],
-        _in=call.stdin,
+        _in=upstream.command if upstream is not None else call.stdin,
         _tty_in=False,
         _tty_out=False,
         _bg=True,
         _bg_exc=False,
         _return_cmd=True,
+        **options,
     )
     timed_out = threading.Event()
 
@@ -147,7 +154,7 @@ def _start(call: Call) -> _Running:
     return _Running(call, running, watchdog, time.monotonic(), timed_out)
 
 
-def _finish(running: _Running) -> Result:
+def _finish(running: _Running, *, check: bool = True) -> Result:
     import sh
 
     call = running.call
@@ -156,6 +163,8 @@ def _finish(running: _Running) -> Result:
     except sh.ErrorReturnCode as e:
         result = Result(call, e.exit_code, e.stdout or b"", e.stderr or b"", _since(running))
         _log_output(result)
+        if not check:
+            return result
         raise ToolFailedError(
             call.tool,
             f"{failure_reason(result.stderr)} (exit {e.exit_code})",
@@ -226,3 +235,30 @@ def run_all(calls: Sequence[Call]) -> list[Result]:
     if first_error is not None:
         raise first_error
     return results
+
+
+def run_pipeline(calls: Sequence[Call], *, check: bool = True) -> list[Result]:
+    """Run calls joined by pipes, like ``a | b | c``, and return every stage's result.
+
+    Only the last stage's stdout is captured: what flows between stages (a private key in
+    cfssl's JSON, say) is never held or logged.
+
+    Raises:
+        ToolMissingError: a binary does not exist (nothing was started after it).
+        ToolFailedError: with ``check``, the first stage (in pipe order) that failed; always, a
+            timeout or a signal.
+    """
+    started: list[_Running] = []
+    for index, call in enumerate(calls):
+        upstream = started[-1] if started else None
+        started.append(_start(call, upstream=upstream, piped=index < len(calls) - 1))
+    results: list[Result] = []
+    first_error: ToolFailedError | None = None
+    for one in reversed(started):  # the last stage finishes first; earlier ones then see EOF
+        try:
+            results.append(_finish(one, check=check))
+        except ToolFailedError as e:
+            first_error = e  # keeps the earliest stage's error: that is the cause
+    if first_error is not None:
+        raise first_error
+    return results[::-1]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cfwrap.schemas_gen import generated, render
+from cfwrap.schema_files import generated, render
 from tests.conftest import ROOT
 
 

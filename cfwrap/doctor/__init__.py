@@ -122,7 +122,7 @@ def diagnose_folder(
     report.findings += _check_gossip_file(folder / "gossip.key")
     if run_probes and ca_path is not None:
         report.probes = _probe_kit(ca_path, leaves)
-        report.findings += _probe_findings(report.probes)
+        report.findings += probe_findings(report.probes)
     return report
 
 
@@ -222,7 +222,8 @@ def _probe_kit(ca: Path, leaves: list[certs.Leaf]) -> list[probe.ProbeResult]:
     return [probe.run(p, ca) for p in probes]
 
 
-def _probe_findings(results: list[probe.ProbeResult]) -> list[Finding]:
+def probe_findings(results: list[probe.ProbeResult]) -> list[Finding]:
+    """An error for each handshake that did not go as Nomad needs."""
     findings = []
     for result in results:
         if not result.as_expected:
