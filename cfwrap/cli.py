@@ -37,7 +37,7 @@ _FLAGS = {
 
 _EPILOG = """\
 exit codes: 0 ok, 2 usage, 3 bad input, 4 output exists or folder busy, 5 cfssl missing or too
-old, 6 cfssl failed, 7 verification failed, 8 file system error.
+old, 6 cfssl failed, 7 verification failed, 8 file system error, 130 interrupted, 143 terminated.
 
 cfssl is found by --cfssl-dir, then $CFWRAP_CFSSL_DIR, then .tools/cfssl/bin in this checkout
 (./scripts/install-cfssl), then PATH. cfwrap needs cfssl 1.6 or newer.
@@ -106,6 +106,20 @@ def _output_options(parser: argparse.ArgumentParser, *, what: str) -> None:
         help="replace existing output (a replaced kit folder is kept as a backup)",
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    _wait_option(parser)
+
+
+def _wait_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--wait",
+        type=float,
+        nargs="?",
+        const=600.0,
+        default=0.0,
+        metavar="SECONDS",
+        help="if another cfwrap is writing the same folder, wait for it (default: fail at once; "
+        "--wait alone waits up to 600 s)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -294,6 +308,7 @@ def _add_replay(sub: _Subparsers) -> None:
     )
     rep.add_argument("--list", action="store_true", help="list the guides cfwrap ships")
     rep.add_argument("--json", action="store_true", help="print the transcript as JSON")
+    _wait_option(rep)
     rep.set_defaults(handler=_replay)
 
 
@@ -310,6 +325,7 @@ def _add_manifest(sub: _Subparsers) -> None:
         "--write", action="store_true", help="write the rebuilt manifest instead of comparing"
     )
     man.add_argument("--json", action="store_true", help="print the result as JSON")
+    _wait_option(man)
     man.set_defaults(handler=_manifest)
 
 
@@ -396,6 +412,7 @@ def _quickstart(args: argparse.Namespace) -> int:
         gossip_bytes=args.gossip_bytes,
         tls_dir=args.tls_dir,
         force=args.force,
+        wait=args.wait,
     )
     return _report(result, args)
 
@@ -408,7 +425,9 @@ def _ca(args: argparse.Namespace) -> int:
         spec = _ca_from_csr_file(args.csr)
     else:
         spec = _spec(CASpec, {"common_name": args.cn, "expiry": args.expiry, "key": _key(args)})
-    result = kit.make_ca(out=args.out, cfssl_tool=_find_cfssl(args), spec=spec, force=args.force)
+    result = kit.make_ca(
+        out=args.out, cfssl_tool=_find_cfssl(args), spec=spec, force=args.force, wait=args.wait
+    )
     return _report(result, args)
 
 
@@ -457,7 +476,9 @@ def _cert(args: argparse.Namespace) -> int:
         )
     ca = kit.load_ca(args.ca, args.ca_key)
     tool = _find_cfssl(args)
-    result = kit.issue_cert(out=args.out, cfssl_tool=tool, ca=ca, spec=spec, force=args.force)
+    result = kit.issue_cert(
+        out=args.out, cfssl_tool=tool, ca=ca, spec=spec, force=args.force, wait=args.wait
+    )
     return _report(result, args)
 
 
@@ -500,7 +521,7 @@ def _manifest(args: argparse.Namespace) -> int:
         from cfwrap import files
 
         tools = manifest.load(folder).tools if (folder / manifest.FILE_NAME).exists() else []
-        with files.FolderLock(folder):
+        with files.FolderLock(folder, wait=args.wait):
             path = manifest.write(folder, manifest.build(folder, tools))
         print(path)
         return ExitCode.OK
@@ -655,7 +676,9 @@ def _replay(args: argparse.Namespace) -> int:
             "cfwrap replay: --out DIR is required to run a guide",
             fix="or pass --print to see it as a script",
         )
-    result = replay.replay(loaded, out=args.out, cfssl_dir=args.cfssl_dir, force=args.force)
+    result = replay.replay(
+        loaded, out=args.out, cfssl_dir=args.cfssl_dir, force=args.force, wait=args.wait
+    )
     transcript = result.transcript
     if args.json:
         print(transcript.model_dump_json(indent=2))
@@ -704,8 +727,32 @@ def _setup_logging(*, verbose: bool) -> None:
     root.propagate = False
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so every ``with`` block rolls its work back."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    from cfwrap import runner
+
+    runner.stop_all()  # before the with blocks remove folders a tool may still be writing into
+    raise _Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the cfwrap command line; returns the exit code."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -723,6 +770,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.debug("tool stderr:\n%s", detail)
         print(f"cfwrap: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("cfwrap: interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, _Terminated) as e:
+        # The with blocks have already removed staging folders and temporary files.
+        print("cfwrap: stopped; nothing was left half-written", file=sys.stderr)
+        return ExitCode.TERMINATED if isinstance(e, _Terminated) else ExitCode.INTERRUPTED

@@ -22,6 +22,8 @@ class ExitCode(enum.IntEnum):
     TOOL_FAILED = 6  # cfssl failed, or returned something unusable
     VERIFY_FAILED = 7  # a check of what exists on disk failed
     FILESYSTEM = 8  # the operating system refused a read or write
+    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT); the output was rolled back
+    TERMINATED = 143  # SIGTERM (128 + SIGTERM); the output was rolled back
 
 
 class CfwrapError(Exception):

@@ -14,6 +14,7 @@ import fcntl
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -114,21 +115,32 @@ def check_absent(paths: list[Path]) -> None:
 
 
 class FolderLock:
-    """An exclusive lock on a folder's name, held by flock(2) so it dies with its process."""
+    """An exclusive lock on a folder's name, held by flock(2) so it dies with its process.
 
-    def __init__(self, target: Path) -> None:
-        """Prepare a lock for ``target`` (the folder need not exist yet)."""
+    Whoever holds it may also sweep what a killed run left behind: staging folders beside the
+    target and temporary files in it are only ever made under this lock, so any found while
+    holding it are stale.
+    """
+
+    def __init__(self, target: Path, *, wait: float = 0.0) -> None:
+        """Prepare a lock for ``target`` (the folder need not exist yet); wait up to ``wait`` s."""
         self.target = target
+        self.wait = wait
         self.path = target.parent / f".{target.name}.cfwrap.lock"
         self._fd: int | None = None
 
     def __enter__(self) -> FolderLock:
-        """Take the lock or fail at once; a lock left by a dead process does not block.
+        """Take the lock (waiting up to ``wait`` seconds), then sweep a killed run's leftovers.
 
         The lock file is removed on release. A process that opened it just before then holds
         a lock on an unlinked file, so after locking it checks that the name still points at
         the file it locked, and tries again if not.
+
+        Raises:
+            ConflictError: another process holds the lock (after ``wait``).
+            FileSystemError: the lock file cannot be made.
         """
+        deadline = time.monotonic() + self.wait
         while True:
             with _os_errors(self.path):
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
@@ -136,19 +148,34 @@ class FolderLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
                 os.close(fd)
-                if e.errno in (errno.EAGAIN, errno.EACCES):
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise FileSystemError(self.path, e) from e
+                if time.monotonic() >= deadline:
                     raise ConflictError(
-                        self.target, "another cfwrap is writing here", fix="wait for it to finish"
+                        self.target,
+                        "another cfwrap is writing here",
+                        fix="wait for it to finish, or pass --wait SECONDS",
                     ) from None
-                raise FileSystemError(self.path, e) from e
+                time.sleep(0.05)
+                continue
             try:
                 same = self.path.stat().st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
                 same = False
             if same:
                 self._fd = fd
+                self._sweep()
                 return self
             os.close(fd)
+
+    def _sweep(self) -> None:
+        """Remove staging folders and temporary files that a killed run left."""
+        for stale in self.target.parent.glob(f".{self.target.name}.cfwrap-*"):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+        if self.target.is_dir() and not self.target.is_symlink():
+            for stale in self.target.glob(".cfwrap-*.tmp"):
+                stale.unlink(missing_ok=True)
 
     def __exit__(
         self,
@@ -184,11 +211,11 @@ def check_target_folder(target: Path, *, force: bool) -> None:
 class Staging:
     """A private folder beside ``target`` in which a kit is built, then moved into place whole."""
 
-    def __init__(self, target: Path, *, force: bool) -> None:
+    def __init__(self, target: Path, *, force: bool, wait: float = 0.0) -> None:
         """Check the target now; the folder itself is made on entry."""
         self.target = target
         self.force = force
-        self._lock = FolderLock(target)
+        self._lock = FolderLock(target, wait=wait)
         self._path: Path | None = None
         self.backup: Path | None = None
 

@@ -157,6 +157,7 @@ def quickstart(
     gossip_bytes: int = gossip.DEFAULT_SIZE,
     tls_dir: Path | None = None,
     force: bool = False,
+    wait: float = 0.0,
 ) -> KitResult:
     """Make a complete kit for one region in ``out``: CA, role certificates, gossip key, configs.
 
@@ -176,7 +177,7 @@ def quickstart(
     region = regions.pop()
     config = nomad.signing_config(specs)
     final_dir = (tls_dir or out).absolute()
-    with files.Staging(out, force=force) as staging:
+    with files.Staging(out, force=force, wait=wait) as staging:
         folder = staging.path
         written = _make_ca(cfssl_tool, folder, ca)
         files.write_new(folder / CONFIG_FILE, to_cfssl_json(config), mode=files.PUBLIC_MODE)
@@ -287,14 +288,16 @@ def load_ca(cert_path: Path, key_path: Path) -> CA:
     return CA(cert_path, key_path, facts)
 
 
-def make_ca(*, out: Path, cfssl_tool: Tool, spec: CASpec, force: bool = False) -> KitResult:
+def make_ca(
+    *, out: Path, cfssl_tool: Tool, spec: CASpec, force: bool = False, wait: float = 0.0
+) -> KitResult:
     """Make a new CA in its own folder ``out`` (``ca.pem``, ``ca-key.pem``, CSR and manifest).
 
     Raises:
         ConflictError: ``out`` exists and is not empty (without ``force``), or is locked.
         ToolFailedError: cfssl failed or returned something unusable.
     """
-    with files.Staging(out, force=force) as staging:
+    with files.Staging(out, force=force, wait=wait) as staging:
         written = _make_ca(cfssl_tool, staging.path, spec)
         manifest.write(
             staging.path, manifest.build(staging.path, [manifest.tool_record(cfssl_tool)])
@@ -304,7 +307,13 @@ def make_ca(*, out: Path, cfssl_tool: Tool, spec: CASpec, force: bool = False) -
 
 
 def issue_cert(
-    *, out: Path, cfssl_tool: Tool, ca: CA, spec: CertSpec, force: bool = False
+    *,
+    out: Path,
+    cfssl_tool: Tool,
+    ca: CA,
+    spec: CertSpec,
+    force: bool = False,
+    wait: float = 0.0,
 ) -> KitResult:
     """Issue one role certificate from an existing CA into the folder ``out``.
 
@@ -340,7 +349,10 @@ def issue_cert(
     ca_copy = out / f"{CA_STEM}.pem"
     ca_pem = ca.cert_path.read_bytes()
     try:
-        with files.FolderLock(out), tempfile.TemporaryDirectory(prefix="cfwrap-") as scratch:
+        with (
+            files.FolderLock(out, wait=wait),
+            tempfile.TemporaryDirectory(prefix="cfwrap-") as scratch,
+        ):
             if not force:
                 files.check_absent([out / n for n in names])
             if ca_copy.exists() and ca_copy.read_bytes() != ca_pem:

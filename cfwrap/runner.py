@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import shlex
 import threading
@@ -24,6 +25,10 @@ from cfwrap.errors import ToolFailedError, ToolMissingError
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 120.0
+
+# Processes started and not yet finished, so an interrupted cfwrap can stop them before it
+# removes its staging folder (a tool still writing there would leave files behind).
+_ACTIVE: dict[int, Any] = {}  # by id(): sh's RunningCommand is not hashable
 
 _PEM_PRIVATE = re.compile(
     rb"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----.*?(?:-----END \1PRIVATE KEY-----|$)", re.S
@@ -151,6 +156,7 @@ def _start(call: Call, *, upstream: _Running | None = None, piped: bool = False)
     watchdog = threading.Timer(call.timeout, expire)
     watchdog.daemon = True
     watchdog.start()
+    _ACTIVE[id(running)] = running
     return _Running(call, running, watchdog, time.monotonic(), timed_out)
 
 
@@ -185,6 +191,7 @@ def _finish(running: _Running, *, check: bool = True) -> Result:
         ) from e
     finally:
         running.watchdog.cancel()
+        _ACTIVE.pop(id(running.command), None)
     command = running.command
     result = Result(call, command.exit_code, command.stdout, command.stderr, _since(running))
     _log_output(result)
@@ -262,3 +269,17 @@ def run_pipeline(calls: Sequence[Call], *, check: bool = True) -> list[Result]:
     if first_error is not None:
         raise first_error
     return results[::-1]
+
+
+def stop_all() -> None:
+    """Kill every tool this process started that is still running (on SIGTERM or Ctrl-C).
+
+    Called from a signal handler, so it only sends signals: waiting on sh's objects here could
+    deadlock with the wait the main thread was in when the signal came.
+    """
+    import signal
+
+    for running in list(_ACTIVE.values()):
+        with contextlib.suppress(OSError, AttributeError):
+            os.kill(running.pid, signal.SIGKILL)
+    _ACTIVE.clear()

@@ -45,6 +45,7 @@ def cli(capsys: pytest.CaptureFixture[str]):
     def run(*argv: str | Path) -> CliResult:
         code = main([str(a) for a in argv])
         captured = capsys.readouterr()
+        _CAPTURED.extend((captured.out, captured.err))  # for the secret scan at the end
         return CliResult(code, captured.out, captured.err)
 
     return run
@@ -100,3 +101,35 @@ def assert_no_secrets(text: str, *secrets: str) -> None:
     assert not _PRIVATE.search(text), "a private key PEM block leaked"
     for secret in secrets:
         assert secret.strip() not in text, "a secret value leaked"
+
+
+# The secret scan: everything the run printed (captured per test) and every file it left under
+# pytest's temporary root are checked at the end for private key and gossip key material.
+_CAPTURED: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Keep every test's captured stdout, stderr and log output for the secret scan."""
+    _CAPTURED.extend(text for _, text in report.sections if text)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if any test output or non-secret file holds secret material."""
+    from tests.secretscan import leaks
+
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None or getattr(session.config, "workerinput", None) is not None:
+        return
+    root = factory.getbasetemp()
+    problems = leaks(root, _CAPTURED)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.ensure_newline()
+        reporter.write_line(
+            f"secret scan: {len(_CAPTURED)} captured outputs and the files under {root}: "
+            + ("clean" if not problems else f"{len(problems)} leak(s)")
+        )
+        for problem in problems:
+            reporter.write_line(f"  {problem}", red=True)
+    if problems:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -282,7 +282,12 @@ def _probes(checks: list[Check], work: Path) -> list[probe.ProbeResult]:
 
 
 def replay(
-    guide: Guide, *, out: Path, cfssl_dir: Path | None = None, force: bool = False
+    guide: Guide,
+    *,
+    out: Path,
+    cfssl_dir: Path | None = None,
+    force: bool = False,
+    wait: float = 0.0,
 ) -> ReplayResult:
     """Run ``guide`` in ``out/files`` and write its transcripts into ``out``.
 
@@ -290,7 +295,7 @@ def replay(
         ConflictError: ``out`` exists and is not empty (without ``force``), or is locked.
     """
     started_at = datetime.now(UTC)
-    with files.Staging(out, force=force) as staging:
+    with files.Staging(out, force=force, wait=wait) as staging:
         work = staging.path / FILES
         work.mkdir(mode=files.DIR_MODE)
         run = _Run(guide, work, cfssl_dir)
