@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -91,6 +92,29 @@ def snapshot(folder: Path) -> dict[str, tuple[int, str]]:
         digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
         result[str(path.relative_to(folder))] = (stat.S_IMODE(info.st_mode), digest)
     return result
+
+
+def cert_argv(ca_dir: Path, role: str, out: Path, *extra: str | Path) -> list[str | Path]:
+    """``cfwrap cert`` arguments for a role certificate from the CA in ``ca_dir``."""
+    return ["cert", "--ca", ca_dir / "ca.pem", "--ca-key", ca_dir / "ca-key.pem",
+            "--role", role, "--out", out, *extra]  # fmt: skip
+
+
+def assert_kit_manifest(kit: Path) -> dict[str, Any]:
+    """The kit's manifest validates against the checked-in schema and matches the disk."""
+    import json
+
+    import jsonschema
+
+    from cfwrap import manifest
+
+    data: dict[str, Any] = json.loads((kit / "manifest.json").read_text())
+    schema = json.loads((ROOT / "schemas" / "manifest.schema.json").read_text())
+    jsonschema.Draft202012Validator(schema).validate(data)
+    on_disk = {p.name for p in kit.iterdir()} - {"manifest.json"}
+    assert {a.path for a in manifest.load(kit).artifacts} == on_disk
+    assert manifest.differences(manifest.load(kit), manifest.scan(kit)) == []
+    return data
 
 
 _PRIVATE = re.compile(r"PRIVATE KEY-----")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
 from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
@@ -13,7 +12,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from cfwrap import manifest
-from tests.tlspeer import Party, handshake
+from tests.conftest import cert_argv
+from tests.tlspeer import Party, handshake, openssl_verify
 
 
 def test_ca_from_a_users_csr_json_then_certs_that_handshake(cli, tmp_path):
@@ -67,18 +67,8 @@ def test_ca_from_a_users_csr_json_then_certs_that_handshake(cli, tmp_path):
     }
     assert server.not_valid_after_utc - datetime.now(UTC) < timedelta(hours=721)
     server.verify_directly_issued_by(ca)
-    verify = subprocess.run(
-        [
-            "openssl",
-            "verify",
-            "-CAfile",
-            ca_dir / "ca.pem",
-            "-verify_hostname",
-            "server.ap-south.nomad",
-            out / "ap-south-server-nomad.pem",
-        ],
-        capture_output=True,
-        check=False,
+    verify = openssl_verify(
+        ca_dir / "ca.pem", out / "ap-south-server-nomad.pem", "server.ap-south.nomad"
     )
     assert verify.returncode == 0
     outcome = handshake(
@@ -111,17 +101,7 @@ def test_ca_from_a_users_csr_json_then_certs_that_handshake(cli, tmp_path):
 def test_cert_force_replaces_a_too_open_key_with_a_new_file(cli, tmp_path, kits):
     kit = kits["global"]
     out = tmp_path / "out"
-    args = [
-        "cert",
-        "--ca",
-        kit / "ca.pem",
-        "--ca-key",
-        kit / "ca-key.pem",
-        "--role",
-        "client",
-        "--out",
-        out,
-    ]
+    args = cert_argv(kit, "client", out)
     assert cli(*args).code == 0
     key = out / "global-client-nomad-key.pem"
     key.chmod(0o644)
@@ -177,17 +157,7 @@ def test_cert_into_a_folder_of_another_ca_is_refused(cli, tmp_path, kits, other_
     (out / "ca.pem").write_bytes((other_kit / "ca.pem").read_bytes())
     before = snapshot(tmp_path)
     kit = kits["global"]
-    result = cli(
-        "cert",
-        "--ca",
-        kit / "ca.pem",
-        "--ca-key",
-        kit / "ca-key.pem",
-        "--role",
-        "client",
-        "--out",
-        out,
-    )
+    result = cli(*cert_argv(kit, "client", out))
     assert result.code == 3
     assert "holds another CA" in result.err
     assert snapshot(tmp_path) == before

@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import CFSSL_DIR, assert_no_secrets
 from tests.handmade import EC_USAGES, copy_kit, issue, make_ca
+from tests.tlspeer import free_port, wait_for_port
 
 
 def _doctor(cli, *args: str | Path) -> tuple[int, dict[str, Any]]:
@@ -312,36 +313,13 @@ def test_doctor_bad_arguments(cli, tmp_path):
 # --connect against real TLS servers: openssl s_server and nginx.
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _wait(port: int) -> None:
-    import socket
-    import time
-
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"nothing listens on {port}")
-
-
 @pytest.fixture
 def s_server(kits):
     """Start openssl s_server with a given certificate (client certificates required)."""
     started: list[subprocess.Popen[bytes]] = []
 
     def start(cert: Path, key: Path) -> int:
-        port = _free_port()
+        port = free_port()
         ca = kits["global"] / "ca.pem"
         proc = subprocess.Popen(
             [
@@ -364,7 +342,7 @@ def s_server(kits):
             stderr=subprocess.DEVNULL,
         )
         started.append(proc)
-        _wait(port)
+        wait_for_port(port)
         return port
 
     yield start
@@ -424,7 +402,7 @@ def test_connect_to_nginx_with_mutual_tls(cli, kits, tmp_path, role):
     kit = kits["global"]
     prefix = tmp_path / "nginx"
     (prefix / "tmp").mkdir(parents=True)
-    port = _free_port()
+    port = free_port()
     conf = prefix / "nginx.conf"
     conf.write_text(
         NGINX_CONF.format(
@@ -441,7 +419,7 @@ def test_connect_to_nginx_with_mutual_tls(cli, kits, tmp_path, role):
         stderr=subprocess.DEVNULL,
     ) as proc:
         try:
-            _wait(port)
+            wait_for_port(port)
             # nginx really demands the client certificate: without one, HTTP 400.
             curl = subprocess.run(
                 [

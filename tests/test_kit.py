@@ -16,6 +16,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from cfwrap import manifest
 from tests.conftest import CFSSL_DIR, ROOT, assert_no_secrets
+from tests.tlspeer import openssl_verify
 
 REGIONS = ("global", "eu-west-1")
 
@@ -33,15 +34,6 @@ def _sans(cert: x509.Certificate) -> tuple[set[str], set[str]]:
 
 def _eku(cert: x509.Certificate) -> set[x509.ObjectIdentifier]:
     return set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
-
-
-def _openssl_verify(ca: Path, cert: Path, hostname: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["openssl", "verify", "-CAfile", ca, "-verify_hostname", hostname, cert],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
 
 
 @pytest.mark.parametrize("region", REGIONS)
@@ -104,20 +96,20 @@ def test_ca_is_a_five_year_ca_that_signs_leaves_only(kits, region):
 def test_openssl_verifies_server_name_for_server_cert_only(kits, region):
     kit = kits[region]
     name = f"server.{region}.nomad"
-    good = _openssl_verify(kit / "ca.pem", kit / f"{region}-server-nomad.pem", name)
+    good = openssl_verify(kit / "ca.pem", kit / f"{region}-server-nomad.pem", name)
     assert good.returncode == 0, good.stdout + good.stderr
     for role in ("client", "cli"):
-        bad = _openssl_verify(kit / "ca.pem", kit / f"{region}-{role}-nomad.pem", name)
+        bad = openssl_verify(kit / "ca.pem", kit / f"{region}-{role}-nomad.pem", name)
         assert bad.returncode != 0
         assert "hostname mismatch" in bad.stdout + bad.stderr
-    wrong_region = _openssl_verify(
+    wrong_region = openssl_verify(
         kit / "ca.pem", kit / f"{region}-server-nomad.pem", "server.elsewhere.nomad"
     )
     assert wrong_region.returncode != 0
 
 
 def test_other_ca_does_not_verify(kits, other_kit):
-    result = _openssl_verify(
+    result = openssl_verify(
         other_kit / "ca.pem", kits["global"] / "global-server-nomad.pem", "server.global.nomad"
     )
     assert result.returncode != 0

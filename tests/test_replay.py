@@ -14,6 +14,7 @@ from cryptography import x509
 
 from cfwrap.errors import ExitCode
 from tests.conftest import CFSSL_DIR, ROOT, snapshot
+from tests.tlspeer import openssl_verify
 
 SEED_FILES = {
     "ca.pem",
@@ -131,18 +132,8 @@ def test_corrected_guide_replays_clean_with_handshakes(cli, tmp_path):
     }
     _assert_transcripts_hold_no_keys(out)
     files = out / "files"
-    verify = subprocess.run(
-        [
-            "openssl",
-            "verify",
-            "-CAfile",
-            files / "nomad-agent-ca.pem",
-            "-verify_hostname",
-            "server.global.nomad",
-            files / "server.pem",
-        ],
-        capture_output=True,
-        check=False,
+    verify = openssl_verify(
+        files / "nomad-agent-ca.pem", files / "server.pem", "server.global.nomad"
     )
     assert verify.returncode == 0
 

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from cfwrap.errors import ExitCode
-from tests.conftest import CFSSL_DIR, snapshot
+from tests.conftest import CFSSL_DIR, cert_argv, snapshot
 from tests.secretscan import leaks
 
 PYTHON = [sys.executable, "-m", "cfwrap"]
@@ -281,18 +281,7 @@ def test_output_symlink_inside_kit_is_not_written_through(cli, tmp_path, kits):
     target.write_text("precious\n")
     (out / "global-server-nomad.pem").symlink_to(target)
     kit = kits["global"]
-    result = cli(
-        "cert",
-        "--ca",
-        kit / "ca.pem",
-        "--ca-key",
-        kit / "ca-key.pem",
-        "--role",
-        "server",
-        "--out",
-        out,
-        "--force",
-    )
+    result = cli(*cert_argv(kit, "server", out, "--force"))
     assert result.code == ExitCode.CONFLICT
     assert "symlink" in result.err
     assert target.read_text() == "precious\n"

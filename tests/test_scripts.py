@@ -12,6 +12,7 @@ import jsonschema
 import pytest
 
 from tests.conftest import ROOT, assert_no_secrets
+from tests.tlspeer import openssl_verify
 
 
 def _fresh_copy(dest: Path) -> Path:
@@ -59,19 +60,7 @@ def test_quickstart_script_on_a_fresh_copy(tmp_path):
         check=False,
     )
     assert check.returncode == 0, check.stderr
-    verify = subprocess.run(
-        [
-            "openssl",
-            "verify",
-            "-CAfile",
-            kit / "ca.pem",
-            "-verify_hostname",
-            "server.global.nomad",
-            kit / "global-server-nomad.pem",
-        ],
-        capture_output=True,
-        check=False,
-    )
+    verify = openssl_verify(kit / "ca.pem", kit / "global-server-nomad.pem", "server.global.nomad")
     assert verify.returncode == 0
     # Paths printed on stdout; nothing secret on either stream.
     assert str(kit / "ca.pem").removeprefix(str(clone) + "/") in first.stdout

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.tlspeer import Party, handshake
+from tests.tlspeer import Party, free_port, handshake, wait_for_port
 
 
 def _party(kit: Path, region: str, role: str, ca: Path | None = None) -> Party:
@@ -87,18 +85,11 @@ def test_cli_certificate_cannot_serve(kits):
     assert "unsuitable certificate purpose" in (outcome.client_error or "")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.mark.slow
 def test_openssl_peers_complete_mutual_tls(kits, other_kit, tmp_path):
     """openssl s_server/s_client, as a second, independent TLS stack."""
     kit = kits["global"]
-    port = _free_port()
+    port = free_port()
     server_log = tmp_path / "s_server.log"
     with server_log.open("wb") as log, subprocess.Popen(
         ["openssl", "s_server", "-accept", f"127.0.0.1:{port}",
@@ -107,7 +98,7 @@ def test_openssl_peers_complete_mutual_tls(kits, other_kit, tmp_path):
         stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
     ) as server:  # fmt: skip
         try:
-            _wait_for_port(port)
+            wait_for_port(port)
 
             def client(party_kit: Path, *extra: str) -> subprocess.CompletedProcess[bytes]:
                 return subprocess.run(
@@ -135,14 +126,3 @@ def test_openssl_peers_complete_mutual_tls(kits, other_kit, tmp_path):
             server.wait()
     logged = server_log.read_bytes()
     assert logged.count(b"unable to get local issuer certificate") >= 2, logged
-
-
-def _wait_for_port(port: int) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"nothing listens on {port}")

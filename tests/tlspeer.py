@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import subprocess
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,3 +79,33 @@ def handshake(server: Party, client: Party, server_name: str) -> Outcome:
     listener.close()
     ok = client_error is None and errors["server"] is None
     return Outcome(ok, errors["server"], client_error)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_for_port(port: int, *, seconds: float = 10) -> None:
+    """Wait until something accepts connections on a loopback port."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listens on {port}")
+
+
+def openssl_verify(ca: Path, cert: Path, hostname: str) -> subprocess.CompletedProcess[str]:
+    """``openssl verify`` of a certificate against a CA, for a hostname."""
+    return subprocess.run(
+        ["openssl", "verify", "-CAfile", ca, "-verify_hostname", hostname, cert],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
