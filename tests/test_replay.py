@@ -69,6 +69,11 @@ def test_seed_guide_yields_exactly_its_files_and_the_finding(seed_replay):
         "cfssl gencert -ca ca.pem -ca-key ca-key.pem nomad-csr.json | cfssljson -bare nomad",
     ]
     assert data["steps"][0]["stands_in_for"] == "nomad keygen"
+    assert [(t["name"], t["package"]) for t in data["tools"]] == [
+        ("cfssl", "golang-cfssl"),
+        ("cfssljson", "golang-cfssl"),
+    ]
+    assert data["tools"][0]["version"].startswith("1.6.5")
     assert data["steps"][1]["exit_codes"] == [0, 0, 0]
     assert "[INFO] signed certificate" in data["steps"][1]["stderr"][1]
     created = {f["path"]: f for f in data["steps"][3]["files"]}

@@ -21,6 +21,7 @@ from pathlib import Path
 from cfwrap import doctor, files, gossip, tools
 from cfwrap.doctor import probe
 from cfwrap.errors import ToolFailedError, ToolMissingError
+from cfwrap.manifest import tool_record
 from cfwrap.replay.guide import Check, Guide, RunStep, WriteStep
 from cfwrap.replay.transcript import (
     FileChange,
@@ -85,15 +86,19 @@ def _changes(
     return changes
 
 
-def _argv(stage: list[str], cfssl_dir: Path | None) -> list[str]:
+def _argv(stage: list[str], cfssl_dir: Path | None, used: dict[str, tools.Tool]) -> list[str]:
     """Resolve a stage's program: cfssl's family from cfwrap's search, cfwrap itself, or PATH.
+
+    The cfssl binaries found are added to ``used``, for the transcript.
 
     Raises:
         ToolMissingError: the program is not installed.
     """
     program, args = stage[0], stage[1:]
     if program in _CFSSL_FAMILY:
-        return [str(tools.find(program, directory=cfssl_dir).path), *args]
+        tool = used.get(program) or tools.find(program, directory=cfssl_dir)
+        used[program] = tool
+        return [str(tool.path), *args]
     if program == "cfwrap":
         return [sys.executable, "-m", "cfwrap", *args]
     found = shutil.which(program)
@@ -120,6 +125,7 @@ class _Run:
         self.cfssl_dir = cfssl_dir
         self.steps: list[StepRecord] = []
         self.findings: list[FindingRecord] = []
+        self.tools: dict[str, tools.Tool] = {}
 
     def run_step(self, number: int, step: RunStep | WriteStep) -> str:
         """Run one step and record it; return why the replay must stop ('' to go on)."""
@@ -167,7 +173,8 @@ class _Run:
 
         try:
             calls = [
-                Call.of(_argv(stage, self.cfssl_dir), cwd=self.work) for stage in step.pipeline
+                Call.of(_argv(stage, self.cfssl_dir, self.tools), cwd=self.work)
+                for stage in step.pipeline
             ]
         except ToolMissingError as e:
             record([], "", [], ok=False, note=str(e))
@@ -331,6 +338,7 @@ def replay(
             title=guide.title,
             source=guide.source,
             started_at=started_at,
+            tools=[tool_record(t) for t in run.tools.values()],
             steps=run.steps,
             outcome=outcome,
             stopped_because=stopped.partition(": ")[2],

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cfwrap.manifest import ToolRecord
+
 SCHEMA_FILE = "transcript.schema.json"
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
@@ -84,6 +86,9 @@ class Transcript(BaseModel):
     title: str
     source: str
     started_at: datetime
+    tools: list[ToolRecord] = Field(
+        default_factory=list, description="the cfssl binaries the steps ran: path, package, sha256"
+    )
     steps: list[StepRecord]
     outcome: Outcome
     stopped_because: str = ""
@@ -114,6 +119,10 @@ def to_markdown(transcript: Transcript) -> str:
         "",
         f"- guide: `{transcript.guide}` ({transcript.source})",
         f"- started: {transcript.started_at:%Y-%m-%d %H:%M:%S} UTC",
+        *(
+            f"- {t.name}: {t.package or 'no package'} {t.version or ''} (sha256 {t.sha256[:16]}...)"
+            for t in transcript.tools
+        ),
         f"- outcome: **{transcript.outcome}**"
         + (f": {transcript.stopped_because}" if transcript.stopped_because else ""),
     ]
