@@ -459,3 +459,18 @@ def test_doctor_finds_no_keys_in_its_own_output(cli, kits):
         assert body[:40] not in result.out
     assert_no_secrets(result.out + result.err, (kits["global"] / "gossip.key").read_text())
     assert CFSSL_DIR.is_dir()
+
+
+def test_hcl_naming_a_certificate_of_the_wrong_role(cli, kits, tmp_path):
+    kit = copy_kit(kits["global"], tmp_path / "kit")
+    hcl = kit / "global-server.hcl"
+    hcl.write_text(
+        hcl.read_text().replace(str(kits["global"]), str(kit))
+        .replace("global-server-nomad.pem", "global-client-nomad.pem")
+        .replace("global-server-nomad-key.pem", "global-client-nomad-key.pem")
+    )  # fmt: skip
+    code, report = _doctor(cli, kit)
+    assert code == 7
+    # The server's config uses the client certificate: judged as the server's, it fails.
+    finding = _checks(report)["global-client-nomad.pem:names.server"]
+    assert finding["nomad_error"].endswith("not server.global.nomad")
