@@ -94,44 +94,38 @@ def _run_quietly(argv: list[str]) -> tuple[int, str]:
     return code, err.getvalue()
 
 
-@SETTINGS
-@given(region=st.text(max_size=80))
-def test_rejected_regions_never_reach_cfssl(recorder, tmp_path_factory, region):
-    assume(_rejects(check_region, region) and not region.startswith("-"))
+def _assert_refused_before_cfssl(
+    recorder: tuple[Path, Path], tmp: Path, flag: str, value: str
+) -> None:
+    """``cfwrap quickstart FLAG VALUE`` exits 3 with one line naming the flag; cfssl never ran."""
     fake, log = recorder
-    out = tmp_path_factory.mktemp("q") / "kit"
+    out = tmp / "kit"
     code, err = _run_quietly(
-        ["--cfssl-dir", str(fake), "quickstart", "--out", str(out), "--region", region]
+        ["--cfssl-dir", str(fake), "quickstart", "--out", str(out), flag, value]
     )
     assert code == 3
-    assert err.startswith("cfwrap: error: --region")
+    assert err.startswith(f"cfwrap: error: {flag}")
     assert err.count("\n") == 1
     assert not log.exists()
     assert not out.exists()
 
 
 @SETTINGS
+@given(region=st.text(max_size=80))
+def test_rejected_regions_never_reach_cfssl(recorder, tmp_path_factory, region):
+    assume(_rejects(check_region, region) and not region.startswith("-"))
+    _assert_refused_before_cfssl(recorder, tmp_path_factory.mktemp("q"), "--region", region)
+
+
+@SETTINGS
 @given(name=st.text(alphabet=st.sampled_from("abz09-.*/_ ÄA\\"), max_size=70))
 def test_rejected_dns_names_never_reach_cfssl(recorder, tmp_path_factory, name):
     assume(_rejects(check_dns_name, name) and not name.startswith("-"))
-    fake, log = recorder
-    out = tmp_path_factory.mktemp("q") / "kit"
-    code, err = _run_quietly(
-        ["--cfssl-dir", str(fake), "quickstart", "--out", str(out), "--dns", name]
-    )
-    assert code == 3
-    assert err.startswith("cfwrap: error: --dns")
-    assert not log.exists()
+    _assert_refused_before_cfssl(recorder, tmp_path_factory.mktemp("q"), "--dns", name)
 
 
 @SETTINGS
 @given(expiry=st.text(alphabet=st.sampled_from("0123456789hmsdy.-+ "), max_size=12))
 def test_rejected_lifetimes_never_reach_cfssl(recorder, tmp_path_factory, expiry):
     assume(_rejects(parse_duration, expiry) and not expiry.startswith("-"))
-    fake, log = recorder
-    out = tmp_path_factory.mktemp("q") / "kit"
-    code, _ = _run_quietly(
-        ["--cfssl-dir", str(fake), "quickstart", "--out", str(out), "--expiry", expiry]
-    )
-    assert code == 3
-    assert not log.exists()
+    _assert_refused_before_cfssl(recorder, tmp_path_factory.mktemp("q"), "--expiry", expiry)

@@ -36,15 +36,12 @@ def _fresh_copy(dest: Path) -> Path:
 def test_quickstart_script_on_a_fresh_copy(tmp_path):
     clone = _fresh_copy(tmp_path / "clone")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "CFWRAP_"))}
-    first = subprocess.run(
-        ["./scripts/quickstart"],
-        cwd=clone,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
+
+    def quickstart() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["./scripts/quickstart"], cwd=clone, env=env, capture_output=True,
+                              text=True, timeout=900, check=False)  # fmt: skip
+
+    first = quickstart()
     assert first.returncode == 0, first.stderr
     kit = clone / "nomad-tls"
     assert (clone / ".tools" / "cfssl" / "bin" / "cfssl").is_file()
@@ -66,15 +63,7 @@ def test_quickstart_script_on_a_fresh_copy(tmp_path):
     assert str(kit / "ca.pem").removeprefix(str(clone) + "/") in first.stdout
     assert_no_secrets(first.stdout + first.stderr, (kit / "gossip.key").read_text())
     # Running it again refuses to touch the kit.
-    again = subprocess.run(
-        ["./scripts/quickstart"],
-        cwd=clone,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
+    again = quickstart()
     assert again.returncode == 4
     assert again.stderr.strip().splitlines()[-1].startswith("cfwrap: error: ")
     assert json.loads((kit / "manifest.json").read_text()) == data
