@@ -313,7 +313,7 @@ def differences(recorded: Manifest, actual: list[Artifact]) -> list[str]:
             )
         if old.mode != new.mode:
             lines.append(f"{path}: mode {new.mode}, manifest says {old.mode}")
-        if old.sha256 == new.sha256 and old != new:
+        if old.sha256 == new.sha256 and old.model_copy(update={"mode": new.mode}) != new:
             lines.append(f"{path}: facts differ from the manifest (kind, role, or verification)")
     return lines
 

@@ -59,8 +59,12 @@ def test_human_output_groups_by_file(cli, kits, tmp_path):
     header = lines.index(str(kit / "global-server-nomad-key.pem"))
     assert lines[header + 1].startswith("  ERROR   key.mode: mode 0644")
     assert f"fix: chmod 0600 {kit / 'global-server-nomad-key.pem'}" in result.out
+    # ... and the manifest notices that the mode changed since the kit was made.
+    assert "WARNING manifest.drift: global-server-nomad-key.pem: mode 0644, manifest says 0600" in (
+        result.out
+    )
     assert result.err.strip() == (
-        "cfwrap: error: doctor: 1 error(s), 0 warning(s); see the findings above; each has its fix"
+        "cfwrap: error: doctor: 1 error(s), 1 warning(s); see the findings above; each has its fix"
     )
     assert_no_secrets(result.out + result.err)
 
@@ -104,6 +108,17 @@ def test_seed_guide_certificate(cli, tmp_path):
     warnings = _checks(report, "warning")
     assert "nomad.pem:usage.key-encipherment" in warnings
     assert "nomad.pem:names.local" in warnings
+
+
+def test_kit_changed_since_its_manifest(cli, kits, tmp_path):
+    kit = copy_kit(kits["global"], tmp_path / "kit")
+    (kit / "global-client.hcl").write_text((kit / "global-client.hcl").read_text() + "# edited\n")
+    code, report = _doctor(cli, kit)
+    assert code == 0  # a warning: the kit still works, but is not what was issued
+    drift = [f for f in report["findings"] if f["check"] == "manifest.drift"]
+    assert len(drift) == 1
+    assert drift[0]["message"].startswith("global-client.hcl: content changed (sha256 ")
+    assert drift[0]["fix"].startswith("inspect the change; cfwrap manifest --write")
 
 
 def test_client_certificate_in_the_servers_place(cli, kits, tmp_path):

@@ -120,6 +120,7 @@ def diagnose_folder(
         if kind == "private-key" and path.resolve() not in checked_keys:
             report.findings += certs.check_key_file(path)
     report.findings += _check_gossip_file(folder / "gossip.key")
+    report.findings += _check_manifest(folder)
     if run_probes and ca_path is not None:
         report.probes = _probe_kit(ca_path, leaves)
         report.findings += probe_findings(report.probes)
@@ -191,6 +192,25 @@ def _leaves(
             config.files.get("key_file") or (known.key if known else None),
         )
     return list(leaves.values())
+
+
+def _check_manifest(folder: Path) -> list[Finding]:
+    """A kit's manifest, when it has one, still describes the files (else: changed since)."""
+    from cfwrap import manifest
+    from cfwrap.errors import VerificationError
+
+    path = folder / manifest.FILE_NAME
+    if not path.is_file():
+        return []
+    fix = f"inspect the change; cfwrap manifest --write {folder} records the folder as it is"
+    try:
+        recorded = manifest.load(folder)
+    except VerificationError as e:
+        return [Finding("warning", str(path), "manifest.invalid", e.why, fix=fix)]
+    return [
+        Finding("warning", str(path), "manifest.drift", line, fix=fix)
+        for line in manifest.differences(recorded, manifest.scan(folder))
+    ]
 
 
 def _check_gossip_file(path: Path) -> list[Finding]:
