@@ -13,14 +13,20 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from cfwrap import __version__
 from cfwrap.errors import CfwrapError, ExitCode, InputError
 
 if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from cfwrap.doctor import Report
     from cfwrap.kit import KitResult
+    from cfwrap.nomad import CASpec
     from cfwrap.tools import Tool
+
+M = TypeVar("M", bound="BaseModel")
 
 log = logging.getLogger("cfwrap")
 
@@ -340,20 +346,11 @@ def _key(args: argparse.Namespace) -> dict[str, Any]:
     return {"algo": args.key_algo, "size": size}
 
 
-def _spec(cls: type[Any], data: dict[str, Any]) -> Any:  # noqa: ANN401 (returns an instance of cls)
+def _spec(cls: type[M], data: dict[str, Any]) -> M:
     """Build a spec from flags; a refused field is reported under its flag."""
-    from pydantic import ValidationError
+    from cfwrap.models import parse_model
 
-    try:
-        return cls.model_validate(data)
-    except ValidationError as e:
-        first = e.errors()[0]
-        loc = first["loc"]
-        flag = _FLAGS.get(str(loc[0]), str(loc[0])) if loc else "arguments"
-        value = first.get("input")
-        shown = f" {value!r}" if isinstance(value, str) and flag != "--region" else ""
-        message = str(first["msg"]).removeprefix("Value error, ")
-        raise InputError(f"{flag}{shown}", message) from None
+    return parse_model(cls, data, what="arguments", flags=_FLAGS)
 
 
 def _cert_specs(args: argparse.Namespace, roles: Sequence[str]) -> list[Any]:
@@ -431,7 +428,7 @@ def _ca(args: argparse.Namespace) -> int:
     return _report(result, args)
 
 
-def _ca_from_csr_file(path: Path) -> Any:  # noqa: ANN401 (a CASpec)
+def _ca_from_csr_file(path: Path) -> CASpec:
     """Read a user's cfssl CSR JSON for a CA, refusing what cfssl would silently ignore."""
     from cfwrap.models import CSR, parse_model
     from cfwrap.nomad import CASpec
@@ -622,7 +619,7 @@ def _spec_region(region: str) -> None:
         raise InputError("--region", str(e)) from None
 
 
-def _render_report(report: Any) -> str:  # noqa: ANN401 (a doctor.Report)
+def _render_report(report: Report) -> str:
     from cfwrap.doctor.findings import sort_findings
 
     lines: list[str] = []

@@ -8,6 +8,7 @@ runs. Serialised with :func:`to_cfssl_json`, they are exactly the files a person
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Annotated, Literal, TypeVar
 
@@ -189,8 +190,13 @@ def to_cfssl_json(model: BaseModel) -> bytes:
     return (model.model_dump_json(exclude_none=True, indent=2) + "\n").encode()
 
 
-def parse_model(cls: type[M], data: object, *, what: str) -> M:
+def parse_model(
+    cls: type[M], data: object, *, what: str, flags: Mapping[str, str] | None = None
+) -> M:
     """Validate ``data`` as ``cls``, turning pydantic's report into one line that names the field.
+
+    ``flags`` maps field names to the command-line flags they came from, so the line names what
+    the user typed (``--region``) rather than the model's field.
 
     Raises:
         InputError: the first problem pydantic found, with the path of the offending field.
@@ -203,6 +209,13 @@ def parse_model(cls: type[M], data: object, *, what: str) -> M:
         return cls.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top)"
+        loc = [str(p) for p in first["loc"]]
         message = str(first["msg"]).removeprefix("Value error, ")
-        raise InputError(f"{what}: {where}", message) from None
+        if flags and loc and loc[0] in flags:
+            where = flags[loc[0]]
+        else:
+            where = f"{what}: {'.'.join(loc) or '(top)'}"
+        value = first.get("input")
+        if isinstance(value, str) and repr(value) not in message:
+            where += f" {value!r}"
+        raise InputError(where, message) from None

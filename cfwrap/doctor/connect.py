@@ -6,10 +6,13 @@ import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cfwrap import parsers
 from cfwrap.errors import InputError
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 _TIMEOUT = 10.0
 
@@ -40,7 +43,7 @@ class Presented:
         }
 
 
-def load_der(data: bytes) -> Any:  # noqa: ANN401 (cryptography's Certificate, imported lazily)
+def load_der(data: bytes) -> x509.Certificate:
     """Load a DER certificate."""
     from cryptography import x509
 
