@@ -50,12 +50,49 @@ cfssl is found by --cfssl-dir, then $CFWRAP_CFSSL_DIR, then .tools/cfssl/bin in 
 """
 
 
+_EXAMPLES = {
+    "quickstart": """examples:
+  cfwrap quickstart --out nomad-tls
+  cfwrap quickstart --out eu-tls --region eu-west-1 --dns nomad.example.com --ip 10.0.0.5
+  cfwrap quickstart --out nomad-tls --tls-dir /etc/nomad.d/tls --force
+""",
+    "cert": """example:
+  cfwrap cert --ca nomad-tls/ca.pem --ca-key nomad-tls/ca-key.pem --role client \\
+      --region global --dns node7.example.com --out node7-tls
+""",
+    "doctor": """examples:
+  cfwrap doctor nomad-tls --probe
+  cfwrap doctor --ca ca.pem --cert nomad.pem --key nomad-key.pem --role server --region global
+  cfwrap doctor nomad-tls --connect 10.0.0.5:4647
+""",
+    "replay": """examples:
+  cfwrap replay --list
+  cfwrap replay nomad-encryption-2017 --out replay-2017
+  cfwrap replay my-guide.toml --print > guide.sh
+""",
+}
+
+
 class _UsageError(CfwrapError):
     exit_code = ExitCode.USAGE
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wrap descriptions to the terminal; keep examples and the exit-code table as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith(("example", "exit codes")):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line, like every other cfwrap error."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401 (argparse's own)
+        """Use cfwrap's help layout unless told otherwise."""
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         raise _UsageError(f"{self.prog}: {message}", fix=f"see `{self.prog} --help`")
@@ -135,7 +172,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Make Nomad TLS kits (CA, role certificates, gossip key, agent config) with "
         "real cfssl, check them, and describe them in a manifest.",
         epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="store_true", help="show versions of cfwrap and cfssl")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
@@ -165,6 +201,7 @@ def _add_quickstart(sub: _Subparsers) -> None:
         description="Make a complete Nomad TLS kit for one region in a new folder: CA, "
         "server, client and cli certificates, gossip key, server and client HCL, the CLI's "
         "environment file, and manifest.json. Built beside DIR and moved into place whole.",
+        epilog=_EXAMPLES["quickstart"],
     )
     _output_options(quick, what="folder to create (must not exist or be empty, unless --force)")
     _name_options(quick)
@@ -213,6 +250,7 @@ def _add_cert(sub: _Subparsers) -> None:
         description="Issue one Nomad role certificate from an existing CA into "
         "a folder: <region>-<role>-nomad.pem, -key.pem, .csr and the JSON "
         "given to cfssl. The folder's manifest is rebuilt.",
+        epilog=_EXAMPLES["cert"],
     )
     cert.add_argument("--ca", type=Path, required=True, metavar="FILE", help="CA certificate")
     cert.add_argument("--ca-key", type=Path, required=True, metavar="FILE", help="CA private key")
@@ -252,6 +290,7 @@ def _add_doctor(sub: _Subparsers) -> None:
         "and the CLI will: chain, key pairing, role names per region, key usages, dates, key "
         "file modes, and the agent HCL. Each finding names the error Nomad would print and the "
         "command that fixes it. Exit 0 only when there is no error.",
+        epilog=_EXAMPLES["doctor"],
     )
     doc.add_argument(
         "folder",
@@ -298,6 +337,7 @@ def _add_replay(sub: _Subparsers) -> None:
         "record a transcript (DIR/transcript.md and .json), compare the folder with the "
         "guide's table of files, and check the result against Nomad's rules. GUIDE is a "
         "shipped guide's name (see --list) or a guide file (TOML, schemas/guide.schema.json).",
+        epilog=_EXAMPLES["replay"],
     )
     rep.add_argument("guide", nargs="?", metavar="GUIDE")
     rep.add_argument("--out", type=Path, metavar="DIR", help="folder to create for the replay")
