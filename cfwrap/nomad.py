@@ -88,6 +88,10 @@ def check_dns_name(text: str) -> str:
         raise ValueError(f"DNS name {text[:20]!r}... is longer than 253 characters")
     for label in name.split("."):
         check_label(label, what=f"label in DNS name {text!r}")
+    if name.rsplit(".", 1)[-1].isdigit():
+        # cfssl files anything that parses as an IP address under the IP SANs, and a host name
+        # never ends in an all-digit label (RFC 3696 section 2).
+        raise ValueError(f"{text!r} is an IP address or ends in a number; give addresses with --ip")
     return name
 
 
@@ -285,6 +289,14 @@ def cli_env(*, address: str, ca_file: str, cert_file: str, key_file: str) -> str
     return "".join(f"{k}={_env_value(v)}\n" for k, v in pairs.items())
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 _EKU_FOR_USAGE = {"server auth": "serverAuth", "client auth": "clientAuth"}
 
 
@@ -297,10 +309,13 @@ def certificate_problems(spec: CertSpec, facts: CertFacts) -> list[str]:
     problems = []
     if facts.common_name != spec.common_name:
         problems.append(f"CN is {facts.common_name!r}, not {spec.common_name!r}")
-    wanted = set(spec.hosts())
-    have = set(facts.dns_names) | set(facts.ip_addresses)
-    if have != wanted:
-        problems.append(f"names are {sorted(have)}, not {sorted(wanted)}")
+    hosts = spec.hosts()
+    wanted_ips = {h for h in hosts if _is_ip(h)}
+    wanted_dns = set(hosts) - wanted_ips
+    if set(facts.dns_names) != wanted_dns:
+        problems.append(f"DNS names are {sorted(facts.dns_names)}, not {sorted(wanted_dns)}")
+    if set(facts.ip_addresses) != wanted_ips:
+        problems.append(f"IP addresses are {sorted(facts.ip_addresses)}, not {sorted(wanted_ips)}")
     eku_wanted = {_EKU_FOR_USAGE[u] for u in spec.profile().usages if u in _EKU_FOR_USAGE}
     if set(facts.extended_key_usage) != eku_wanted:
         problems.append(

@@ -33,6 +33,7 @@ QUICKSTART_CASES = [
     (["--dns", "a..example.com"], ExitCode.INPUT, "empty label"),
     (["--dns", "server.global.nomad"], ExitCode.INPUT, "one role"),
     (["--dns", "x/y.example.com"], ExitCode.INPUT, "path separator"),
+    (["--dns", "10.0.0.5"], ExitCode.INPUT, "give addresses with --ip"),
     (["--ip", "1.2.3"], ExitCode.INPUT, "--ip"),
     (["--key-algo", "dsa"], ExitCode.USAGE, "invalid choice"),
     (["--key-algo", "ed25519"], ExitCode.USAGE, "invalid choice"),

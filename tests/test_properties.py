@@ -19,7 +19,12 @@ from cfwrap.models import SigningConfig, SigningProfile, parse_duration, to_cfss
 from cfwrap.nomad import CertSpec, check_dns_name, check_region, signing_config
 
 LABEL = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", fullmatch=True)
-DNS_NAME = st.lists(LABEL, min_size=2, max_size=4).map(".".join).filter(lambda n: len(n) <= 253)
+DNS_NAME = (
+    st.lists(LABEL, min_size=2, max_size=4)
+    .filter(lambda labels: not labels[-1].isdigit())  # an all-digit last label is refused
+    .map(".".join)
+    .filter(lambda n: len(n) <= 253)
+)
 SETTINGS = settings(
     max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
