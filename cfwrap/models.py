@@ -216,6 +216,7 @@ def parse_model(
         else:
             where = f"{what}: {'.'.join(loc) or '(top)'}"
         value = first.get("input")
-        if isinstance(value, str) and repr(value) not in message:
+        # Show the value unless the message quotes it already, or it would swamp the line.
+        if isinstance(value, str) and repr(value) not in message and len(value) <= 40:
             where += f" {value!r}"
         raise InputError(where, message) from None

@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from cfwrap.models import (
     CSR,
@@ -33,6 +33,8 @@ Role = Literal["server", "client", "cli"]
 ROLES: tuple[Role, ...] = ("server", "client", "cli")
 DEFAULT_REGION = "global"
 
+#: X.509's upper bound for a common name (RFC 5280 ub-common-name); the CN is the role name.
+MAX_COMMON_NAME = 64
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _ROLE_NAME = re.compile(r"(server|client|cli)\.([^.]+)\.nomad")
 
@@ -70,7 +72,14 @@ def check_region(text: str) -> str:
     """
     if "." in text and ".." not in text:
         raise ValueError(f"region {text!r} contains '.'; it must be a single DNS label")
-    return check_label(text, what="region")
+    check_label(text, what="region")
+    if len(role_name("server", text)) > MAX_COMMON_NAME:
+        raise ValueError(
+            f"region {text[:20]!r}... is {len(text)} characters; server.<region>.nomad must fit "
+            f"X.509's {MAX_COMMON_NAME}-character common name, so at most "
+            f"{MAX_COMMON_NAME - len(role_name('server', ''))}"
+        )
+    return text
 
 
 def check_dns_name(text: str) -> str:
@@ -135,7 +144,7 @@ class CASpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    common_name: str = "Nomad Agent CA"
+    common_name: str = Field(default="Nomad Agent CA", min_length=1, max_length=MAX_COMMON_NAME)
     organization: str | None = None
     expiry: Duration = "43800h"
     key: KeySpec = KeySpec()

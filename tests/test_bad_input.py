@@ -26,6 +26,7 @@ QUICKSTART_CASES = [
     (["--region", "../etc"], ExitCode.INPUT, "'..'"),
     (["--region", "Global"], ExitCode.INPUT, "not a DNS label"),
     (["--region", "a" * 64], ExitCode.INPUT, "63"),
+    (["--region", "a" * 52], ExitCode.INPUT, "at most 51"),
     (["--region", ""], ExitCode.INPUT, "empty region"),
     (["--region", "ünicode"], ExitCode.INPUT, "punycode"),
     (["--dns", "*.example.com"], ExitCode.INPUT, "wildcard"),
@@ -208,6 +209,14 @@ def test_ca_from_a_csr_json_with_unknown_keys_is_refused(cli, tmp_path):
     assert result.code == ExitCode.INPUT
     _assert_one_clear_line(result.err, "hots", "Extra inputs are not permitted")
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("cn", ["", "x" * 65])
+def test_ca_with_a_bad_common_name(cli, tmp_path, cn):
+    result = cli("ca", "--out", tmp_path / "ca", "--cn", cn)
+    assert result.code == ExitCode.INPUT
+    _assert_one_clear_line(result.err, "--cn")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_no_command_prints_help_and_exits_usage(cli):
