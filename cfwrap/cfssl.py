@@ -36,6 +36,11 @@ class Issued:
     csr: bytes
 
 
+def key_path(cert: Path) -> Path:
+    """Where ``cfssljson -bare`` puts a certificate's key: ``NAME.pem`` -> ``NAME-key.pem``."""
+    return cert.with_name(cert.name.removesuffix(".pem") + "-key.pem")
+
+
 def initca(cfssl: Tool, csr: CSR) -> Call:
     """The call that makes a new CA from ``csr`` (``cfssl gencert -initca -``)."""
     return Call.of([cfssl.path, "gencert", "-initca", "-"], stdin=to_cfssl_json(csr))

@@ -644,7 +644,9 @@ def _connect_files(args: argparse.Namespace) -> tuple[Path, Path | None, Path | 
         found = sorted(folder.glob("*-cli-nomad.pem"))
         cert = found[0] if found else None
     if cert is not None and key is None:
-        key = cert.with_name(cert.name.removesuffix(".pem") + "-key.pem")
+        from cfwrap.cfssl import key_path
+
+        key = key_path(cert)
     if not ca.is_file():
         raise InputError(str(ca), "no CA certificate here", fix="give --ca or a kit folder")
     return ca, cert, key

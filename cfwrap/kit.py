@@ -69,6 +69,9 @@ def _check_issued(spec: CertSpec, issued: cfssl.Issued, ca_cert: bytes) -> None:
         problems.append("it is not signed by the CA")
     if parsers.read_private_key(issued.key).public_key_sha256 != facts.key.public_key_sha256:
         problems.append("its key does not match it")
+    csr = parsers.read_csr(issued.csr)
+    if not csr.signature_valid or csr.key.public_key_sha256 != facts.key.public_key_sha256:
+        problems.append("its CSR is not signed by the same key")
     if problems:
         raise VerificationError(
             f"the {spec.role} certificate cfssl issued",

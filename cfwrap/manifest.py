@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import stat
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cfwrap import parsers
 from cfwrap.errors import VerificationError
-from cfwrap.nomad import parse_role_name
+from cfwrap.nomad import parse_file_stem, role_of
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -37,7 +36,6 @@ ArtifactKind = Literal[
 ArtifactRole = Literal["ca", "server", "client", "cli"]
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
-_CONFIG_STEM = re.compile(r"(?P<region>[a-z0-9-]+)-(?P<role>server|client|cli)")
 
 
 class ToolRecord(BaseModel):
@@ -158,11 +156,7 @@ class _Read:
 def _role_of(facts: parsers.CertFacts) -> tuple[ArtifactRole | None, str | None]:
     if facts.is_ca:
         return "ca", None
-    for name in (facts.common_name or "", *facts.dns_names):
-        parsed = parse_role_name(name)
-        if parsed is not None:
-            return parsed
-    return None, None
+    return role_of(facts) or (None, None)
 
 
 def scan(folder: Path) -> list[Artifact]:
@@ -199,9 +193,7 @@ def scan(folder: Path) -> list[Artifact]:
             kind = "gossip-key"
         elif name.endswith((".hcl", ".env")):
             kind = "hcl" if name.endswith(".hcl") else "env"
-            match = _CONFIG_STEM.fullmatch(Path(name).stem)
-            if match:
-                role, region = match.group("role"), match.group("region")  # type: ignore[assignment]
+            role, region = parse_file_stem(Path(name).stem) or (None, None)
         artifacts.append(
             Artifact(
                 path=name,

@@ -52,11 +52,6 @@ def parse_duration(text: str) -> timedelta:
     return value
 
 
-def format_duration(value: timedelta) -> str:
-    """Format a timedelta as the whole-hour Go duration cfssl reads (``8760h``)."""
-    return f"{int(value.total_seconds() // 3600)}h"
-
-
 def _check_duration(text: str) -> str:
     parse_duration(text)
     return text

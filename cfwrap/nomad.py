@@ -123,6 +123,27 @@ def parse_role_name(name: str) -> tuple[Role, str] | None:
     return role, match.group(2)
 
 
+def role_of(facts: CertFacts) -> tuple[Role, str] | None:
+    """The role and region a certificate's names claim: its CN first, then its DNS SANs."""
+    for name in (facts.common_name or "", *facts.dns_names):
+        parsed = parse_role_name(name)
+        if parsed is not None:
+            return parsed
+    return None
+
+
+_FILE_STEM = re.compile(r"(?P<region>[a-z0-9-]+)-(?P<role>server|client|cli)(?:-nomad)?")
+
+
+def parse_file_stem(stem: str) -> tuple[Role, str] | None:
+    """Role and region from a kit file's stem: ``global-server-nomad`` or ``global-server``."""
+    match = _FILE_STEM.fullmatch(stem)
+    if match is None:
+        return None
+    role: Role = match.group("role")  # type: ignore[assignment] # the pattern admits only Role values
+    return role, match.group("region")
+
+
 def usages_for(role: Role, key: KeySpec) -> tuple[Usage, ...]:
     """Key usages for a role's certificate.
 

@@ -110,3 +110,16 @@ def test_role_names():
 def test_hcl_strings_are_escaped():
     text = agent_hcl("client", region="global", ca_file='/a"b/${x}', cert_file="c", key_file="k")
     assert 'ca_file   = "/a\\"b/$${x}"' in text
+
+
+def test_kit_file_names():
+    from pathlib import Path
+
+    from cfwrap.cfssl import key_path
+    from cfwrap.nomad import parse_file_stem
+
+    assert parse_file_stem("eu-west-1-server-nomad") == ("server", "eu-west-1")
+    assert parse_file_stem("global-cli") == ("cli", "global")
+    assert parse_file_stem("nomad") is None
+    assert key_path(Path("/k/global-client-nomad.pem")) == Path("/k/global-client-nomad-key.pem")
+    assert key_path(Path("ca.pem")) == Path("ca-key.pem")

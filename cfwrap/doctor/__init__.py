@@ -6,18 +6,16 @@ certificate, else from the file name (``<region>-<role>-nomad.pem``), else from 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from cfwrap import gossip, parsers
+from cfwrap.cfssl import key_path
 from cfwrap.doctor import agent, certs, probe
 from cfwrap.doctor.findings import Finding, sort_findings
-from cfwrap.nomad import DEFAULT_REGION, Role, parse_role_name
-
-_FILE_ROLE = re.compile(r"(?P<region>[a-z0-9-]+)-(?P<role>server|client|cli)-nomad\.pem")
+from cfwrap.nomad import DEFAULT_REGION, Role, parse_file_stem, role_of
 
 
 @dataclass
@@ -62,11 +60,7 @@ def _role_from_names(cert_path: Path) -> tuple[Role | None, str | None]:
         facts = parsers.read_certificate(cert_path.read_bytes())
     except (OSError, parsers.ParseError):
         return None, None
-    for name in (facts.common_name or "", *facts.dns_names):
-        parsed = parse_role_name(name)
-        if parsed is not None:
-            return parsed
-    return None, None
+    return role_of(facts) or (None, None)
 
 
 def _pem_files(folder: Path) -> dict[Path, str | None]:
@@ -141,7 +135,7 @@ def _check_ca(
             )
         )
         return None
-    ca_key = ca_path.with_name(ca_path.name.replace(".pem", "-key.pem"))
+    ca_key = key_path(ca_path)
     ca, found = certs.load_ca(ca_path, ca_key if ca_key.is_file() else None)
     report.findings += found
     if ca is not None:
@@ -170,13 +164,9 @@ def _leaves(
     for path, kind in pems.items():
         if kind != "certificate" or path == ca_path:
             continue
-        match = _FILE_ROLE.fullmatch(path.name)
-        if match:
-            role: Role | None = match.group("role")  # type: ignore[assignment]
-            region: str | None = match.group("region")
-        else:
-            role, region = _role_from_names(path)
-        key = path.with_name(path.name.removesuffix(".pem") + "-key.pem")
+        named = parse_file_stem(path.name.removesuffix(".pem"))
+        role, region = named or _role_from_names(path)
+        key = key_path(path)
         leaves[path.resolve()] = certs.Leaf(
             role, expect or region or DEFAULT_REGION, path, key if key.is_file() else None
         )
