@@ -4,6 +4,9 @@ The server requires a client certificate from its CA and TLS >= 1.2; the client 
 server's chain and the name it dials (like Nomad with ``verify_server_hostname``). Under TLS 1.3
 a client sees its handshake finish before the server rejects its certificate, so both sides
 exchange a byte and report what happened.
+
+This deliberately does not reuse ``cfwrap.doctor.probe``: the tests need a TLS peer written
+independently of the code whose certificates (and whose probe) they judge.
 """
 
 from __future__ import annotations
