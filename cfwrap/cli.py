@@ -8,8 +8,10 @@ needs, so ``cfwrap keygen`` does not pay for cfssl, X.509 or JSON Schema.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,9 +43,13 @@ _FLAGS = {
     "common_name": "--cn",
 }
 
+#: The most cfwrap reads of a file a person writes by hand (a CSR JSON, a gossip key).
+_SMALL_INPUT = 1024 * 1024
+
 _EPILOG = """\
 exit codes: 0 ok, 2 usage, 3 bad input, 4 output exists or folder busy, 5 cfssl missing or too
-old, 6 cfssl failed, 7 verification failed, 8 file system error, 130 interrupted, 143 terminated.
+old, 6 cfssl failed, 7 verification failed, 8 file system error, 130 interrupted, 141 stdout
+closed, 143 terminated.
 
 cfssl is found by --cfssl-dir, then $CFWRAP_CFSSL_DIR, then .tools/cfssl/bin in this checkout
 (./scripts/install-cfssl), then PATH. cfwrap needs cfssl 1.6 or newer.
@@ -104,15 +110,17 @@ if TYPE_CHECKING:
 
 
 def _key_options(parser: argparse.ArgumentParser, *, default_expiry: str) -> None:
+    # Defaults are filled in by _with_defaults, so a command can tell what the user typed.
+    parser.set_defaults(default_expiry=default_expiry)
     parser.add_argument(
         "--expiry",
-        default=default_expiry,
+        default=None,
         help=f"lifetime as a Go duration in hours/minutes (default {default_expiry})",
     )
     parser.add_argument(
         "--key-algo",
         choices=("ecdsa", "rsa"),
-        default="ecdsa",
+        default=None,
         help="key algorithm (default ecdsa)",
     )
     parser.add_argument(
@@ -237,7 +245,7 @@ def _add_ca(sub: _Subparsers) -> None:
         metavar="FILE",
         help="your own cfssl CSR JSON for the CA (instead of the defaults)",
     )
-    ca.add_argument("--cn", default="Nomad Agent CA", help="CA common name")
+    ca.add_argument("--cn", default=None, help="CA common name (default Nomad Agent CA)")
     _key_options(ca, default_expiry="43800h")
     ca.set_defaults(handler=_ca)
 
@@ -375,15 +383,32 @@ def _add_manifest(sub: _Subparsers) -> None:
     man.set_defaults(handler=_manifest)
 
 
+def _out(args: argparse.Namespace) -> Path:
+    """The output folder, as an absolute path with a name of its own."""
+    from cfwrap.files import output_folder
+
+    return output_folder(args.out)
+
+
 def _find_cfssl(args: argparse.Namespace) -> Tool:
     from cfwrap import tools
 
     return tools.find("cfssl", directory=args.cfssl_dir)
 
 
+def _given(args: argparse.Namespace, *names: str) -> list[str]:
+    """The flags among ``names`` (attribute names) that the user typed."""
+    return ["--" + n.replace("_", "-") for n in names if getattr(args, n, None) is not None]
+
+
+def _expiry(args: argparse.Namespace) -> str:
+    return str(args.expiry if args.expiry is not None else args.default_expiry)
+
+
 def _key(args: argparse.Namespace) -> dict[str, Any]:
-    size = args.key_size or (256 if args.key_algo == "ecdsa" else 2048)
-    return {"algo": args.key_algo, "size": size}
+    algo = args.key_algo or "ecdsa"
+    size = args.key_size if args.key_size is not None else (256 if algo == "ecdsa" else 2048)
+    return {"algo": algo, "size": size}
 
 
 def _spec(cls: type[M], data: dict[str, Any]) -> M:
@@ -407,7 +432,7 @@ def _cert_specs(args: argparse.Namespace, roles: Sequence[str]) -> list[Any]:
                     "region": args.region,
                     "dns_names": args.dns if extra else [],
                     "ip_addresses": args.ip if extra else [],
-                    "expiry": args.expiry,
+                    "expiry": _expiry(args),
                     "key": _key(args),
                 },
             )
@@ -417,7 +442,7 @@ def _cert_specs(args: argparse.Namespace, roles: Sequence[str]) -> list[Any]:
 
 def _report(result: KitResult, args: argparse.Namespace) -> int:
     if args.json:
-        print(
+        _print(
             json.dumps(
                 {
                     "folder": str(result.folder),
@@ -429,7 +454,7 @@ def _report(result: KitResult, args: argparse.Namespace) -> int:
         )
     else:
         for name in result.files:
-            print(result.folder / name)
+            _print(result.folder / name)
         if result.backup:
             print(f"cfwrap: the old {result.folder} is kept as {result.backup}", file=sys.stderr)
     return ExitCode.OK
@@ -442,7 +467,7 @@ def _quickstart(args: argparse.Namespace) -> int:
     specs = _cert_specs(args, ("server", "client", "cli"))
     ca = _spec(CASpec, {"expiry": args.ca_expiry, "key": specs[0].key.model_dump()})
     result = kit.quickstart(
-        out=args.out,
+        out=_out(args),
         cfssl_tool=_find_cfssl(args),
         ca=ca,
         specs=specs,
@@ -459,26 +484,41 @@ def _ca(args: argparse.Namespace) -> int:
     from cfwrap.nomad import CASpec
 
     if args.csr is not None:
+        clashing = _given(args, "cn", "expiry", "key_algo", "key_size")
+        if clashing:
+            raise InputError(
+                " ".join(clashing),
+                "given with --csr, which already says what the CA is",
+                fix=f"set them in {args.csr} (CN, ca.expiry, key), or drop --csr",
+            )
         spec = _ca_from_csr_file(args.csr)
     else:
-        spec = _spec(CASpec, {"common_name": args.cn, "expiry": args.expiry, "key": _key(args)})
+        cn = args.cn if args.cn is not None else "Nomad Agent CA"
+        spec = _spec(CASpec, {"common_name": cn, "expiry": _expiry(args), "key": _key(args)})
     result = kit.make_ca(
-        out=args.out, cfssl_tool=_find_cfssl(args), spec=spec, force=args.force, wait=args.wait
+        out=_out(args), cfssl_tool=_find_cfssl(args), spec=spec, force=args.force, wait=args.wait
     )
     return _report(result, args)
 
 
 def _ca_from_csr_file(path: Path) -> CASpec:
-    """Read a user's cfssl CSR JSON for a CA, refusing what cfssl would silently ignore."""
+    """Read a user's cfssl CSR JSON for a CA, refusing what cfssl would silently ignore.
+
+    Everything the file says reaches the CA (every subject name, the path length, the key and
+    the lifetime); what cfwrap would not keep is refused rather than dropped.
+    """
+    from cfwrap import files
     from cfwrap.models import CSR, parse_model
     from cfwrap.nomad import CASpec
 
     try:
-        data = json.loads(path.read_bytes())
+        data = json.loads(files.read_input(path, limit=_SMALL_INPUT))
     except OSError as e:
         raise InputError(
             str(path), e.strerror or str(e), fix="give a readable CSR JSON file"
         ) from None
+    except RecursionError:
+        raise InputError(str(path), "nested too deeply to be a CSR") from None
     except ValueError as e:
         raise InputError(str(path), f"not JSON ({e})") from None
     csr = parse_model(CSR, data, what=str(path))
@@ -488,17 +528,14 @@ def _ca_from_csr_file(path: Path) -> CASpec:
             "a CA certificate should carry no host names",
             fix="remove hosts from the CA's CSR",
         )
-    organization = next((n.O for n in csr.names if n.O), None)
-    expiry = csr.ca.expiry if csr.ca else "43800h"
-    return _spec(
-        CASpec,
-        {
-            "common_name": csr.CN,
-            "organization": organization,
-            "expiry": expiry,
-            "key": csr.key.model_dump(),
-        },
-    )
+    zero = csr.ca.pathlenzero if csr.ca else None
+    if csr.ca is not None and zero is not None and zero != (not csr.ca.pathlen):
+        raise InputError(
+            f"{path}: ca",
+            "pathlenzero and pathlen disagree (cfwrap issues no CA without a path length)",
+            fix='give "pathlen": N alone, or "pathlen": 0 with "pathlenzero": true',
+        )
+    return parse_model(CASpec, CASpec.from_csr(csr), what=str(path))
 
 
 def _cert(args: argparse.Namespace) -> int:
@@ -514,7 +551,7 @@ def _cert(args: argparse.Namespace) -> int:
     ca = kit.load_ca(args.ca, args.ca_key)
     tool = _find_cfssl(args)
     result = kit.issue_cert(
-        out=args.out, cfssl_tool=tool, ca=ca, spec=spec, force=args.force, wait=args.wait
+        out=_out(args), cfssl_tool=tool, ca=ca, spec=spec, force=args.force, wait=args.wait
     )
     return _report(result, args)
 
@@ -524,13 +561,24 @@ def _keygen(args: argparse.Namespace) -> int:
 
     if args.check is None:
         key = gossip.generate(args.bytes)
-        print(json.dumps({"key": key, "bytes": args.bytes}) if args.json else key)
+        _print(json.dumps({"key": key, "bytes": args.bytes}) if args.json else key)
         return ExitCode.OK
+    from cfwrap import files
+
     source = "stdin" if args.check == "-" else args.check
     try:
-        text = sys.stdin.read() if args.check == "-" else Path(args.check).read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(source, getattr(e, "strerror", None) or str(e)) from None
+        if args.check == "-":
+            stdin = getattr(sys.stdin, "buffer", None)
+            raw = stdin.read(_SMALL_INPUT + 1) if stdin else sys.stdin.read(_SMALL_INPUT + 1)
+            if len(raw) > _SMALL_INPUT:
+                raise InputError(source, "more than 1 MiB; a gossip key is 24 to 44 characters")
+        else:
+            raw = files.read_input(Path(args.check), limit=_SMALL_INPUT)
+        text = raw if isinstance(raw, str) else raw.decode("utf-8")
+    except OSError as e:
+        raise InputError(source, e.strerror or str(e), fix="give the key's file") from None
+    except UnicodeDecodeError:
+        raise InputError(source, "not UTF-8 text", fix="give the key's file") from None
     try:
         size = gossip.check(text)
     except ValueError as e:
@@ -538,7 +586,7 @@ def _keygen(args: argparse.Namespace) -> int:
             f"gossip key from {source}", str(e), fix="make a new one with `cfwrap keygen`"
         ) from None
     if args.json:
-        print(json.dumps({"valid": True, "bytes": size}))
+        _print(json.dumps({"valid": True, "bytes": size}))
     else:
         print(
             f"cfwrap: gossip key from {source} is valid ({size} bytes, AES-{size * 8})",
@@ -557,15 +605,21 @@ def _manifest(args: argparse.Namespace) -> int:
     if args.write:
         from cfwrap import files
 
-        tools = manifest.load(folder).tools if (folder / manifest.FILE_NAME).exists() else []
         with files.FolderLock(folder, wait=args.wait):
+            tools = []
+            if (folder / manifest.FILE_NAME).exists():
+                try:
+                    tools = manifest.load(folder).tools
+                except VerificationError as e:
+                    # --write is how a damaged manifest is repaired: it is rebuilt from disk.
+                    _say(f"cfwrap: replacing a damaged manifest ({e.why}); its tool list is lost")
             path = manifest.write(folder, manifest.build(folder, tools))
-        print(path)
+        _print(path)
         return ExitCode.OK
     recorded = manifest.load(folder)
     problems = manifest.differences(recorded, manifest.scan(folder))
     if args.json:
-        print(
+        _print(
             json.dumps(
                 {"folder": str(folder), "matches": not problems, "differences": problems}, indent=2
             )
@@ -590,10 +644,12 @@ def _doctor(args: argparse.Namespace) -> int:
     from cfwrap import doctor
     from cfwrap.errors import VerificationError
 
-    if not args.warn_within.isdigit():
+    if not (args.warn_within.isascii() and args.warn_within.isdigit()) or (
+        int(args.warn_within) > _MAX_WARN_DAYS
+    ):
         raise InputError(
-            f"--warn-within {args.warn_within}",
-            "expected a number of days",
+            f"--warn-within {args.warn_within[:20]}",
+            f"expected a number of days from 0 to {_MAX_WARN_DAYS}",
             fix="for example --warn-within 30",
         )
     options = doctor.Options(warn_within=timedelta(days=int(args.warn_within)))
@@ -623,9 +679,9 @@ def _doctor(args: argparse.Namespace) -> int:
             raise InputError(str(folder), "not a folder", fix="give a kit folder, or --cert FILE")
         report = doctor.diagnose_folder(folder, options, region=args.region, run_probes=args.probe)
     if args.json:
-        print(json.dumps(report.to_json(), indent=2))
+        _print(json.dumps(report.to_json(), indent=2))
     else:
-        print(_render_report(report))
+        _print(_render_report(report))
     if report.errors:
         raise VerificationError(
             "doctor",
@@ -633,6 +689,10 @@ def _doctor(args: argparse.Namespace) -> int:
             fix="see the findings above; each has its fix",
         )
     return ExitCode.OK
+
+
+#: Longer than any certificate cfwrap issues (30 years): a window beyond it means "always".
+_MAX_WARN_DAYS = 36500
 
 
 def _connect_files(args: argparse.Namespace) -> tuple[Path, Path | None, Path | None]:
@@ -649,6 +709,15 @@ def _connect_files(args: argparse.Namespace) -> tuple[Path, Path | None, Path | 
         key = key_path(cert)
     if not ca.is_file():
         raise InputError(str(ca), "no CA certificate here", fix="give --ca or a kit folder")
+    for given, what in ((cert, "--cert"), (key, "--key")):
+        if given is not None and not given.is_file():
+            raise InputError(
+                str(given),
+                "not a regular file",
+                fix=f"give {what} as the client certificate's files, or leave both out",
+            )
+    if (cert is None) != (key is None):
+        raise InputError("--cert/--key", "give both or neither")
     return ca, cert, key
 
 
@@ -702,13 +771,13 @@ def _replay(args: argparse.Namespace) -> int:
 
     if args.list:
         for name in guide.shipped():
-            print(name)
+            _print(name)
         return ExitCode.OK
     if args.guide is None:
         raise _UsageError("cfwrap replay: give a GUIDE", fix="see `cfwrap replay --list`")
     loaded = guide.load(args.guide)
     if args.print_script:
-        print(guide.to_shell(loaded), end="")
+        _print(guide.to_shell(loaded), end="")
         return ExitCode.OK
     if args.out is None:
         raise _UsageError(
@@ -720,10 +789,10 @@ def _replay(args: argparse.Namespace) -> int:
     )
     transcript = result.transcript
     if args.json:
-        print(transcript.model_dump_json(indent=2))
+        _print(transcript.model_dump_json(indent=2))
     else:
-        print(result.markdown)
-        print(result.json)
+        _print(result.markdown)
+        _print(result.json)
     where = f"see {result.markdown}"
     if transcript.outcome == "tool-missing":
         raise ToolMissingError("replay", transcript.stopped_because, fix=where)
@@ -753,7 +822,7 @@ def _version(args: argparse.Namespace) -> int:
             "version": tool.version,
             "sha256": tool.sha256,
         }
-    print(json.dumps(info, indent=2))
+    _print(json.dumps(info, indent=2))
     return ExitCode.OK
 
 
@@ -786,30 +855,110 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _main(argv)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return _main(argv)
+        try:
+            return _main(argv)
+        except _Terminated:  # came while an error was being reported: still a clean stop
+            return _stopped(ExitCode.TERMINATED)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _main(argv: Sequence[str] | None) -> int:
-    parser = build_parser()
+def _stopped(code: ExitCode) -> int:
+    _say("cfwrap: stopped; nothing was left half-written")
+    return code
+
+
+def _print(*values: object, end: str = "\n") -> None:
+    """Print data on stdout; a failed write names standard output in the error."""
     try:
+        print(*values, end=end)
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        _drop_stdout()
+        raise OSError(e.errno, e.strerror, "standard output") from None
+
+
+def _say(line: str) -> None:
+    """One line for people on stderr; a closed or full stderr is not worth a traceback."""
+    with contextlib.suppress(OSError, ValueError):
+        print(line, file=sys.stderr, flush=True)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    # Paths from argv and files may hold bytes that are not UTF-8: print them back as given.
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            stream.reconfigure(errors="surrogateescape")  # type: ignore[union-attr]
+    try:
+        parser = build_parser()
         args = parser.parse_args(argv)
         _setup_logging(verbose=args.verbose)
+        _check_paths(args)
         if args.version:
-            return _version(args)
-        handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
-        if handler is None:
-            parser.print_help(sys.stderr)
-            return ExitCode.USAGE
-        return handler(args)
+            code = _version(args)
+        else:
+            handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
+            if handler is None:
+                parser.print_help(sys.stderr)
+                return ExitCode.USAGE
+            code = handler(args)
+        _flush_stdout()
+        return code
+    except BrokenPipeError:
+        _drop_stdout()
+        return ExitCode.BROKEN_PIPE  # quiet, as Unix tools are when their reader goes away
     except CfwrapError as e:
         detail = getattr(e, "stderr", "")
         if detail:
             log.debug("tool stderr:\n%s", detail)
-        print(f"cfwrap: error: {e}", file=sys.stderr)
+        _say(f"cfwrap: error: {e}")
         return e.exit_code
+    except OSError as e:
+        # The operating system refused something no command anticipated (a name too long, a
+        # permission, a full stdout): one line naming the file, never a traceback.
+        where = f"{e.filename}: " if e.filename is not None else ""
+        with contextlib.suppress(OSError):
+            _flush_stdout()  # keep what was printed if stdout can take it; else drop it
+        _say(f"cfwrap: error: {where}{e.strerror or e}; check the path and try again")
+        return ExitCode.FILESYSTEM
     except (KeyboardInterrupt, _Terminated) as e:
         # The with blocks have already removed staging folders and temporary files.
-        print("cfwrap: stopped; nothing was left half-written", file=sys.stderr)
-        return ExitCode.TERMINATED if isinstance(e, _Terminated) else ExitCode.INTERRUPTED
+        return _stopped(ExitCode.TERMINATED if isinstance(e, _Terminated) else ExitCode.INTERRUPTED)
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Refuse a path that is not UTF-8: cfwrap hands paths to cfssl, which takes text argv.
+
+    Raises:
+        InputError: the first such path, shown with its bad bytes escaped.
+    """
+    for name, value in vars(args).items():
+        if isinstance(value, Path):
+            try:
+                str(value).encode("utf-8")
+            except UnicodeEncodeError:
+                shown = os.fsencode(value).decode("utf-8", "backslashreplace")
+                flag = "--" + name.replace("_", "-") if name != "folder" else "DIR"
+                raise InputError(
+                    f"{flag} {shown}", "is not UTF-8", fix="give a path in UTF-8"
+                ) from None
+
+
+def _flush_stdout() -> None:
+    """Flush what the command printed; a full stdout (``> /dev/full``) is this run's error."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        _drop_stdout()
+        raise OSError(e.errno, e.strerror, "standard output") from None
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush cannot fail again."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)

@@ -23,6 +23,7 @@ class ExitCode(enum.IntEnum):
     VERIFY_FAILED = 7  # a check of what exists on disk failed
     FILESYSTEM = 8  # the operating system refused a read or write
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT); the output was rolled back
+    BROKEN_PIPE = 141  # standard output was closed by its reader (128 + SIGPIPE), as Unix tools
     TERMINATED = 143  # SIGTERM (128 + SIGTERM); the output was rolled back
 
 

@@ -12,7 +12,9 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -25,6 +27,86 @@ from cfwrap.errors import ConflictError, FileSystemError
 SECRET_MODE = 0o600
 PUBLIC_MODE = 0o644
 DIR_MODE = 0o700
+
+#: The most cfwrap reads from one input file (a PEM, key, CSR JSON, HCL, manifest, gossip key).
+#: Real ones are a few KiB; a manifest of a large fleet stays far below this.
+MAX_INPUT = 16 * 1024 * 1024
+
+# mkstemp and mkdtemp add eight characters from this alphabet (tempfile._RandomNameSequence).
+_RANDOM = r"[a-z0-9_]{8}"
+_TEMP_FILE = re.compile(rf"\.cfwrap-{_RANDOM}\.tmp")
+
+_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+class UnreadableInput(OSError):
+    """An input path that is not a regular file, or is larger than cfwrap reads.
+
+    An ``OSError``, so every caller that reports an unreadable file reports this one too.
+    """
+
+
+def _size(limit: int) -> str:
+    return f"{limit // (1024 * 1024)} MiB" if limit >= 1024 * 1024 else f"{limit} bytes"
+
+
+def _refuse_special(path: Path, mode: int) -> None:
+    for test, kind in _KINDS:
+        if test(mode):
+            raise UnreadableInput(
+                errno.EINVAL, f"is {kind}, not a regular file; give the file itself", str(path)
+            )
+
+
+def read_input(path: Path, *, limit: int = MAX_INPUT) -> bytes:
+    """Read a regular file of at most ``limit`` bytes, never blocking on a FIFO or a device.
+
+    Raises:
+        UnreadableInput: not a regular file (FIFO, device, socket, folder), or too large.
+        OSError: the file cannot be opened or read (missing, permissions).
+    """
+    _refuse_special(path, path.stat().st_mode)  # before open: opening a device can act
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        _refuse_special(path, info.st_mode)  # it may have been swapped since the stat
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise UnreadableInput(
+            errno.EFBIG, f"is larger than {_size(limit)}; cfwrap reads no input that big", str(path)
+        )
+    return b"".join(chunks)
+
+
+def read_input_text(path: Path, *, limit: int = MAX_INPUT) -> str:
+    """Read a regular UTF-8 text file of at most ``limit`` bytes (see :func:`read_input`).
+
+    Raises:
+        UnreadableInput: as :func:`read_input`, or the file is not UTF-8 text.
+        OSError: the file cannot be opened or read.
+    """
+    data = read_input(path, limit=limit)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UnreadableInput(
+            errno.EINVAL, f"is not UTF-8 text (byte {e.start})", str(path)
+        ) from None
 
 
 @contextlib.contextmanager
@@ -169,13 +251,21 @@ class FolderLock:
             os.close(fd)
 
     def _sweep(self) -> None:
-        """Remove staging folders and temporary files that a killed run left."""
-        for stale in self.target.parent.glob(f".{self.target.name}.cfwrap-*"):
-            if stale.is_dir() and not stale.is_symlink():
+        """Remove staging folders and temporary files that a killed run left.
+
+        Names are matched exactly, never as glob patterns (a target may be called ``*``), and
+        only names this target's own runs make: staging folders ``.<name>.cfwrap-XXXXXXXX``
+        beside it and temporary files ``.cfwrap-XXXXXXXX.tmp`` in it, all made under the lock
+        this process now holds, so no live run owns them.
+        """
+        staging = re.compile(re.escape(staging_prefix(self.target)) + _RANDOM)
+        for stale in _entries(self.target.parent):
+            if staging.fullmatch(stale.name) and stale.is_dir() and not stale.is_symlink():
                 shutil.rmtree(stale, ignore_errors=True)
         if self.target.is_dir() and not self.target.is_symlink():
-            for stale in self.target.glob(".cfwrap-*.tmp"):
-                stale.unlink(missing_ok=True)
+            for stale in _entries(self.target):
+                if _TEMP_FILE.fullmatch(stale.name) and not stale.is_dir():
+                    stale.unlink(missing_ok=True)
 
     def __exit__(
         self,
@@ -188,6 +278,55 @@ class FolderLock:
             self.path.unlink(missing_ok=True)
             os.close(self._fd)
             self._fd = None
+
+
+#: The longest output folder name: 255 (NAME_MAX) less what the backup name adds to it
+#: (``.replaced-YYYYmmddTHHMMSSZ``).
+MAX_NAME = 255 - 26
+
+
+def _entries(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError:
+        return []
+
+
+def staging_prefix(target: Path) -> str:
+    """The name prefix of ``target``'s staging folders (a random suffix follows)."""
+    return f".{target.name}.cfwrap-"
+
+
+def output_folder(path: Path) -> Path:
+    """Normalise an output folder given by the user, refusing ones cfwrap cannot replace whole.
+
+    ``.``, ``..``, ``/`` and any folder that holds the current one have no name of their own to
+    stage beside, or would pull the working folder away from under the user.
+
+    Raises:
+        InputError: the path is one of those, or has an empty name.
+    """
+    from cfwrap.errors import InputError
+
+    try:
+        here: Path | None = Path.cwd()
+    except OSError:  # the working folder was removed
+        here = None
+    target = Path(os.path.normpath(here / path if here else path))
+    if not target.name or (here is not None and (target == here or target in here.parents)):
+        raise InputError(
+            f"--out {path}",
+            "is the current folder or one above it",
+            fix="give a new folder for the output, e.g. --out nomad-tls",
+        )
+    if len(os.fsencode(target.name)) > MAX_NAME:
+        raise InputError(
+            "--out",
+            f"the folder name is {len(os.fsencode(target.name))} bytes; cfwrap needs room beside "
+            f"it for a dated backup, so at most {MAX_NAME}",
+            fix="choose a shorter folder name",
+        )
+    return target
 
 
 def check_target_folder(target: Path, *, force: bool) -> None:
@@ -240,7 +379,7 @@ class Staging:
             check_target_folder(self.target, force=self.force)
             with _os_errors(self.target.parent):
                 self._path = Path(
-                    tempfile.mkdtemp(prefix=f".{self.target.name}.cfwrap-", dir=self.target.parent)
+                    tempfile.mkdtemp(prefix=staging_prefix(self.target), dir=self.target.parent)
                 )
                 self._path.chmod(DIR_MODE)
         except BaseException:
@@ -278,3 +417,108 @@ class Staging:
                 self._path = None
         finally:
             self._lock.__exit__(exc_type, exc, tb)
+
+
+class FileSet:
+    """Files that land in an existing folder together or not at all (``cfwrap cert``).
+
+    Every target is checked before anything is written; every file is written to a temporary
+    name first (a full disk stops the set there, with nothing in place); then each is moved into
+    place, keeping a link to any file it replaces. Until the ``with`` block ends without an
+    error, :meth:`apply` can be undone: an error (or SIGTERM) puts every old file back and
+    removes every new one.
+    """
+
+    def __init__(self, folder: Path, *, replace: bool) -> None:
+        """Prepare a set for ``folder``; ``replace`` allows replacing existing files."""
+        self.folder = folder
+        self.replace = replace
+        self._files: dict[str, tuple[bytes, int]] = {}
+        self._temps: list[Path] = []
+        self._placed: list[tuple[Path, Path | None]] = []  # (target, link to the old file)
+
+    def add(self, name: str, data: bytes, *, mode: int) -> None:
+        """Add a file to write (a plain name inside the folder)."""
+        self._files[name] = (data, mode)
+
+    @property
+    def names(self) -> list[str]:
+        """The names added, in order."""
+        return list(self._files)
+
+    def check(self) -> None:
+        """Refuse, before anything is written, a target that is in the way.
+
+        Raises:
+            ConflictError: a target exists (without ``replace``), or is a symlink or a folder.
+        """
+        for name in self._files:
+            path = self.folder / name
+            if path.is_symlink() or path.is_dir():
+                raise ConflictError(
+                    path, "is a symlink or a folder", fix="remove it or choose another --out"
+                )
+            if path.exists() and not self.replace:
+                raise ConflictError(
+                    path, "already exists", fix="remove it, or pass --force to replace it"
+                )
+
+    def apply(self) -> None:
+        """Write every file to a temporary name, then move them all into place.
+
+        Raises:
+            ConflictError: see :meth:`check`.
+            FileSystemError: a write or rename failed (nothing is left changed).
+        """
+        self.check()
+        with _os_errors(self.folder):
+            new: list[Path] = []
+            for data, mode in self._files.values():
+                new.append(_write_temp(self.folder, data, mode))
+                self._temps.append(new[-1])
+            for name, temp in zip(self._files, new, strict=True):
+                self._place(self.folder / name, temp)
+            _fsync_dir(self.folder)
+
+    def _place(self, target: Path, temp: Path) -> None:
+        if not target.exists():
+            try:
+                os.link(temp, target)  # refuses a name that appeared since the check
+            except FileExistsError:
+                raise ConflictError(
+                    target, "appeared while cfwrap was writing", fix="run again"
+                ) from None
+            self._placed.append((target, None))
+            return
+        old = Path(tempfile.mktemp(prefix=".cfwrap-", suffix=".tmp", dir=self.folder))  # noqa: S306 (os.link refuses an existing name)
+        os.link(target, old)
+        self._temps.append(old)
+        temp.replace(target)
+        self._placed.append((target, old))
+
+    def _undo(self) -> None:
+        for target, old in reversed(self._placed):
+            with contextlib.suppress(OSError):
+                if old is None:
+                    target.unlink()
+                else:
+                    old.replace(target)
+        self._placed.clear()
+
+    def __enter__(self) -> FileSet:
+        """Start collecting files."""
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Undo :meth:`apply` on an error; then remove every temporary name."""
+        if exc_type is not None:
+            self._undo()
+        for temp in self._temps:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+        self._temps.clear()

@@ -8,7 +8,6 @@ last, from the files on disk.
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,18 +44,23 @@ class CA:
     cert_path: Path
     key_path: Path
     facts: parsers.CertFacts
+    cert_pem: bytes
 
 
-def _write_issued(folder: Path, stem: str, issued: cfssl.Issued, *, replace: bool) -> list[str]:
-    """Write a certificate, key and CSR as cfssljson -bare would name them, but safely."""
-    write = files.write_replace if replace else files.write_new
-    outputs = [
+def _issued_files(stem: str, issued: cfssl.Issued) -> list[tuple[str, bytes, int]]:
+    """A certificate, key and CSR as cfssljson -bare would name them, with their modes."""
+    return [
         (f"{stem}.pem", issued.cert, files.PUBLIC_MODE),
         (f"{stem}-key.pem", issued.key, files.SECRET_MODE),
         (f"{stem}.csr", issued.csr, files.PUBLIC_MODE),
     ]
+
+
+def _write_issued(folder: Path, stem: str, issued: cfssl.Issued) -> list[str]:
+    """Write a certificate, key and CSR into a new (staging) folder."""
+    outputs = _issued_files(stem, issued)
     for name, data, mode in outputs:
-        write(folder / name, data, mode=mode)
+        files.write_new(folder / name, data, mode=mode)
     return [name for name, _, _ in outputs]
 
 
@@ -119,7 +123,7 @@ def _issue_all(
         for spec in specs
     ]
     results = runner.run_all(calls)
-    ca_pem = ca_cert.read_bytes()
+    ca_pem = files.read_input(ca_cert)
     issued = [cfssl.parse_issued(result) for result in results]
     for spec, one in zip(specs, issued, strict=True):
         _check_issued(spec, one, ca_pem)
@@ -127,17 +131,15 @@ def _issue_all(
 
 
 def _write_specs(
-    folder: Path, specs: Sequence[CertSpec], issued: Sequence[cfssl.Issued], *, replace: bool
+    folder: Path, specs: Sequence[CertSpec], issued: Sequence[cfssl.Issued]
 ) -> list[str]:
-    """Write each spec's CSR JSON, certificate, key and CSR."""
-    write = files.write_replace if replace else files.write_new
+    """Write each spec's CSR JSON, certificate, key and CSR into a new (staging) folder."""
     written: list[str] = []
     for spec, one in zip(specs, issued, strict=True):
-        write(folder / f"{spec.stem}-csr.json", to_cfssl_json(spec.csr()), mode=files.PUBLIC_MODE)
-        written += [
-            f"{spec.stem}-csr.json",
-            *_write_issued(folder, spec.stem, one, replace=replace),
-        ]
+        files.write_new(
+            folder / f"{spec.stem}-csr.json", to_cfssl_json(spec.csr()), mode=files.PUBLIC_MODE
+        )
+        written += [f"{spec.stem}-csr.json", *_write_issued(folder, spec.stem, one)]
     return written
 
 
@@ -148,7 +150,7 @@ def _make_ca(cfssl_tool: Tool, folder: Path, spec: CASpec) -> list[str]:
     if not facts.is_ca or "key_cert_sign" not in facts.key_usage:
         raise VerificationError("the CA cfssl made", "it is not a CA with keyCertSign")
     files.write_new(folder / f"{CA_STEM}-csr.json", to_cfssl_json(csr), mode=files.PUBLIC_MODE)
-    return [f"{CA_STEM}-csr.json", *_write_issued(folder, CA_STEM, issued, replace=False)]
+    return [f"{CA_STEM}-csr.json", *_write_issued(folder, CA_STEM, issued)]
 
 
 def quickstart(
@@ -180,6 +182,10 @@ def quickstart(
     region = regions.pop()
     config = nomad.signing_config(specs)
     final_dir = (tls_dir or out).absolute()
+    try:
+        nomad.check_config_text(str(final_dir), what="--tls-dir" if tls_dir else "--out")
+    except ValueError as e:
+        raise InputError(str(e).partition(" ")[0], str(e).partition(" ")[2]) from None
     with files.Staging(out, force=force, wait=wait) as staging:
         folder = staging.path
         written = _make_ca(cfssl_tool, folder, ca)
@@ -193,7 +199,7 @@ def quickstart(
             config=config,
             specs=specs,
         )
-        written += _write_specs(folder, specs, issued, replace=False)
+        written += _write_specs(folder, specs, issued)
         written += _write_agent_files(folder, final_dir, region, specs, gossip_bytes)
         kit_manifest = manifest.build(folder, [manifest.tool_record(cfssl_tool)])
         _check_kit(kit_manifest)
@@ -237,11 +243,16 @@ def _write_agent_files(
     return written
 
 
-def _check_kit(kit: manifest.Manifest) -> None:
-    """Refuse a kit in which a certificate fails its chain or key pairing."""
+def _check_kit(kit: manifest.Manifest, *, only: Sequence[str] | None = None) -> None:
+    """Refuse a kit in which a certificate (of ``only``, if given) fails its chain or key pairing.
+
+    A certificate without its key in the folder (a copied ``ca.pem``) is judged by its chain.
+    """
     for artifact in kit.artifacts:
         cert = artifact.certificate
-        if cert is not None and not (cert.chain_verified and cert.key_pair_verified):
+        if only is not None and artifact.path not in only:
+            continue
+        if cert is not None and (not cert.chain_verified or cert.key_pair_verified is False):
             raise VerificationError(
                 artifact.path, "its chain to the CA or its key pairing did not verify"
             )
@@ -254,12 +265,13 @@ def load_ca(cert_path: Path, key_path: Path) -> CA:
         InputError: unreadable, not a CA, expired, or the key does not match.
     """
     try:
-        cert_data = cert_path.read_bytes()
-        key_data = key_path.read_bytes()
+        cert_data = files.read_input(cert_path)
+        key_data = files.read_input(key_path)
     except OSError as e:
-        missing = cert_path if not cert_path.is_file() else key_path
         raise InputError(
-            str(missing), e.strerror or str(e), fix="give the CA's files with --ca and --ca-key"
+            e.filename or str(cert_path),
+            e.strerror or str(e),
+            fix="give the CA's files with --ca and --ca-key",
         ) from None
     try:
         facts = parsers.read_certificate(cert_data)
@@ -288,7 +300,7 @@ def load_ca(cert_path: Path, key_path: Path) -> CA:
         raise InputError(
             str(key_path), f"this key does not belong to {cert_path}", fix="give the CA's own key"
         )
-    return CA(cert_path, key_path, facts)
+    return CA(cert_path, key_path, facts, cert_data)
 
 
 def make_ca(
@@ -318,17 +330,20 @@ def issue_cert(
     force: bool = False,
     wait: float = 0.0,
 ) -> KitResult:
-    """Issue one role certificate from an existing CA into the folder ``out``.
+    """Issue one role certificate from an existing CA into the folder ``out``, all or nothing.
 
-    The files are checked absent (unless ``force``) before cfssl runs; the CA certificate is
-    copied in as ``ca.pem`` when the folder has none; the folder's manifest is rebuilt afterwards
-    from what is on disk.
+    A new folder is built beside its place and moved there whole, as a kit is. Into an existing
+    folder the files land together (:class:`files.FileSet`): every target and the folder's
+    manifest are checked before cfssl runs, and a failure at any later point leaves the folder
+    as it was. The CA certificate is copied in as ``ca.pem`` when the folder has none; the
+    folder's manifest is rebuilt last from what is on disk.
 
     Raises:
-        InputError: the certificate would outlive the CA.
+        InputError: the certificate would outlive the CA, or the folder holds another CA.
         ConflictError: an output exists (without ``force``), or the folder is locked.
         ToolFailedError: cfssl failed or returned something unusable.
-        VerificationError: what cfssl issued is not what was asked for.
+        VerificationError: what cfssl issued is not what was asked for, or the folder's
+            manifest is damaged.
     """
     life = parse_duration(spec.expiry)
     if datetime.now(UTC) + life > ca.facts.not_after:
@@ -338,56 +353,61 @@ def issue_cert(
             f"the certificate would outlive its CA, which expires on {ca.facts.not_after:%Y-%m-%d}",
             fix=f"use at most {int(left / timedelta(hours=1))}h, or make a new CA",
         )
-    config_name = f"{spec.stem}-{CONFIG_FILE}"
-    names = [f"{spec.stem}{s}" for s in ("-csr.json", ".pem", "-key.pem", ".csr")] + [config_name]
+    files.check_target_folder(out, force=True)
+    if not out.exists():
+        with files.Staging(out, force=False, wait=wait) as staging:
+            written = _issue_into(staging.path, cfssl_tool=cfssl_tool, ca=ca, spec=spec)
+            staging.commit()
+        return KitResult(out, (*written, manifest.FILE_NAME))
+    with files.FolderLock(out, wait=wait):
+        written = _issue_into(out, cfssl_tool=cfssl_tool, ca=ca, spec=spec, force=force)
+    return KitResult(out, (*written, manifest.FILE_NAME))
+
+
+def _issue_into(
+    folder: Path, *, cfssl_tool: Tool, ca: CA, spec: CertSpec, force: bool = False
+) -> list[str]:
+    """Issue ``spec`` and land its files and the folder's new manifest together."""
+    tools = [manifest.tool_record(cfssl_tool)]
+    if (folder / manifest.FILE_NAME).exists() or (folder / manifest.FILE_NAME).is_symlink():
+        old = manifest.load(folder)  # a damaged manifest stops us here, before cfssl runs
+        tools = list({t.sha256 + t.path: t for t in [*old.tools, *tools]}.values())
+    ca_copy = folder / f"{CA_STEM}.pem"
+    ca_pem = ca.cert_pem
+    if ca_copy.exists() and files.read_input(ca_copy) != ca_pem:
+        raise InputError(
+            str(ca_copy),
+            f"holds another CA than {ca.cert_path}",
+            fix="issue into a folder of this CA's kit, or a new folder",
+        )
     config = nomad.signing_config([spec])
     config_json = to_cfssl_json(config)
-    files.check_target_folder(out, force=True)
-    created = not out.exists()
-    if created:
-        try:
-            out.mkdir(mode=files.DIR_MODE)
-        except OSError as e:
-            raise InputError(str(out), e.strerror or str(e), fix="choose another --out") from None
-    ca_copy = out / f"{CA_STEM}.pem"
-    ca_pem = ca.cert_path.read_bytes()
-    try:
-        with (
-            files.FolderLock(out, wait=wait),
-            tempfile.TemporaryDirectory(prefix="cfwrap-") as scratch,
-        ):
-            if not force:
-                files.check_absent([out / n for n in names])
-            if ca_copy.exists() and ca_copy.read_bytes() != ca_pem:
-                raise InputError(
-                    str(ca_copy),
-                    f"holds another CA than {ca.cert_path}",
-                    fix="issue into a folder of this CA's kit, or a new folder",
-                )
-            # cfssl reads -config from a file; it reaches the kit only once the certificate is good.
-            files.write_new(Path(scratch) / CONFIG_FILE, config_json, mode=files.PUBLIC_MODE)
-            issued = _issue_all(
-                cfssl_tool,
-                ca_cert=ca.cert_path.absolute(),
-                ca_key=ca.key_path.absolute(),
-                config_file=Path(scratch) / CONFIG_FILE,
-                config=config,
-                specs=[spec],
-            )
-            write = files.write_replace if force else files.write_new
-            write(out / config_name, config_json, mode=files.PUBLIC_MODE)
-            written = [config_name, *_write_specs(out, [spec], issued, replace=force)]
-            if not ca_copy.exists():
-                # The folder then holds what an agent needs (ca_file) and its chain verifies.
-                files.write_new(ca_copy, ca_pem, mode=files.PUBLIC_MODE)
-                written.append(ca_copy.name)
-            tools = [manifest.tool_record(cfssl_tool)]
-            if (out / manifest.FILE_NAME).exists():
-                old = manifest.load(out)
-                tools = list({t.sha256 + t.path: t for t in [*old.tools, *tools]}.values())
-            manifest.write(out, manifest.build(out, tools))
-    except BaseException:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    return KitResult(out, (*written, manifest.FILE_NAME))
+    batch = files.FileSet(folder, replace=force)
+    batch.add(f"{spec.stem}-{CONFIG_FILE}", config_json, mode=files.PUBLIC_MODE)
+    batch.add(f"{spec.stem}-csr.json", to_cfssl_json(spec.csr()), mode=files.PUBLIC_MODE)
+    batch.check()  # before cfssl runs: a refusal costs nothing
+    with tempfile.TemporaryDirectory(prefix="cfwrap-") as scratch:
+        # cfssl reads -config and -ca from files; they reach the folder only with the rest.
+        scratch_config = Path(scratch) / CONFIG_FILE
+        scratch_ca = Path(scratch) / f"{CA_STEM}.pem"
+        files.write_new(scratch_config, config_json, mode=files.PUBLIC_MODE)
+        files.write_new(scratch_ca, ca_pem, mode=files.PUBLIC_MODE)
+        (issued,) = _issue_all(
+            cfssl_tool,
+            ca_cert=scratch_ca,
+            ca_key=ca.key_path.absolute(),
+            config_file=scratch_config,
+            config=config,
+            specs=[spec],
+        )
+    for name, data, mode in _issued_files(spec.stem, issued):
+        batch.add(name, data, mode=mode)
+    if not ca_copy.exists():
+        # The folder then holds what an agent needs (ca_file) and its chain verifies.
+        batch.add(ca_copy.name, ca_pem, mode=files.PUBLIC_MODE)
+    with batch:
+        batch.apply()
+        folder_manifest = manifest.build(folder, tools)
+        _check_kit(folder_manifest, only=batch.names)
+        manifest.write(folder, folder_manifest)
+    return batch.names

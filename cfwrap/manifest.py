@@ -131,8 +131,10 @@ class _Read:
     """One file's bytes and what parsing them found."""
 
     def __init__(self, path: Path) -> None:
+        from cfwrap.files import read_input
+
         self.path = path
-        self.data = path.read_bytes()
+        self.data = read_input(path)
         self.mode = stat.S_IMODE(path.stat().st_mode)
         self.pem = parsers.pem_kind(self.data) if path.suffix in (".pem", ".csr") else None
         self.cert: x509.Certificate | None = None
@@ -273,20 +275,27 @@ def load(folder: Path) -> Manifest:
     """
     import jsonschema
 
+    from cfwrap.files import read_input
+
     path = folder / FILE_NAME
+    repair = "`cfwrap manifest --write DIR` rebuilds it from the files on disk"
     try:
-        data = json.loads(path.read_bytes())
+        data = json.loads(read_input(path))
     except FileNotFoundError:
         raise VerificationError(
             str(path), "no manifest here", fix="run `cfwrap manifest --write DIR` to make one"
         ) from None
+    except RecursionError:
+        raise VerificationError(str(path), "nested too deeply", fix=repair) from None
     except ValueError as e:
-        raise VerificationError(str(path), f"not valid JSON ({e})") from None
+        raise VerificationError(str(path), f"not valid JSON ({e})", fix=repair) from None
     try:
         jsonschema.Draft202012Validator(_schema()).validate(data)
     except jsonschema.ValidationError as e:
         where = "/".join(str(p) for p in e.absolute_path) or "(top)"
-        raise VerificationError(str(path), f"invalid at {where}: {e.message}") from None
+        raise VerificationError(
+            str(path), f"invalid at {where}: {e.message[:200]}", fix=repair
+        ) from None
     return Manifest.model_validate(data)
 
 

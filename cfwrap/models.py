@@ -44,11 +44,13 @@ def parse_duration(text: str) -> timedelta:
             f"{text!r} is not a duration like 8760h (Go units h, m, s; cfssl refuses y and d)"
         )
     seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
+    shown = text if len(text) <= 24 else f"{text[:20]}..."
+    # Compared as seconds first: a huge number would overflow timedelta.
+    if seconds > MAX_LIFETIME.total_seconds():
+        raise ValueError(f"{shown!r} is longer than the maximum lifetime of 30 years (262800h)")
     value = timedelta(seconds=seconds)
     if value < MIN_LIFETIME:
-        raise ValueError(f"{text!r} is shorter than the minimum lifetime of 1h")
-    if value > MAX_LIFETIME:
-        raise ValueError(f"{text!r} is longer than the maximum lifetime of 30 years (262800h)")
+        raise ValueError(f"{shown!r} is shorter than the minimum lifetime of 1h")
     return value
 
 
@@ -92,6 +94,22 @@ Usage = Literal[
 
 M = TypeVar("M", bound=BaseModel)
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _check_text(text: str) -> str:
+    """Refuse control characters (NUL, newline, escapes) in a name that ends up in a subject."""
+    found = _CONTROL.search(text)
+    if found:
+        raise ValueError(
+            f"contains the control character {found.group()!r}; names are one line of text"
+        )
+    return text
+
+
+#: A line of text for a certificate's subject: no NUL, newline or other control character.
+Text = Annotated[str, AfterValidator(_check_text)]
+
 _FROZEN = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
 
@@ -117,11 +135,11 @@ class SubjectName(BaseModel):
 
     model_config = _FROZEN
 
-    C: str | None = None
-    ST: str | None = None
-    L: str | None = None
-    O: str | None = None  # noqa: E741 (cfssl's own field name)
-    OU: str | None = None
+    C: Text | None = None
+    ST: Text | None = None
+    L: Text | None = None
+    O: Text | None = None  # noqa: E741 (cfssl's own field name)
+    OU: Text | None = None
 
 
 class CAOptions(BaseModel):
@@ -139,7 +157,7 @@ class CSR(BaseModel):
 
     model_config = _FROZEN
 
-    CN: str = Field(min_length=1, max_length=64)
+    CN: Text = Field(min_length=1, max_length=64)
     hosts: tuple[str, ...] = ()
     key: KeySpec = KeySpec()
     names: tuple[SubjectName, ...] = ()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -22,6 +22,8 @@ from cfwrap.models import (
     KeySpec,
     SigningConfig,
     SigningProfile,
+    SubjectName,
+    Text,
     Usage,
     parse_duration,
 )
@@ -36,11 +38,16 @@ DEFAULT_REGION = "global"
 #: X.509's upper bound for a common name (RFC 5280 ub-common-name); the CN is the role name.
 MAX_COMMON_NAME = 64
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
-_ROLE_NAME = re.compile(r"(server|client|cli)\.([^.]+)\.nomad")
+_MIXED_CASE_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+# Go compares host names without regard to case (crypto/x509 matchHostnames), so a name that
+# differs from a role name only in case still claims that role for every TLS check.
+_ROLE_NAME = re.compile(r"(server|client|cli)\.([^.]+)\.nomad", re.IGNORECASE)
 
 
-def check_label(text: str, *, what: str = "label") -> str:
+def check_label(text: str, *, what: str = "label", mixed_case: bool = False) -> str:
     """Check one DNS label (letters, digits, inner hyphens, at most 63 characters).
+
+    ``mixed_case`` admits capitals, as a Nomad region may have them (``region = "EU"``).
 
     Raises:
         ValueError: with the reason, for pydantic or the CLI to report.
@@ -57,22 +64,25 @@ def check_label(text: str, *, what: str = "label") -> str:
         raise ValueError(f"{what} {text[:20]!r}... is {len(text)} characters; DNS allows 63")
     if not text.isascii():
         raise ValueError(f"{what} {text!r} is not ASCII; give international names in punycode")
-    if not _LABEL.fullmatch(text):
-        raise ValueError(
-            f"{what} {text!r} is not a DNS label (lowercase a-z, 0-9 and inner '-' only)"
-        )
+    if not (_MIXED_CASE_LABEL if mixed_case else _LABEL).fullmatch(text):
+        letters = "a-z, A-Z" if mixed_case else "lowercase a-z"
+        raise ValueError(f"{what} {text!r} is not a DNS label ({letters}, 0-9 and inner '-' only)")
     return text
 
 
 def check_region(text: str) -> str:
     """Check a Nomad region name: one DNS label, since it becomes part of ``server.<region>.nomad``.
 
+    Capitals are kept as given: Nomad's Raft check compares ``server.<region>.nomad`` exactly,
+    case and all (``nomad/rpc.go`` validateRaftTLS), while Go's TLS name check ignores case; a
+    certificate that spells the region as the agent does passes both.
+
     Raises:
         ValueError: with the reason.
     """
     if "." in text and ".." not in text:
         raise ValueError(f"region {text!r} contains '.'; it must be a single DNS label")
-    check_label(text, what="region")
+    check_label(text, what="region", mixed_case=True)
     if len(role_name("server", text)) > MAX_COMMON_NAME:
         raise ValueError(
             f"region {text[:20]!r}... is {len(text)} characters; server.<region>.nomad must fit "
@@ -115,11 +125,14 @@ def role_name(role: Role, region: str) -> str:
 
 
 def parse_role_name(name: str) -> tuple[Role, str] | None:
-    """Split ``<role>.<region>.nomad`` into role and region; None for any other name."""
+    """Split ``<role>.<region>.nomad`` (any case, as Go matches it) into role and region.
+
+    None for any other name.
+    """
     match = _ROLE_NAME.fullmatch(name)
     if match is None:
         return None
-    role: Role = match.group(1)  # type: ignore[assignment] # the pattern admits only Role values
+    role: Role = match.group(1).lower()  # type: ignore[assignment] # the pattern admits only Role values
     return role, match.group(2)
 
 
@@ -132,7 +145,7 @@ def role_of(facts: CertFacts) -> tuple[Role, str] | None:
     return None
 
 
-_FILE_STEM = re.compile(r"(?P<region>[a-z0-9-]+)-(?P<role>server|client|cli)(?:-nomad)?")
+_FILE_STEM = re.compile(r"(?P<region>[A-Za-z0-9-]+)-(?P<role>server|client|cli)(?:-nomad)?")
 
 
 def parse_file_stem(stem: str) -> tuple[Role, str] | None:
@@ -165,21 +178,40 @@ class CASpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    common_name: str = Field(default="Nomad Agent CA", min_length=1, max_length=MAX_COMMON_NAME)
-    organization: str | None = None
+    common_name: Text = Field(default="Nomad Agent CA", min_length=1, max_length=MAX_COMMON_NAME)
+    names: tuple[SubjectName, ...] = ()
     expiry: Duration = "43800h"
     key: KeySpec = KeySpec()
+    #: 0: the CA signs leaves only (Go's MaxPathLenZero); more allows intermediates below it.
+    path_length: int = Field(default=0, ge=0)
+
+    @staticmethod
+    def from_csr(csr: CSR) -> dict[str, object]:
+        """The fields of a CA spec that keeps everything a user's CA CSR JSON says."""
+        options = csr.ca or CAOptions()
+        return {
+            "common_name": csr.CN,
+            "names": [n.model_dump() for n in csr.names],
+            "expiry": options.expiry,
+            "key": csr.key.model_dump(),
+            "path_length": options.pathlen or 0,
+        }
 
     def csr(self) -> CSR:
-        """Build the CSR for ``cfssl gencert -initca``; path length 0: it signs leaves only."""
-        from cfwrap.models import SubjectName
+        """Build the CSR for ``cfssl gencert -initca``, with the path length stated exactly.
 
-        names = (SubjectName(O=self.organization),) if self.organization else ()
+        cfssl reads ``pathlen: 0`` without ``pathlenzero`` as "no limit" (Go's x509 does), so a
+        zero is always sent with ``pathlenzero``.
+        """
         return CSR(
             CN=self.common_name,
             key=self.key,
-            names=names,
-            ca=CAOptions(expiry=self.expiry, pathlen=0, pathlenzero=True),
+            names=self.names,
+            ca=CAOptions(
+                expiry=self.expiry,
+                pathlen=self.path_length,
+                pathlenzero=self.path_length == 0,
+            ),
         )
 
 
@@ -197,14 +229,19 @@ class CertSpec(BaseModel):
 
     @field_validator("dns_names")
     @classmethod
-    def _one_role_only(cls, names: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
-        role = info.data.get("role")
+    def _own_role_name_only(cls, names: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        """Refuse ``<role>.<region>.nomad`` names other than the certificate's own.
+
+        Another role's name voids Nomad's role check; another region's name makes one server
+        certificate a server of several regions, which Go's checks then accept.
+        """
+        role, region = info.data.get("role"), info.data.get("region")
+        own = role_name(role, region) if role and region else None
         for name in names:
-            parsed = parse_role_name(name)
-            if parsed is not None and parsed[0] != role:
+            if parse_role_name(name) is not None and name != own:
                 raise ValueError(
-                    f"{name!r} is another role's name; one certificate must carry one role, or "
-                    "Nomad's role check is void"
+                    f"{name!r} is a Nomad role name other than this certificate's own "
+                    f"({own}); one certificate carries one role in one region"
                 )
         return names
 
@@ -256,10 +293,63 @@ def signing_config(specs: Sequence[CertSpec]) -> SigningConfig:
     return SigningConfig(signing=Signing(default=default, profiles=profiles))
 
 
+class HclSyntaxError(ValueError):
+    """A text that is not valid HCL; the message gives the place, never the text found there.
+
+    A configuration file may hold the gossip key, and a parser's message quotes the token it
+    stumbled on, so that token is never repeated.
+    """
+
+
+def parse_hcl(text: str) -> dict[str, Any]:
+    """Parse an agent configuration with a real HCL2 parser (python-hcl2, as Nomad's HCL reads it).
+
+    Blocks come back as dicts (or lists of dicts), strings without their quotes.
+
+    Raises:
+        HclSyntaxError: the text is not HCL; the message says where.
+    """
+    import hcl2
+    from hcl2 import SerializationOptions
+
+    options = SerializationOptions(
+        with_comments=False, strip_string_quotes=True, explicit_blocks=False
+    )
+    try:
+        data: dict[str, Any] = hcl2.loads(text, serialization_options=options)
+    except RecursionError:
+        raise HclSyntaxError("nested too deeply") from None
+    except Exception as e:  # lark raises many unrelated exception types for bad syntax
+        line, column = getattr(e, "line", None), getattr(e, "column", None)
+        where = f" at line {line}, column {column}" if isinstance(line, int) and line > 0 else ""
+        raise HclSyntaxError(f"not valid HCL{where}") from None
+    return data
+
+
+def check_config_text(value: str, *, what: str) -> str:
+    """Refuse control characters in a value written into an agent's HCL or environment file.
+
+    A newline in a path would end the HCL string (or the env line) and start another setting.
+
+    Raises:
+        ValueError: with the reason.
+    """
+    found = re.search(r"[\x00-\x1f\x7f]", value)
+    if found:
+        raise ValueError(
+            f"{what} contains the control character {found.group()!r}, which cannot be written "
+            "into an agent's configuration"
+        )
+    if "${" in value or "%{" in value:
+        # HCL2 reads these as templates and HCL1 (Nomad's agent files) does not: no escape
+        # means the same to both, so such a value is refused rather than guessed at.
+        raise ValueError(f"{what} contains '${{' or '%{{', which HCL would read as a template")
+    return value
+
+
 def _hcl_string(value: str) -> str:
-    """Quote a string for HCL: escape backslashes, quotes and template sequences."""
+    """Quote a string for HCL: escape backslashes and quotes (templates are refused earlier)."""
     escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-    escaped = escaped.replace("${", "$${").replace("%{", "%%{")
     return f'"{escaped}"'
 
 
@@ -272,7 +362,15 @@ def agent_hcl(
     key_file: str,
     gossip_key: str | None = None,
 ) -> str:
-    """Render a Nomad agent configuration with the ``tls {}`` block (and gossip key for servers)."""
+    """Render a Nomad agent configuration with the ``tls {}`` block (and gossip key for servers).
+
+    The text is parsed back before it is returned, and must say exactly what it was given.
+
+    Raises:
+        ValueError: a value holds a control character, or the text does not read back as meant.
+    """
+    for what, value in (("ca_file", ca_file), ("cert_file", cert_file), ("key_file", key_file)):
+        check_config_text(value, what=what)
     lines = [
         f"# Nomad {role} agent TLS settings for region {region}, written by cfwrap.",
         f"region = {_hcl_string(region)}",
@@ -300,7 +398,36 @@ def agent_hcl(
         "  verify_https_client    = true",
         "}",
     ]
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    _read_back(
+        text,
+        region=region,
+        files={"ca_file": ca_file, "cert_file": cert_file, "key_file": key_file},
+        gossip_key=gossip_key if role == "server" else None,
+    )
+    return text
+
+
+def _first_block(data: dict[str, Any], name: str) -> dict[str, Any]:
+    value = data.get(name)
+    if isinstance(value, list) and value:
+        value = value[0]
+    return value if isinstance(value, dict) else {}
+
+
+def _read_back(text: str, *, region: str, files: dict[str, str], gossip_key: str | None) -> None:
+    """Parse rendered HCL and refuse it unless it says what it was rendered from."""
+    data = parse_hcl(text)
+    tls = _first_block(data, "tls")
+    said = {
+        "region": data.get("region"),
+        **{name: tls.get(name) for name in files},
+        "encrypt": _first_block(data, "server").get("encrypt"),
+    }
+    meant = {"region": region, **files, "encrypt": gossip_key}
+    wrong = sorted(k for k in meant if said[k] != meant[k])
+    if wrong or tls.get("verify_server_hostname") is not True:
+        raise ValueError(f"the agent configuration does not read back as written: {wrong}")
 
 
 def _env_value(value: str) -> str:
@@ -316,6 +443,8 @@ def cli_env(*, address: str, ca_file: str, cert_file: str, key_file: str) -> str
         "NOMAD_CLIENT_CERT": cert_file,
         "NOMAD_CLIENT_KEY": key_file,
     }
+    for name, value in pairs.items():
+        check_config_text(value, what=name)
     return "".join(f"{k}={_env_value(v)}\n" for k, v in pairs.items())
 
 

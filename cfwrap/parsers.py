@@ -167,9 +167,41 @@ def load_certificate(data: bytes) -> x509.Certificate:
     if pem_kind(data) != "certificate":
         raise ParseError(f"not a PEM certificate (found: {pem_kind(data) or 'no PEM block'})")
     try:
-        return x509.load_pem_x509_certificate(data)
+        cert = x509.load_pem_x509_certificate(data)
     except ValueError as e:
         raise ParseError(f"damaged PEM certificate ({e})") from None
+    return _checked(cert)
+
+
+def load_der_certificate(data: bytes) -> x509.Certificate:
+    """Load a DER certificate (as a TLS peer presents it).
+
+    Raises:
+        ParseError: a damaged certificate.
+    """
+    from cryptography import x509
+
+    try:
+        cert = x509.load_der_x509_certificate(data)
+    except ValueError as e:
+        raise ParseError(f"damaged certificate ({e})") from None
+    return _checked(cert)
+
+
+def _checked(cert: x509.Certificate) -> x509.Certificate:
+    """Parse the parts cryptography reads lazily, so damage shows here and not in a caller.
+
+    A malformed extension (a SAN that is not valid DER, say) raises only when the extensions
+    are first read; an unknown key type only when the public key is.
+    """
+    from cryptography.exceptions import UnsupportedAlgorithm
+
+    try:
+        _ = cert.extensions
+        cert.public_key()
+    except (ValueError, UnsupportedAlgorithm) as e:
+        raise ParseError(f"damaged certificate ({type(e).__name__}: {e})") from None
+    return cert
 
 
 def certificate_facts(cert: x509.Certificate) -> CertFacts:
@@ -252,17 +284,20 @@ def read_csr(data: bytes) -> CSRFacts:
 
     if pem_kind(data) != "csr":
         raise ParseError(f"not a PEM CSR (found: {pem_kind(data) or 'no PEM block'})")
+    from cryptography.exceptions import UnsupportedAlgorithm
+
     try:
         csr = x509.load_pem_x509_csr(data)
         dns, ips = _sans(csr.extensions)
-    except ValueError as e:
+        public = csr.public_key()
+    except (ValueError, UnsupportedAlgorithm) as e:
         raise ParseError(f"damaged PEM CSR ({e})") from None
     return CSRFacts(
         subject=csr.subject.rfc4514_string(),
         common_name=_common_name(csr.subject),
         dns_names=dns,
         ip_addresses=ips,
-        key=_key_facts(csr.public_key()),
+        key=_key_facts(public),
         signature_valid=csr.is_signature_valid,
     )
 

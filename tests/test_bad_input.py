@@ -24,7 +24,7 @@ QUICKSTART_CASES = [
     (["--region", "a/b"], ExitCode.INPUT, "path separator"),
     (["--region", ".."], ExitCode.INPUT, "'..'"),
     (["--region", "../etc"], ExitCode.INPUT, "'..'"),
-    (["--region", "Global"], ExitCode.INPUT, "not a DNS label"),
+    (["--region", "eu_west"], ExitCode.INPUT, "not a DNS label"),
     (["--region", "a" * 64], ExitCode.INPUT, "63"),
     (["--region", "a" * 52], ExitCode.INPUT, "at most 51"),
     (["--region", ""], ExitCode.INPUT, "empty region"),

@@ -107,9 +107,18 @@ def test_role_names():
     assert parse_role_name("nomad.example.com") is None
 
 
-def test_hcl_strings_are_escaped():
-    text = agent_hcl("client", region="global", ca_file='/a"b/${x}', cert_file="c", key_file="k")
-    assert 'ca_file   = "/a\\"b/$${x}"' in text
+def test_hcl_strings_are_escaped_and_read_back():
+    from cfwrap.nomad import parse_hcl
+
+    text = agent_hcl("client", region="global", ca_file='/a"b\\c', cert_file="c", key_file="k")
+    assert 'ca_file   = "/a\\"b\\\\c"' in text
+    assert parse_hcl(text)["tls"][0]["ca_file"] == '/a"b\\c'
+
+
+@pytest.mark.parametrize("path", ["/a\nhttp = false", "/a\r", "/x/${y}", "/x/%{y}", "/a\x00"])
+def test_hcl_values_that_would_change_the_config_are_refused(path):
+    with pytest.raises(ValueError, match="ca_file contains"):
+        agent_hcl("client", region="global", ca_file=path, cert_file="c", key_file="k")
 
 
 def test_kit_file_names():

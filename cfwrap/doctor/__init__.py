@@ -6,12 +6,13 @@ certificate, else from the file name (``<region>-<role>-nomad.pem``), else from 
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from cfwrap import gossip, parsers
+from cfwrap import files, gossip, parsers
 from cfwrap.cfssl import key_path
 from cfwrap.doctor import agent, certs, probe
 from cfwrap.doctor.findings import Finding, sort_findings
@@ -57,7 +58,7 @@ class Options:
 
 def _role_from_names(cert_path: Path) -> tuple[Role | None, str | None]:
     try:
-        facts = parsers.read_certificate(cert_path.read_bytes())
+        facts = parsers.read_certificate(files.read_input(cert_path))
     except (OSError, parsers.ParseError):
         return None, None
     return role_of(facts) or (None, None)
@@ -67,7 +68,7 @@ def _pem_files(folder: Path) -> dict[Path, str | None]:
     kinds: dict[Path, str | None] = {}
     for path in sorted(folder.glob("*.pem")):
         try:
-            kinds[path] = parsers.pem_kind(path.read_bytes())
+            kinds[path] = parsers.pem_kind(files.read_input(path))
         except OSError:
             kinds[path] = None
     return kinds
@@ -78,7 +79,7 @@ def _find_ca(pems: dict[Path, str | None]) -> Path | None:
     named = [p for p in certs_ if p.name in ("ca.pem", "nomad-agent-ca.pem")]
     for path in named + certs_:
         try:
-            if parsers.read_certificate(path.read_bytes()).is_ca:
+            if parsers.read_certificate(files.read_input(path)).is_ca:
                 return path
         except (OSError, parsers.ParseError):
             continue
@@ -192,14 +193,19 @@ def _check_manifest(folder: Path) -> list[Finding]:
     path = folder / manifest.FILE_NAME
     if not path.is_file():
         return []
-    fix = f"inspect the change; cfwrap manifest --write {folder} records the folder as it is"
+    write = shlex.join(["cfwrap", "manifest", "--write", str(folder)])
+    fix = f"inspect the change; {write} records the folder as it is"
     try:
         recorded = manifest.load(folder)
+        actual = manifest.scan(folder)
     except VerificationError as e:
         return [Finding("warning", str(path), "manifest.invalid", e.why, fix=fix)]
+    except OSError as e:
+        reason = f"cannot compare it with {e.filename or 'the folder'}: {e.strerror}"
+        return [Finding("warning", str(path), "manifest.unreadable", reason)]
     return [
         Finding("warning", str(path), "manifest.drift", line, fix=fix)
-        for line in manifest.differences(recorded, manifest.scan(folder))
+        for line in manifest.differences(recorded, actual)
     ]
 
 
@@ -208,7 +214,9 @@ def _check_gossip_file(path: Path) -> list[Finding]:
         return []
     findings = certs.check_key_file(path)
     try:
-        gossip.check(path.read_text())
+        gossip.check(files.read_input_text(path, limit=4096))
+    except OSError as e:
+        findings.append(Finding("error", str(path), "gossip", f"cannot read: {e.strerror}"))
     except ValueError as e:
         findings.append(Finding("error", str(path), "gossip", str(e), fix="cfwrap keygen"))
     return findings

@@ -10,9 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cfwrap import gossip, parsers
+from cfwrap import files, gossip, parsers
 from cfwrap.doctor.findings import Finding, Severity
-from cfwrap.nomad import DEFAULT_REGION, Role
+from cfwrap.nomad import DEFAULT_REGION, HclSyntaxError, Role, check_region, parse_hcl
+
+#: An agent configuration is a few KiB; a larger file is not one cfwrap should parse.
+_MAX_HCL = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -39,27 +42,20 @@ def read(path: Path) -> tuple[AgentConfig | None, list[Finding]]:
 
     The role comes from the file name (``server``/``client`` in it), else from its blocks.
     """
-    import hcl2
-    from hcl2 import SerializationOptions
-
-    options = SerializationOptions(
-        with_comments=False, strip_string_quotes=True, explicit_blocks=False
-    )
     try:
-        with path.open() as f:
-            data = hcl2.load(f, serialization_options=options)
+        data = parse_hcl(files.read_input_text(path, limit=_MAX_HCL))
     except OSError as e:
         return None, [Finding("error", str(path), "hcl.read", f"cannot read: {e.strerror}")]
-    except Exception as e:  # lark raises many unrelated exception types for bad syntax
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except HclSyntaxError as e:
+        # The parser's own message quotes the text it stumbled on: maybe the gossip key.
         return None, [
             Finding(
                 "error",
                 str(path),
                 "hcl.parse",
-                f"not valid HCL: {first}",
+                str(e),
                 nomad_error="Error loading configuration",
-                fix="fix the syntax",
+                fix="fix the syntax at that place",
             )
         ]
     server = _block(data, "server")
@@ -70,21 +66,36 @@ def read(path: Path) -> tuple[AgentConfig | None, list[Finding]]:
     elif "client" in stem or _block(data, "client") is not None:
         role = "client"
     tls = _block(data, "tls")
-    files = {}
+    named = {}
     for key in ("ca_file", "cert_file", "key_file"):
         value = tls.get(key) if tls else None
         if isinstance(value, str) and value:
-            files[key] = Path(value) if Path(value).is_absolute() else path.parent / value
+            named[key] = Path(value) if Path(value).is_absolute() else path.parent / value
     encrypt = server.get("encrypt") if server else None
     region = data.get("region")
-    return AgentConfig(
+    region = region if isinstance(region, str) else DEFAULT_REGION
+    findings = []
+    try:
+        check_region(region)
+    except ValueError as e:
+        findings.append(
+            Finding(
+                "error",
+                str(path),
+                "hcl.region",
+                f"{e}; no certificate can carry server.<region>.nomad for it",
+                fix='give the agent a region that is a DNS label, e.g. region = "global"',
+            )
+        )
+    config = AgentConfig(
         path=path,
         role=role,
-        region=region if isinstance(region, str) else DEFAULT_REGION,
+        region=region,
         tls=tls,
         encrypt=encrypt if isinstance(encrypt, str) else None,
-        files=files,
-    ), []
+        files=named,
+    )
+    return config, findings
 
 
 def check(config: AgentConfig) -> list[Finding]:
@@ -185,7 +196,7 @@ def _check_ciphers(config: AgentConfig) -> list[Finding]:
     if config.tls.get("tls_min_version") == "tls13":
         return []  # Go's TLS 1.3 suites are fixed and fit every key type
     try:
-        algorithm = parsers.read_certificate(cert_file.read_bytes()).key.algorithm
+        algorithm = parsers.read_certificate(files.read_input(cert_file)).key.algorithm
     except (OSError, parsers.ParseError):
         return []
     marker = {"ecdsa": "_ECDSA_", "rsa": "_RSA_"}.get(algorithm)

@@ -7,13 +7,15 @@ and the cfwrap command that fixes it. Works on any PEM files, not only cfwrap's.
 from __future__ import annotations
 
 import os
+import shlex
 import stat
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cfwrap import parsers
+from cfwrap import files, parsers
+from cfwrap.cfssl import key_path
 from cfwrap.doctor.findings import Finding
 from cfwrap.nomad import Role, parse_role_name, role_name
 
@@ -44,14 +46,19 @@ class LoadedCA:
 
 
 def reissue_command(leaf: Leaf, ca: LoadedCA | None) -> str:
-    """The cfwrap command that makes a correct certificate in this leaf's place."""
+    """The cfwrap command that makes a correct certificate in this leaf's place.
+
+    Every value is shell-quoted: paths and the region may come from a file an attacker wrote
+    (an agent's HCL), and the line is meant to be pasted into a shell.
+    """
     ca_path = ca.path if ca else Path("ca.pem")
-    ca_key = (ca.key_path if ca and ca.key_path else None) or ca_path.with_name("ca-key.pem")
+    # cfssljson's naming: nomad-agent-ca.pem's key is nomad-agent-ca-key.pem.
+    ca_key = (ca.key_path if ca and ca.key_path else None) or key_path(ca_path)
     role = leaf.role or "server"
-    return (
-        f"cfwrap cert --ca {ca_path} --ca-key {ca_key} --role {role} --region {leaf.region} "
-        f"--out {leaf.cert.parent} --force"
-    )
+    return shlex.join(
+        ["cfwrap", "cert", "--ca", str(ca_path), "--ca-key", str(ca_key), "--role", role,
+         "--region", leaf.region, "--out", str(leaf.cert.parent), "--force"]
+    )  # fmt: skip
 
 
 def go_hostname_error(facts: parsers.CertFacts, host: str) -> str:
@@ -71,7 +78,7 @@ def go_hostname_error(facts: parsers.CertFacts, host: str) -> str:
 def load_ca(path: Path, key_path: Path | None) -> tuple[LoadedCA | None, list[Finding]]:
     """Load the CA certificate; findings when it cannot serve as ``ca_file``."""
     try:
-        cert = parsers.load_certificate(path.read_bytes())
+        cert = parsers.load_certificate(files.read_input(path))
     except (OSError, parsers.ParseError) as e:
         reason = e.strerror if isinstance(e, OSError) else str(e)
         return None, [
@@ -161,7 +168,7 @@ def check_key_file(path: Path) -> list[Finding]:
                 str(path),
                 "key.mode",
                 f"mode {mode:04o} lets other users read or change a private key",
-                fix=f"chmod 0600 {path}",
+                fix=shlex.join(["chmod", "0600", str(path)]),
             )
         )
     if info.st_uid != os.geteuid():
@@ -171,7 +178,8 @@ def check_key_file(path: Path) -> list[Finding]:
                 str(path),
                 "key.owner",
                 f"owned by uid {info.st_uid}, not by uid {os.geteuid()} that runs this check",
-                fix=f"chown {os.geteuid()} {path}  (the user the Nomad agent runs as)",
+                fix=shlex.join(["chown", str(os.geteuid()), str(path)])
+                + "  (the user the Nomad agent runs as)",
             )
         )
     return findings
@@ -305,7 +313,7 @@ def check_leaf(
 ) -> list[Finding]:
     """Every check for one role certificate file (and its key, when known)."""
     try:
-        cert = parsers.load_certificate(leaf.cert.read_bytes())
+        cert = parsers.load_certificate(files.read_input(leaf.cert))
     except (OSError, parsers.ParseError) as e:
         reason = e.strerror if isinstance(e, OSError) else str(e)
         return [
@@ -389,7 +397,7 @@ def check_certificate(
 def _check_pair(leaf: Leaf, facts: parsers.CertFacts, fix: str) -> list[Finding]:
     assert leaf.key is not None  # noqa: S101 (caller checked)
     try:
-        key = parsers.read_private_key(leaf.key.read_bytes())
+        key = parsers.read_private_key(files.read_input(leaf.key))
     except (OSError, parsers.ParseError) as e:
         reason = e.strerror if isinstance(e, OSError) else str(e)
         return [Finding("error", str(leaf.key), "key.read", f"cannot read: {reason}", fix=fix)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import socket
 import ssl
 from dataclasses import dataclass
@@ -44,32 +46,61 @@ class Presented:
 
 
 def load_der(data: bytes) -> x509.Certificate:
-    """Load a DER certificate."""
-    from cryptography import x509
+    """Load a DER certificate.
 
-    return x509.load_der_x509_certificate(data)
+    Raises:
+        ParseError: a damaged certificate.
+    """
+    return parsers.load_der_certificate(data)
+
+
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 
 
 def parse_address(text: str) -> tuple[str, int]:
-    """Split ``HOST:PORT`` (``[v6]:PORT`` too).
+    """Split ``HOST:PORT`` (``[v6]:PORT`` too), refusing a host no resolver would take.
 
     Raises:
-        InputError: no port, or not a number.
+        InputError: no port, not a number, or a host that is neither an address nor a name.
     """
+    shown = text if len(text) <= 60 else f"{text[:57]}..."
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise InputError(
-            f"--connect {text}", "expected HOST:PORT", fix="for example 127.0.0.1:4646"
-        )
-    return host.strip("[]"), int(port)
+    if not sep or not host or not port.isascii() or not port.isdigit():
+        raise InputError(f"--connect {shown!r}", "expected HOST:PORT", fix="e.g. 127.0.0.1:4646")
+    if not 0 < int(port) < 65536:
+        raise InputError(f"--connect {shown!r}", "the port must be 1 to 65535")
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        labels = host.removesuffix(".").split(".")
+        if len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+            raise InputError(
+                f"--connect {shown!r}",
+                "the host is neither an IP address nor a DNS name (labels of 1-63 letters, "
+                "digits and '-')",
+                fix="e.g. 127.0.0.1:4646 or nomad.example.com:4646",
+            ) from None
+    return host, int(port)
 
 
 def _client_context(ca: Path | None, cert: Path | None, key: Path | None) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if cert is not None and key is not None:
-        ctx.load_cert_chain(str(cert), str(key))
-    return ctx
+    """A client context with the CLI's certificate; a bad certificate or key is the user's input.
+
+    Raises:
+        InputError: the CA, certificate or key cannot be used (encrypted, mismatched, damaged).
+    """
+    from cfwrap.doctor.probe import Side, context
+
+    try:
+        return context(ssl.Purpose.SERVER_AUTH, ca, Side(cert, key))
+    except OSError as e:  # ssl.SSLError included
+        reason = getattr(e, "reason", None) or e.strerror or str(e)
+        raise InputError(
+            "--ca/--cert/--key",
+            f"cannot use them for TLS ({reason})",
+            fix="give the CA, and the cli certificate with its own unencrypted key",
+        ) from None
 
 
 def connect(
@@ -92,8 +123,13 @@ def connect(
             look.wrap_socket(raw, server_hostname=server_name) as tls,
         ):
             der = tls.getpeercert(binary_form=True)
-    except (OSError, ssl.SSLError) as e:
+    except (OSError, ssl.SSLError, UnicodeError) as e:
         return Presented(address, None, verified=False, error=f"cannot connect: {e}")
+    if der is not None:
+        try:
+            parsers.load_der_certificate(der)
+        except parsers.ParseError as e:
+            return Presented(address, None, verified=False, error=f"it presented {e}")
     strict = _client_context(ca, cert, key)
     try:
         with (
@@ -101,6 +137,6 @@ def connect(
             strict.wrap_socket(raw, server_hostname=server_name),
         ):
             pass
-    except (OSError, ssl.SSLError) as e:
+    except (OSError, ssl.SSLError, UnicodeError) as e:
         return Presented(address, der, verified=False, error=str(e))
     return Presented(address, der, verified=True, error="")

@@ -55,11 +55,26 @@ class ProbeResult:
         return {**asdict(self), "as_expected": self.as_expected}
 
 
-def _context(purpose: ssl.Purpose, ca: Path, side: Side) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(purpose, cafile=str(ca))
+def _no_pass_phrase() -> bytes:
+    """Answer OpenSSL's pass phrase request with nothing: cfwrap never prompts on a terminal."""
+    return b""
+
+
+def context(purpose: ssl.Purpose, ca: Path | None, side: Side) -> ssl.SSLContext:
+    """A TLS context as a Nomad agent (or its CLI) sets one up: TLS >= 1.2, ``ca`` trusted.
+
+    Raises:
+        OSError: a file is not a regular file (a FIFO would block), or cannot be read.
+        ssl.SSLError: a file is not what it should be (an encrypted key, a key that does not
+            belong to the certificate).
+    """
+    for path in (ca, side.cert, side.key):
+        if path is not None and not path.is_file():
+            raise OSError(f"{path} is not a regular file")
+    ctx = ssl.create_default_context(purpose, cafile=str(ca) if ca else None)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if side.cert is not None and side.key is not None:
-        ctx.load_cert_chain(str(side.cert), str(side.key))
+        ctx.load_cert_chain(str(side.cert), str(side.key), password=_no_pass_phrase)
     if purpose is ssl.Purpose.CLIENT_AUTH:
         ctx.verify_mode = ssl.CERT_REQUIRED  # Nomad's RPC always wants a client certificate
     return ctx
@@ -67,8 +82,13 @@ def _context(purpose: ssl.Purpose, ca: Path, side: Side) -> ssl.SSLContext:
 
 def run(probe: Probe, ca: Path) -> ProbeResult:
     """Run one probe over loopback; under TLS 1.3 a byte is echoed so late rejections show."""
-    server_ctx = _context(ssl.Purpose.CLIENT_AUTH, ca, probe.server)
-    client_ctx = _context(ssl.Purpose.SERVER_AUTH, ca, probe.client)
+    try:
+        server_ctx = context(ssl.Purpose.CLIENT_AUTH, ca, probe.server)
+        client_ctx = context(ssl.Purpose.SERVER_AUTH, ca, probe.client)
+    except (OSError, ssl.SSLError) as e:  # ssl.SSLError is an OSError; named for the reader
+        return ProbeResult(
+            probe.name, probe.server_name, probe.expect_ok, False, f"cannot load: {e}"
+        )
     server_error: list[str] = []
     with socket.create_server(("127.0.0.1", 0)) as listener:
         listener.settimeout(_TIMEOUT)
