@@ -163,7 +163,7 @@ def _output_options(parser: argparse.ArgumentParser, *, what: str) -> None:
 def _wait_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--wait",
-        type=float,
+        type=_seconds,
         nargs="?",
         const=600.0,
         default=0.0,
@@ -171,6 +171,19 @@ def _wait_option(parser: argparse.ArgumentParser) -> None:
         help="if another cfwrap is writing the same folder, wait for it (default: fail at once; "
         "--wait alone waits up to 600 s)",
     )
+
+
+def _seconds(text: str) -> float:
+    """A number of seconds for --wait: finite and not negative (``nan`` would wait forever)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:20]!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text[:20]!r}: give 0 or more seconds")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -669,7 +682,8 @@ def _doctor(args: argparse.Namespace) -> int:
         )
     elif args.cert is not None:
         if not args.cert.is_file():
-            raise InputError(str(args.cert), "no such file", fix="give the certificate to check")
+            why = "not a regular file" if args.cert.exists() else "no such file"
+            raise InputError(str(args.cert), why, fix="give the certificate to check")
         report = doctor.diagnose_files(
             cert=args.cert, key=args.key, ca=args.ca, role=args.role, region=region, options=options
         )
@@ -785,7 +799,7 @@ def _replay(args: argparse.Namespace) -> int:
             fix="or pass --print to see it as a script",
         )
     result = replay.replay(
-        loaded, out=args.out, cfssl_dir=args.cfssl_dir, force=args.force, wait=args.wait
+        loaded, out=_out(args), cfssl_dir=args.cfssl_dir, force=args.force, wait=args.wait
     )
     transcript = result.transcript
     if args.json:

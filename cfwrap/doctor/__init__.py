@@ -64,13 +64,23 @@ def _role_from_names(cert_path: Path) -> tuple[Role | None, str | None]:
     return role_of(facts) or (None, None)
 
 
-def _pem_files(folder: Path) -> dict[Path, str | None]:
+def _pem_files(folder: Path, report: Report) -> dict[Path, str | None]:
+    """What each ``*.pem`` in the folder holds; one that cannot be read is an error finding."""
     kinds: dict[Path, str | None] = {}
     for path in sorted(folder.glob("*.pem")):
         try:
             kinds[path] = parsers.pem_kind(files.read_input(path))
-        except OSError:
+        except OSError as e:
             kinds[path] = None
+            report.findings.append(
+                Finding(
+                    "error",
+                    str(path),
+                    "file.read",
+                    f"cannot read: {e.strerror}",
+                    fix="replace it with the certificate or key itself, or remove it",
+                )
+            )
     return kinds
 
 
@@ -95,7 +105,7 @@ def diagnose_folder(
     certificate's region comes from its file name, its agent config, or its own names.
     """
     report = Report()
-    pems = _pem_files(folder)
+    pems = _pem_files(folder, report)
     ca_path = _find_ca(pems)
     ca = _check_ca(folder, ca_path, options, report)
     configs = []
