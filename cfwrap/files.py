@@ -93,6 +93,27 @@ def read_input(path: Path, *, limit: int = MAX_INPUT) -> bytes:
     return b"".join(chunks)
 
 
+def is_regular(path: Path) -> bool:
+    """True for a regular file (after symlinks), False for anything else.
+
+    Also False for a path that cannot be looked at, where ``Path.is_file`` would raise (a
+    folder the caller may not enter).
+    """
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return False
+
+
+def why_not_regular(path: Path) -> str:
+    """Why :func:`is_regular` said no, in words: 'does not exist', 'is a FIFO', ..."""
+    try:
+        _refuse_special(path, path.stat().st_mode)
+    except OSError as e:
+        return "does not exist" if isinstance(e, FileNotFoundError) else str(e.strerror)
+    return "is a regular file"
+
+
 def read_input_text(path: Path, *, limit: int = MAX_INPUT) -> str:
     """Read a regular UTF-8 text file of at most ``limit`` bytes (see :func:`read_input`).
 

@@ -388,6 +388,7 @@ def _issue_into(
     batch.check()  # before cfssl runs: a refusal costs nothing
     with tempfile.TemporaryDirectory(prefix="cfwrap-") as scratch:
         # cfssl reads -config and -ca from files; they reach the folder only with the rest.
+        Path(scratch).chmod(files.DIR_MODE)  # mkdtemp's 0700 is cut by the umask (077 -> 000)
         scratch_config = Path(scratch) / CONFIG_FILE
         scratch_ca = Path(scratch) / f"{CA_STEM}.pem"
         files.write_new(scratch_config, config_json, mode=files.PUBLIC_MODE)

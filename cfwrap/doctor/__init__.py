@@ -183,7 +183,7 @@ def _leaves(
         )
     for config in configs:
         cert_file = config.files.get("cert_file")
-        if cert_file is None or not cert_file.is_file():
+        if cert_file is None or not files.is_regular(cert_file):
             continue
         known = leaves.get(cert_file.resolve())
         leaves[cert_file.resolve()] = certs.Leaf(

@@ -157,14 +157,15 @@ def check(config: AgentConfig) -> list[Finding]:
                     fix=f"set {key} in the tls block",
                 )
             )
-        elif not target.is_file():
+        elif not files.is_regular(target):
+            why = files.why_not_regular(target)
             findings.append(
                 Finding(
                     "error",
                     path,
                     f"hcl.{key}",
-                    f"{key} names a missing file: {target}",
-                    nomad_error=f"open {target}: no such file or directory",
+                    f"{key} names {target}, which {why}",
+                    nomad_error=f"open {target}: {why}",
                     fix=f"correct {key}, or put the file there (cfwrap quickstart makes a kit)",
                 )
             )

@@ -1,0 +1,336 @@
+"""What the hardening changed, shown for real: each claim judged by cryptography, openssl, a
+handshake, bash or the file system, never by cfwrap's own comparer."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from cfwrap import files
+from cfwrap.errors import ExitCode
+from tests.conftest import ROOT, cert_argv, snapshot
+from tests.handmade import copy_kit
+from tests.test_safety import _tmpfs
+from tests.tlspeer import Party, handshake, openssl_verify
+
+
+def _load(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def _dns(cert: x509.Certificate) -> list[str]:
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return san.get_values_for_type(x509.DNSName)
+
+
+# --- the staging sweep matches exact names -------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["*", "?", "[v]ictim", "victim.cfwrap-x"])
+def test_sweep_never_takes_another_targets_staging_folder(tmp_path, target):
+    victim = tmp_path / ".victim.cfwrap-abcd1234"
+    victim.mkdir()
+    (victim / "ca-key.pem").write_text("in progress\n")
+    lookalike = tmp_path / f".{target}.cfwrap-x.cfwrap-abcd1234"
+    lookalike.mkdir()
+    with files.FolderLock(tmp_path / target):
+        pass
+    assert (victim / "ca-key.pem").read_text() == "in progress\n"
+    assert lookalike.is_dir()
+
+
+def test_sweep_removes_its_own_targets_leftovers(tmp_path):
+    own = tmp_path / ".kit.cfwrap-abcd1234"
+    own.mkdir()
+    (tmp_path / "kit").mkdir()
+    temp = tmp_path / "kit" / ".cfwrap-abcd1234.tmp"
+    temp.write_text("x")
+    keep = tmp_path / "kit" / ".cfwrap-notes.tmp.txt"
+    keep.write_text("x")
+    with files.FolderLock(tmp_path / "kit"):
+        pass
+    assert not own.exists()
+    assert not temp.exists()
+    assert keep.exists()
+
+
+def test_quickstart_named_star_leaves_a_running_kit_alone(cli, tmp_path):
+    victim = tmp_path / ".victim.cfwrap-abcd1234"
+    victim.mkdir()
+    os.chdir(tmp_path)
+    assert cli("quickstart", "--out", "*").code == 0
+    assert victim.is_dir()
+    assert (tmp_path / "*" / "ca.pem").is_file()
+
+
+# --- cert is all or nothing -----------------------------------------------------------------
+
+
+def test_cert_on_a_full_disk_leaves_the_folder_as_it_was(cli, tmp_path, kits):
+    with _tmpfs(tmp_path / "small", "size=64k,mode=0755") as small:
+        out = small / "node"
+        out.mkdir()
+        shutil.copy(kits["global"] / "ca.pem", out / "ca.pem")
+        first = cli(*cert_argv(kits["global"], "cli", out))
+        assert first.code == 0, first.err
+        filler = small / "filler"
+        with filler.open("wb", buffering=0) as f:  # fill the disk, then free a few KiB:
+            while True:  # the first new files fit, the rest do not
+                try:
+                    f.write(b"x" * 1024)
+                except OSError:
+                    break
+            f.truncate(max(0, f.tell() - 6000))
+        before = snapshot(out)
+        result = cli(*cert_argv(kits["global"], "server", out))
+        assert result.code == ExitCode.FILESYSTEM, result.err
+        assert "No space left on device" in result.err
+        assert snapshot(out) == before
+
+
+def test_cert_force_replaces_every_file_or_none(cli, tmp_path, kits):
+    out = tmp_path / "node"
+    assert cli(*cert_argv(kits["global"], "client", out)).code == 0
+    old_cert = _load(out / "global-client-nomad.pem")
+    assert cli(*cert_argv(kits["global"], "client", out, "--force")).code == 0
+    new_cert = _load(out / "global-client-nomad.pem")
+    assert new_cert.serial_number != old_cert.serial_number
+    key = (out / "global-client-nomad-key.pem").read_bytes()
+    from cryptography.hazmat.primitives import serialization
+
+    private = serialization.load_pem_private_key(key, None)
+    assert private.public_key() == new_cert.public_key()
+    # the manifest describes the new files (judged by hashlib, not cfwrap's comparer)
+    import hashlib
+
+    recorded = {
+        a["path"]: a["sha256"] for a in json.loads((out / "manifest.json").read_text())["artifacts"]
+    }
+    for name, digest in recorded.items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
+
+
+def test_manifest_write_repairs_a_corrupt_manifest(cli, tmp_path, kits):
+    kit = copy_kit(kits["global"], tmp_path / "kit")
+    (kit / "manifest.json").write_text("{not json")
+    assert cli("manifest", kit).code == ExitCode.VERIFY_FAILED
+    repaired = cli("manifest", "--write", kit)
+    assert repaired.code == 0, repaired.err
+    assert "replacing a damaged manifest" in repaired.err
+    data = json.loads((kit / "manifest.json").read_text())
+    assert {a["path"] for a in data["artifacts"]} == {p.name for p in kit.iterdir()} - {
+        "manifest.json"
+    }
+    assert cli("manifest", kit).code == 0
+
+
+# --- ca --csr keeps what the user wrote ------------------------------------------------------
+
+
+def test_ca_from_csr_keeps_every_name_and_the_path_length(cli, tmp_path):
+    csr = tmp_path / "ca-csr.json"
+    csr.write_text(
+        json.dumps(
+            {
+                "CN": "Acme Root",
+                "names": [{"C": "DE", "ST": "Berlin", "L": "Berlin", "O": "Acme", "OU": "Ops"}],
+                "key": {"algo": "ecdsa", "size": 256},
+                "ca": {"expiry": "20000h", "pathlen": 1},
+            }
+        )
+    )
+    assert cli("ca", "--out", tmp_path / "ca", "--csr", csr).code == 0
+    ca = _load(tmp_path / "ca" / "ca.pem")
+    got = {a.oid: a.value for a in ca.subject}
+    assert got == {
+        NameOID.COMMON_NAME: "Acme Root",
+        NameOID.COUNTRY_NAME: "DE",
+        NameOID.STATE_OR_PROVINCE_NAME: "Berlin",
+        NameOID.LOCALITY_NAME: "Berlin",
+        NameOID.ORGANIZATION_NAME: "Acme",
+        NameOID.ORGANIZATIONAL_UNIT_NAME: "Ops",
+    }
+    basic = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
+    assert (basic.ca, basic.path_length) == (True, 1)
+
+
+def test_default_ca_signs_leaves_only(cli, tmp_path):
+    assert cli("ca", "--out", tmp_path / "ca").code == 0
+    basic = _load(tmp_path / "ca" / "ca.pem").extensions.get_extension_for_class(
+        x509.BasicConstraints
+    )
+    assert (basic.value.ca, basic.value.path_length) == (True, 0)
+
+
+# --- uppercase regions: Nomad's Raft check is exact, Go's TLS check ignores case --------------
+
+
+def test_uppercase_region_is_kept_exactly_and_handshakes(cli, tmp_path):
+    kit = tmp_path / "eu"
+    result = cli("quickstart", "--out", kit, "--region", "EU")
+    assert result.code == 0, result.err
+    server = _load(kit / "EU-server-nomad.pem")
+    assert server.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "server.EU.nomad"
+    assert "server.EU.nomad" in _dns(server)  # the exact string validateRaftTLS compares
+    assert 'region = "EU"' in (kit / "EU-server.hcl").read_text()
+    ca = kit / "ca.pem"
+    srv = Party(kit / "EU-server-nomad.pem", kit / "EU-server-nomad-key.pem", ca)
+    cln = Party(kit / "EU-client-nomad.pem", kit / "EU-client-nomad-key.pem", ca)
+    assert handshake(srv, cln, "server.EU.nomad").ok
+    assert openssl_verify(ca, kit / "EU-server-nomad.pem", "server.EU.nomad").returncode == 0
+    # a client agent may not pose as a server of region EU
+    assert not handshake(cln, cln, "server.EU.nomad").ok
+
+
+def test_doctor_holds_a_lowercased_name_against_an_uppercase_region(cli, tmp_path, kits):
+    """server.global.nomad-style names are case-exact for Raft: 'eu' is not 'EU'."""
+    kit = tmp_path / "eu"
+    assert cli("quickstart", "--out", kit, "--region", "eu").code == 0
+    result = cli(
+        "doctor", "--ca", kit / "ca.pem", "--cert", kit / "eu-server-nomad.pem",
+        "--role", "server", "--region", "EU", "--json",
+    )  # fmt: skip
+    assert result.code == ExitCode.VERIFY_FAILED
+    checks = {f["check"] for f in json.loads(result.out)["findings"] if f["severity"] == "error"}
+    assert "names.server" in checks
+
+
+# --- what doctor prints for a shell, and what it never prints ---------------------------------
+
+
+def test_doctor_fix_lines_cannot_run_what_an_hcl_smuggles_in(cli, tmp_path, kits):
+    kit = copy_kit(kits["global"], tmp_path / "kit")
+    hcl = kit / "global-server.hcl"
+    hcl.write_text(
+        hcl.read_text().replace('region = "global"', 'region = "global --out /x; touch PWNED"')
+    )
+    (kit / "global-server-nomad.pem").write_bytes((kit / "global-client-nomad.pem").read_bytes())
+    (kit / "global-server-nomad-key.pem").write_bytes(
+        (kit / "global-client-nomad-key.pem").read_bytes()
+    )
+    result = cli("doctor", kit, "--json")
+    report = json.loads(result.out)
+    assert "hcl.region" in {f["check"] for f in report["findings"]}
+    fixes = [f["fix"] for f in report["findings"] if f["fix"].startswith("cfwrap ")]
+    assert fixes
+    work = tmp_path / "work"
+    work.mkdir()
+    for fix in fixes:
+        script = f'cfwrap() {{ printf "%s\\n" "$@" > args; }}\n{fix}\n'
+        subprocess.run(["bash", "-c", script], cwd=work, check=True)
+        assert not (work / "PWNED").exists()
+        argv = (work / "args").read_text().splitlines()
+        assert argv == shlex.split(fix)[1:]
+
+
+def test_doctor_does_not_echo_a_gossip_key_from_broken_hcl(cli, tmp_path, kits):
+    kit = copy_kit(kits["global"], tmp_path / "kit")
+    key = (kit / "gossip.key").read_text().strip()
+    hcl = kit / "global-server.hcl"
+    hcl.write_text(hcl.read_text().replace(f'encrypt = "{key}"', f"encrypt = {key} {key}"))
+    result = cli("doctor", kit)
+    assert result.code == ExitCode.VERIFY_FAILED
+    assert "not valid HCL at line" in result.out
+    assert key not in result.out + result.err
+
+
+# --- the process as a whole --------------------------------------------------------------------
+
+
+def _cfwrap(*args: str | Path, **kw: object) -> subprocess.Popen[bytes]:
+    proc: subprocess.Popen[bytes] = subprocess.Popen(
+        [sys.executable, "-m", "cfwrap", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        **kw,  # type: ignore[call-overload]
+    )
+    return proc
+
+
+@pytest.mark.parametrize("after", [0.0, 0.05, 0.15, 0.3, 0.6])
+def test_sigterm_at_any_point_of_start_up_is_clean(tmp_path, after):
+    proc = _cfwrap("quickstart", "--out", tmp_path / "kit", cwd=tmp_path)
+    time.sleep(after)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert b"Traceback" not in err, err
+    # Before cfwrap's handler is installed the default action ends it (the shell's 143).
+    assert proc.returncode in (ExitCode.TERMINATED, -signal.SIGTERM, ExitCode.OK), err
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "kit"]
+    assert leftovers == []
+    if proc.returncode != ExitCode.OK:
+        assert not (tmp_path / "kit").exists()
+
+
+def _as_nobody(
+    *args: str | Path, cwd: Path, umask: int = 0o022
+) -> subprocess.CompletedProcess[str]:
+    """Run cfwrap as uid 65534 with ``umask``, from a copy of the package nobody can read.
+
+    The venv's interpreter may live under /root (pyenv); Debian's own Python 3.11 runs the
+    same code with the venv's site-packages, which nobody can read.
+    """
+    import sysconfig
+
+    python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+    argv = [python, "-m", "cfwrap", *map(str, args)]
+    site = sysconfig.get_paths()["purelib"]
+    return subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "bash", "-c",
+         f"umask {umask:03o}; exec {shlex.join(argv)}"],
+        cwd=cwd, capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "PYTHONPATH": f"{cwd / 'src'}:{site}", "HOME": str(cwd)},
+    )  # fmt: skip
+
+
+@pytest.fixture
+def nobody_home(tmp_path, kits) -> Path:
+    """A world-reachable folder holding cfwrap's source, a CA and a kit, owned by nobody."""
+    home: Path = tmp_path / "home"
+    home.mkdir()
+    shutil.copytree(ROOT / "cfwrap", home / "src" / "cfwrap")
+    shutil.copytree(ROOT / "schemas", home / "src" / "cfwrap" / "schemas", dirs_exist_ok=True)
+    shutil.copytree(kits["global"], home / "kit")
+    for path in [home, *home.rglob("*")]:
+        os.lchown(path, 65534, 65534)
+    for parent in [tmp_path, *tmp_path.parents]:
+        parent.chmod(parent.stat().st_mode | 0o011)  # let nobody pass through
+    return home
+
+
+def test_umask_777_cert_into_a_new_folder_as_non_root(nobody_home):
+    result = _as_nobody("--cfssl-dir", ROOT / ".tools" / "cfssl" / "bin",
+                        *cert_argv(nobody_home / "kit", "client", nobody_home / "node"),
+                        cwd=nobody_home, umask=0o777)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    node = nobody_home / "node"
+    assert oct(node.stat().st_mode & 0o777) == oct(0o700)
+    assert (node / "global-client-nomad-key.pem").stat().st_mode & 0o777 == 0o600
+    cert = _load(node / "global-client-nomad.pem")
+    assert _dns(cert) == ["client.global.nomad", "localhost"]
+
+
+def test_unreadable_gossip_key_as_non_root(nobody_home):
+    gossip = nobody_home / "kit" / "gossip.key"
+    os.chown(gossip, 0, 0)  # root's, mode 0600: nobody cannot read it
+    doctor = _as_nobody("doctor", nobody_home / "kit", "--json", cwd=nobody_home)
+    assert doctor.returncode == ExitCode.VERIFY_FAILED, doctor.stderr
+    found = {(f["check"], f["message"]) for f in json.loads(doctor.stdout)["findings"]}
+    assert ("gossip", "cannot read: Permission denied") in found
+    manifest = _as_nobody("manifest", nobody_home / "kit", cwd=nobody_home)
+    assert manifest.returncode == ExitCode.FILESYSTEM
+    assert manifest.stderr.strip().splitlines() == [
+        f"cfwrap: error: {gossip}: Permission denied; check the path and try again"
+    ]
