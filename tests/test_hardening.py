@@ -99,6 +99,20 @@ def test_cert_on_a_full_disk_leaves_the_folder_as_it_was(cli, tmp_path, kits):
         assert snapshot(out) == before
 
 
+def test_a_failure_after_the_files_landed_puts_the_old_ones_back(cli, tmp_path, kits):
+    """The manifest is written last; when that fails, the new certificate must not stay."""
+    out = tmp_path / "node"
+    assert cli(*cert_argv(kits["global"], "client", out)).code == 0
+    real = tmp_path / "manifest-elsewhere.json"
+    (out / "manifest.json").rename(real)
+    (out / "manifest.json").symlink_to(real)  # readable, but cfwrap never writes through links
+    before = snapshot(tmp_path)
+    result = cli(*cert_argv(kits["global"], "client", out, "--force"))
+    assert result.code == ExitCode.CONFLICT, result.err
+    assert "symlink" in result.err
+    assert snapshot(tmp_path) == before
+
+
 def test_cert_force_replaces_every_file_or_none(cli, tmp_path, kits):
     out = tmp_path / "node"
     assert cli(*cert_argv(kits["global"], "client", out)).code == 0
