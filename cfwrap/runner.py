@@ -1,12 +1,15 @@
 """The one door to outside processes. Nothing else in cfwrap imports ``sh`` or ``subprocess``.
 
 Every call passes argv as a list (never a shell string), may feed bytes on stdin, has a timeout,
-logs its argv at INFO and its output at DEBUG with private key material removed, and turns sh's
-exceptions into cfwrap's errors.
+keeps at most :data:`OUTPUT_CAP` bytes of each output stream, logs its argv at INFO and its output
+at DEBUG with secrets removed (by pattern, and by the values this process has seen), and turns
+sh's exceptions into cfwrap's errors.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import json
 import logging
@@ -30,26 +33,229 @@ DEFAULT_TIMEOUT = 120.0
 # removes its staging folder (a tool still writing there would leave files behind).
 _ACTIVE: dict[int, Any] = {}  # by id(): sh's RunningCommand is not hashable
 
+#: The most of one tool's stdout, and of its stderr, that cfwrap keeps. The rest is read and
+#: dropped as it comes (so the tool is not blocked or killed by a full pipe), and counted.
+OUTPUT_CAP = 1024 * 1024
+# How much sh reads at a time. A fixed size, not sh's default line buffering: a stream without
+# newlines (``head -c 100000000 /dev/zero``) would otherwise be gathered whole before the cap.
+_READ_SIZE = 64 * 1024
+
 _PEM_PRIVATE = re.compile(
-    rb"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----.*?(?:-----END \1PRIVATE KEY-----|$)", re.S
+    rb"-----BEGIN ([A-Za-z0-9 ]*)PRIVATE KEY-----.*?(?:-----END \1PRIVATE KEY-----|$)", re.S
 )
 _JSON_KEY_FIELD = re.compile(rb'"key"\s*:\s*"[^"]*"')
+# openssl's -text dumps of a private key (``openssl ec|rsa|pkey|genpkey -text``): the label of a
+# private number, then its value as indented hex lines (``priv:\n    00:ab:...``).
+_TEXT_DUMP = re.compile(
+    rb"(?mi)^([ \t]*(?:priv|private-?key|privateExponent|prime[12]|exponent[12]|coefficient)"
+    rb"[ \t]*:)[ \t]*(?:\r?\n[ \t]+[0-9a-f]{2}(?::[0-9a-f]{2})*:?[ \t]*)+$"
+)
+# A lone base64 token of 16, 24 or 32 bytes is what a symmetric key (a gossip key) looks like.
+_LONE_KEY = re.compile(rb"\A\s*([A-Za-z0-9+/]{22,44}={0,2})\s*\Z")
+_REMOVED = b"[private key removed]"
+# Shorter values would remove ordinary words from logs; no secret cfwrap handles is this short.
+_MIN_SECRET = 16
+
+
+class _Secrets:
+    """Every secret value this process has seen, to remove from whatever it logs or records.
+
+    Literal values (gossip keys, the base64 lines of private keys, DER) are removed as they are;
+    the private numbers of keys (an EC scalar, RSA's d, p, q, ...) are removed in any hex form
+    a tool prints them in (``00:ab:cd`` from ``openssl -text``, ``ABCD`` from asn1parse).
+    Deriving those numbers needs a key parse, so it waits until something is redacted.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.literals: set[bytes] = set()
+        self.pending: list[bytes] = []  # DER of keys whose numbers are not derived yet
+        self.seen: set[bytes] = set()
+        self.numbers: list[re.Pattern[bytes]] = []
+
+    def add_literal(self, value: bytes) -> None:
+        value = value.strip()
+        if len(value) >= _MIN_SECRET:
+            with self.lock:
+                self.literals.add(value)
+
+    def add_key(self, der: bytes) -> None:
+        with self.lock:
+            if der not in self.seen:
+                self.seen.add(der)
+                self.pending.append(der)
+                if len(der) >= _MIN_SECRET:
+                    self.literals.add(der)
+
+    def patterns(self) -> tuple[list[bytes], list[re.Pattern[bytes]]]:
+        with self.lock:
+            pending, self.pending = self.pending, []
+        numbers = [_hex_pattern(n) for der in pending for n in _private_numbers(der)]
+        with self.lock:
+            self.numbers += [n for n in numbers if n is not None]
+            # Longest first, so a value that contains another is removed whole.
+            return sorted(self.literals, key=len, reverse=True), list(self.numbers)
+
+
+_SECRETS = _Secrets()
+
+
+def remember_secret(value: str | bytes) -> None:
+    """Treat ``value`` as secret from now on: it is removed from every log and recorded output."""
+    _SECRETS.add_literal(value.encode() if isinstance(value, str) else value)
+
+
+def remember_private_keys(data: bytes) -> int:
+    """Find PEM private keys in ``data`` (a file, or a tool's output) and remember them as secret.
+
+    Each key's base64 lines, its DER and its private numbers in hex are removed from then on.
+    Returns how many keys were found.
+    """
+    if b"PRIVATE KEY-----" not in data:
+        return 0
+    text = data.replace(b"\\n", b"\n")  # a PEM inside JSON (cfssl's "key" field)
+    found = 0
+    for match in re.finditer(
+        rb"-----BEGIN ([A-Za-z0-9 ]*)PRIVATE KEY-----(.*?)-----END \1PRIVATE KEY-----", text, re.S
+    ):
+        lines = [line.strip() for line in match.group(2).splitlines()]
+        body = [line for line in lines if line and b":" not in line]  # skip Proc-Type headers
+        for line in body:
+            _SECRETS.add_literal(line)
+        try:
+            der = base64.b64decode(b"".join(body), validate=True)
+        except (binascii.Error, ValueError):
+            continue
+        _SECRETS.add_key(der)
+        found += 1
+    return found
+
+
+def _private_numbers(der: bytes) -> list[bytes]:
+    """The private numbers of a DER private key, big-endian; none if it cannot be read."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
+
+    try:
+        key = serialization.load_der_private_key(der, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return []  # encrypted or unknown: its base64 lines and DER are still removed
+    numbers: list[int] = []
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        numbers = [key.private_numbers().private_value]
+    elif isinstance(key, rsa.RSAPrivateKey):
+        n = key.private_numbers()
+        numbers = [n.d, n.p, n.q, n.dmp1, n.dmq1, n.iqmp]
+    elif isinstance(key, dsa.DSAPrivateKey):
+        numbers = [key.private_numbers().x]
+    else:  # Ed25519, Ed448, X25519, X448: raw private bytes
+        try:
+            return [
+                key.private_bytes(
+                    serialization.Encoding.Raw,
+                    serialization.PrivateFormat.Raw,
+                    serialization.NoEncryption(),
+                )
+            ]
+        except (ValueError, TypeError, AttributeError):
+            return []
+    return [n.to_bytes((n.bit_length() + 7) // 8, "big") for n in numbers if n > 0]
+
+
+def _hex_pattern(number: bytes) -> re.Pattern[bytes] | None:
+    """A number's hex digits in either case, with any colons or white space between bytes."""
+    if len(number) < _MIN_SECRET // 2:
+        return None
+    return re.compile(rb"[\s:]*".join(b"%02x" % b for b in number), re.I)
+
+
+def _redact_values(data: bytes) -> bytes:
+    literals, numbers = _SECRETS.patterns()
+    for literal in literals:
+        if literal in data:
+            data = data.replace(literal, b"[secret removed]")
+    for pattern in numbers:
+        data = pattern.sub(_REMOVED, data)
+    return data
 
 
 def redact(data: bytes) -> bytes:
-    """Remove private keys (PEM blocks, and cfssl's JSON ``"key"`` field) from tool output."""
-    data = _PEM_PRIVATE.sub(rb"[private key removed]", data)
-    return _JSON_KEY_FIELD.sub(rb'"key":"[removed]"', data)
+    """Remove secrets from tool output: private keys, openssl's text dumps of them, and values.
+
+    By pattern: PEM private key blocks (also cut short), cfssl's JSON ``"key"`` field, openssl's
+    ``priv:`` / ``privateExponent:`` / ``prime1:`` ... hex dumps, and output that is nothing but
+    a 16-, 24- or 32-byte base64 key. By value: everything :func:`remember_secret` and
+    :func:`remember_private_keys` were given, in this process.
+    """
+    data = _PEM_PRIVATE.sub(_REMOVED, data)
+    data = _JSON_KEY_FIELD.sub(rb'"key":"[removed]"', data)
+    data = _TEXT_DUMP.sub(rb"\1 [private key removed]", data)
+    data = _redact_values(data)
+    lone = _LONE_KEY.match(data)
+    if lone and _base64_size(lone.group(1)) in (16, 24, 32):
+        return b"[a base64 key, not shown]\n"
+    return data
+
+
+def redact_text(text: str) -> str:
+    """:func:`redact` for text."""
+    return redact(text.encode("utf-8", "surrogateescape")).decode("utf-8", "replace")
+
+
+def _base64_size(token: bytes) -> int:
+    try:
+        return len(base64.b64decode(token, validate=True))
+    except (binascii.Error, ValueError):
+        return -1
+
+
+class _Capture:
+    """A tool's stdout or stderr, kept up to a cap; what comes after is counted and dropped.
+
+    sh calls :meth:`write` from its reader thread with each chunk as it is read, so memory stays
+    at the cap however much the tool prints.
+    """
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.kept = bytearray()
+        self.dropped = 0
+
+    def write(self, chunk: bytes | str) -> None:
+        if isinstance(chunk, str):  # sh passes bytes to a file-like object; be safe anyway
+            chunk = chunk.encode("utf-8", "surrogateescape")
+        room = self.cap - len(self.kept)
+        if room > 0:
+            self.kept += chunk[:room]
+        self.dropped += max(0, len(chunk) - max(room, 0))
+
+    def value(self) -> bytes:
+        """What was kept, and a line saying how much was cut, if anything was."""
+        if not self.dropped:
+            return bytes(self.kept)
+        return bytes(self.kept) + cut_note(self.cap, self.dropped).encode() + b"\n"
+
+
+def cut_note(cap: int, dropped: int) -> str:
+    """The line that says output was cut."""
+    size = f"{cap // 1024**2} MiB" if cap % 1024**2 == 0 else f"{cap} bytes"
+    return f"\n[output cut at {size}; {dropped} bytes dropped]"
 
 
 @dataclass(frozen=True)
 class Call:
-    """One invocation: argv (the first item is the binary's path) and optional stdin."""
+    """One invocation: argv (the first item is the binary's path) and optional stdin.
+
+    ``secret_stdout`` says that what the tool prints is a secret (a gossip key, say): it is
+    never logged, and its value is remembered so that it is removed wherever it shows up later.
+    """
 
     argv: tuple[str, ...]
     stdin: bytes | None = None
     timeout: float = DEFAULT_TIMEOUT
     cwd: Path | None = None
+    secret_stdout: bool = False
 
     @classmethod
     def of(
@@ -59,9 +265,10 @@ class Call:
         stdin: bytes | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         cwd: Path | None = None,
+        secret_stdout: bool = False,
     ) -> Call:
         """Build a call from path-or-string arguments."""
-        return cls(tuple(str(a) for a in argv), stdin, timeout, cwd)
+        return cls(tuple(str(a) for a in argv), stdin, timeout, cwd, secret_stdout)
 
     @property
     def tool(self) -> str:
@@ -75,13 +282,19 @@ class Call:
 
 @dataclass(frozen=True)
 class Result:
-    """What a finished call returned."""
+    """What a finished call returned.
+
+    ``stdout`` and ``stderr`` hold at most :data:`OUTPUT_CAP` bytes each of what the tool
+    printed, followed by a line saying how much was cut when it printed more.
+    """
 
     call: Call
     returncode: int
     stdout: bytes = field(repr=False)
     stderr: bytes = field(repr=False)
     seconds: float
+    stdout_dropped: int = 0
+    stderr_dropped: int = 0
 
 
 def failure_reason(stderr: bytes) -> str:
@@ -116,13 +329,21 @@ class _Running:
     watchdog: threading.Timer
     started: float
     timed_out: threading.Event
+    stdout: _Capture
+    stderr: _Capture
 
 
 def _start(call: Call, *, upstream: _Running | None = None, piped: bool = False) -> _Running:
     """Start a call in the background; ``upstream``'s stdout becomes its stdin (a pipe)."""
     import sh
 
-    log.info("run: %s", call.display())
+    # sh logs every argv (INFO) and the first bytes of every chunk it reads (DEBUG), unredacted:
+    # keep its loggers quiet even when an application turns the root logger up.
+    logging.getLogger("sh").setLevel(logging.WARNING)
+
+    log.info("run: %s", redact_text(call.display()))
+    if call.stdin is not None:
+        remember_private_keys(call.stdin)
     try:
         command = sh.Command(call.argv[0])
     except sh.CommandNotFound as e:
@@ -131,7 +352,12 @@ def _start(call: Call, *, upstream: _Running | None = None, piped: bool = False)
             f"{call.argv[0]} is not an executable file",
             fix="run ./scripts/install-cfssl or point --cfssl-dir at cfssl 1.6.5",
         ) from e
-    options: dict[str, Any] = {"_piped": True} if piped else {}
+    stdout, stderr = _Capture(OUTPUT_CAP), _Capture(OUTPUT_CAP)
+    options: dict[str, Any] = {"_err": stderr, "_err_bufsize": _READ_SIZE}
+    if piped:
+        options["_piped"] = True  # stdout goes straight to the next stage's stdin, unread
+    else:
+        options |= {"_out": stdout, "_out_bufsize": _READ_SIZE}
     if call.cwd is not None:
         options["_cwd"] = str(call.cwd)
     running = command(
@@ -157,7 +383,7 @@ def _start(call: Call, *, upstream: _Running | None = None, piped: bool = False)
     watchdog.daemon = True
     watchdog.start()
     _ACTIVE[id(running)] = running
-    return _Running(call, running, watchdog, time.monotonic(), timed_out)
+    return _Running(call, running, watchdog, time.monotonic(), timed_out, stdout, stderr)
 
 
 def _finish(running: _Running, *, check: bool = True) -> Result:
@@ -166,19 +392,8 @@ def _finish(running: _Running, *, check: bool = True) -> Result:
     call = running.call
     try:
         running.command.wait()
-    except sh.ErrorReturnCode as e:
-        result = Result(call, e.exit_code, e.stdout or b"", e.stderr or b"", _since(running))
-        _log_output(result)
-        if not check:
-            return result
-        raise ToolFailedError(
-            call.tool,
-            f"{failure_reason(result.stderr)} (exit {e.exit_code})",
-            argv=call.argv,
-            returncode=e.exit_code,
-            stderr=redact(result.stderr).decode("utf-8", "replace"),
-        ) from e
-    except sh.SignalException as e:
+    except sh.SignalException as e:  # first: it is a subclass of ErrorReturnCode
+        _log_output(_result(running, e.exit_code))
         if running.timed_out.is_set():
             raise ToolFailedError(
                 call.tool,
@@ -189,27 +404,56 @@ def _finish(running: _Running, *, check: bool = True) -> Result:
         raise ToolFailedError(
             call.tool, f"killed by signal {-e.exit_code}", argv=call.argv, returncode=e.exit_code
         ) from e
+    except sh.ErrorReturnCode as e:
+        result = _result(running, e.exit_code)
+        _log_output(result)
+        if not check:
+            return result
+        raise ToolFailedError(
+            call.tool,
+            f"{failure_reason(result.stderr)} (exit {e.exit_code})",
+            argv=call.argv,
+            returncode=e.exit_code,
+            stderr=redact(result.stderr).decode("utf-8", "replace"),
+        ) from e
     finally:
         running.watchdog.cancel()
         _ACTIVE.pop(id(running.command), None)
-    command = running.command
-    result = Result(call, command.exit_code, command.stdout, command.stderr, _since(running))
+    result = _result(running, running.command.exit_code)
     _log_output(result)
     return result
 
 
-def _since(running: _Running) -> float:
-    return time.monotonic() - running.started
+def _result(running: _Running, returncode: int) -> Result:
+    """The result of a finished call; the keys it printed become known secrets."""
+    stdout, stderr = running.stdout.value(), running.stderr.value()
+    if running.call.secret_stdout:
+        remember_secret(stdout)
+    remember_private_keys(stdout)
+    remember_private_keys(stderr)
+    return Result(
+        running.call,
+        returncode,
+        stdout,
+        stderr,
+        time.monotonic() - running.started,
+        running.stdout.dropped,
+        running.stderr.dropped,
+    )
 
 
 def _log_output(result: Result) -> None:
     if log.isEnabledFor(logging.DEBUG):
+        if result.call.secret_stdout:
+            stdout = f"[secret, {len(result.stdout)} bytes, not shown]"
+        else:
+            stdout = redact(result.stdout).decode("utf-8", "replace")
         log.debug(
             "%s exited %d after %.3fs\nstdout: %s\nstderr: %s",
             result.call.tool,
             result.returncode,
             result.seconds,
-            redact(result.stdout).decode("utf-8", "replace"),
+            stdout,
             redact(result.stderr).decode("utf-8", "replace"),
         )
 

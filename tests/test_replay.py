@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import jsonschema
@@ -13,7 +16,7 @@ import pytest
 from cryptography import x509
 
 from cfwrap.errors import ExitCode
-from tests.conftest import CFSSL_DIR, ROOT, snapshot
+from tests.conftest import CFSSL_DIR, ROOT, CliResult, assert_no_secrets, snapshot
 from tests.tlspeer import openssl_verify
 
 SEED_FILES = {
@@ -267,3 +270,423 @@ def test_printed_script_runs_and_makes_the_same_files(cli, tmp_path):
     )
     assert ran.returncode == 0, ran.stderr
     assert {p.name for p in work.iterdir()} == SEED_FILES
+
+
+# --- Hostile guides (issue 9): injection, secrets, unbounded output, refused input ------------
+
+GUIDE_HEAD = """
+schema_version = 1
+name = "hostile"
+title = {title}
+source = {source}
+expected_files = []
+corrections = {corrections}
+"""
+
+
+def _guide(tmp_path: Path, steps: str, **fields: object) -> Path:
+    values = {"title": "a guide", "source": "test", "corrections": [], **fields}
+    head = GUIDE_HEAD.format(**{k: json.dumps(v) for k, v in values.items()})
+    path = tmp_path / "guide.toml"
+    path.write_text(head + steps)
+    return path
+
+
+def _one_error_line(result: CliResult, code: ExitCode) -> str:
+    assert result.code == code, result.err
+    assert "Traceback" not in result.err
+    lines = result.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cfwrap: error: "), result.err
+    return lines[0]
+
+
+INJECTION = "\ntouch PWNED-{}\n"
+RUN_STEP = """
+[[steps]]
+kind = "run"
+say = {say}
+stands_in_for = {stands_in_for}
+pipeline = [["cfssl", "version"]]
+"""
+
+
+def _run_script(script: str, tmp_path: Path) -> Path:
+    """Run a printed script with bash; cfssl is a stub, touch and the rest are real."""
+    work = tmp_path / "script-run"
+    work.mkdir()
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    for tool in ("cfssl", "cfssljson", "cfwrap"):
+        (stubs / tool).write_text("#!/bin/sh\nexit 0\n")
+        (stubs / tool).chmod(0o755)
+    (tmp_path / "guide.sh").write_text(script)
+    subprocess.run(
+        ["bash", tmp_path / "guide.sh"],
+        cwd=work,
+        env={"PATH": f"{stubs}:/usr/bin:/bin", "HOME": str(work)},
+        capture_output=True,
+        check=False,
+        timeout=30,
+    )
+    return work
+
+
+@pytest.mark.parametrize("field", ["title", "source", "say", "stands_in_for"])
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r", "\u2028", "\x1b"])
+def test_a_control_character_in_shown_text_is_refused(cli, tmp_path, field, newline):
+    values = {f: "fine" for f in ("title", "source", "say", "stands_in_for")}
+    values[field] = f"harmless{newline}touch PWNED"
+    steps = RUN_STEP.format(say=json.dumps(values.pop("say")), stands_in_for=json.dumps(
+        values.pop("stands_in_for")))  # fmt: skip
+    guide = _guide(tmp_path, steps, **values)
+    result = cli("replay", guide, "--print")
+    line = _one_error_line(result, ExitCode.INPUT)
+    assert "control character" in line
+    assert result.out == ""
+
+
+def test_the_printed_script_cannot_be_broken_out_of(tmp_path):
+    from cfwrap.replay.guide import Guide, RunStep, WriteStep, to_shell
+
+    # Built without validation, as a caller in code could: the renderer alone must hold.
+    content = "EOF\n$(touch PWNED-content)\n`touch PWNED-tick`\nEOF_\n"
+    steps: list[RunStep | WriteStep] = [
+        RunStep.model_construct(
+            kind="run",
+            say=INJECTION.format("say"),
+            pipeline=[["cfssl", "version", INJECTION.format("arg"), "$(touch PWNED-sub)"]],
+            stands_in_for=INJECTION.format("stands-in"),
+            output="show",
+        ),
+        WriteStep.model_construct(
+            kind="write",
+            say="w",
+            path="f.json",
+            content=content,
+            mode="0644",
+        ),
+    ]
+    guide = Guide.model_construct(
+        schema_version=1,
+        name="hostile",
+        title=INJECTION.format("title"),
+        source=INJECTION.format("source") + "\rtouch PWNED-cr",
+        steps=steps,
+        expected_files=[],
+        checks=[],
+        corrections=[],
+    )
+    script = to_shell(guide)
+    work = _run_script(script, tmp_path)
+    assert sorted(p.name for p in work.iterdir()) == ["f.json"]
+    assert (work / "f.json").read_text() == content
+    assert "\r" not in script
+
+
+def test_printed_script_of_a_refused_guide_is_never_written(cli, tmp_path):
+    steps = RUN_STEP.format(say=json.dumps(INJECTION.format("say")), stands_in_for='"x"')
+    guide = _guide(tmp_path, steps, title=INJECTION.format("title"))
+    result = cli("replay", guide, "--print")
+    _one_error_line(result, ExitCode.INPUT)
+    work = _run_script(result.out, tmp_path)
+    assert list(work.iterdir()) == []
+
+
+FAILING_STEP = """
+[[steps]]
+kind = "run"
+say = "a step that prints markdown and fails"
+pipeline = [["sh", "-c", "printf '```\\n# not a heading\\n<script>x</script>\\n````\\n'; exit 1"]]
+"""
+
+
+def _blocks(lines: list[str]) -> tuple[list[str], list[list[str]]]:
+    """Split Markdown as CommonMark does: the lines outside code fences, and each fenced block.
+
+    A fence of N backticks closes only on a line of at least N backticks and nothing else.
+    """
+    outside: list[str] = []
+    blocks: list[list[str]] = []
+    fence = ""
+    for line in lines:
+        if fence:
+            if line.strip().startswith(fence) and set(line.strip()) == {"`"}:
+                fence = ""
+            else:
+                blocks[-1].append(line)
+        elif line.startswith("```"):
+            fence = "`" * (len(line) - len(line.lstrip("`")))
+            blocks.append([])
+        else:
+            outside.append(line)
+    return outside, blocks
+
+
+def test_corrections_and_output_stay_inside_their_code_blocks(cli, tmp_path):
+    corrections = ["```", "<script>alert(1)</script>", "echo `x` ````", "# not a heading"]
+    guide = _guide(tmp_path, FAILING_STEP, corrections=corrections, title="<b>t</b> `x`")
+    out = tmp_path / "out"
+    result = cli("replay", guide, "--out", out)
+    assert result.code == ExitCode.TOOL_FAILED
+    outside, blocks = _blocks((out / "transcript.md").read_text().splitlines())
+    assert [line for line in outside if line.startswith("#")] == [
+        "# Replay: \\<b>t\\</b> \\`x\\`",
+        "## Step 1: a step that prints markdown and fails",
+        "## The guide's table of files",
+        "## Nomad's rules",
+        "## Corrected commands",
+    ]
+    assert not re.search(r"(?<!\\)<script>", "\n".join(outside))  # only as text: \\<script>
+    assert blocks[1] == ["```", "# not a heading", "<script>x</script>", "````"]  # stdout
+    assert blocks[-1] == corrections
+
+
+BAD_GUIDES = {
+    "not UTF-8": b'schema_version = 1\ntitle = "\xff"\n',
+    "nested 10,000 deep": b"a = " + b"[" * 10_000 + b"]" * 10_000 + b"\n",
+    "nested 40 deep": b"a = " + b"[" * 40 + b"]" * 40 + b"\n",
+    "an empty stage": textwrap.dedent(
+        """
+        schema_version = 1
+        name = "x"
+        title = "x"
+        source = "x"
+        expected_files = []
+        [[steps]]
+        kind = "run"
+        say = "x"
+        pipeline = [[]]
+        """
+    ).encode(),
+    "NUL in argv": textwrap.dedent(
+        """
+        schema_version = 1
+        name = "x"
+        title = "x"
+        source = "x"
+        expected_files = []
+        [[steps]]
+        kind = "run"
+        say = "x"
+        pipeline = [["echo", "a\\u0000b"]]
+        """
+    ).encode(),
+    "a region that is no DNS label": (
+        ROOT / "cfwrap" / "replay" / "guides" / "nomad-encryption-2017.toml"
+    )
+    .read_bytes()
+    .replace(b'region = "global"', b'region = "a\\nb"', 1),
+    "2 MiB": b"# " + b"x" * (2 * 1024 * 1024) + b"\n",
+}
+
+
+@pytest.mark.parametrize("why", BAD_GUIDES)
+def test_a_bad_guide_file_is_one_line_and_exit_3(cli, tmp_path, why):
+    guide = tmp_path / "bad.toml"
+    guide.write_bytes(BAD_GUIDES[why])
+    for args in (["--print"], ["--out", tmp_path / "out"]):
+        _one_error_line(cli("replay", guide, *args), ExitCode.INPUT)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero", "folder"])
+def test_a_guide_that_is_not_a_regular_file_is_refused_at_once(cli, tmp_path, kind):
+    guide = Path(kind) if kind.startswith("/") else tmp_path / "guide.toml"
+    if kind == "fifo":
+        os.mkfifo(guide)
+    elif kind == "folder":
+        guide.mkdir()
+    line = _one_error_line(cli("replay", guide, "--print"), ExitCode.INPUT)
+    assert "not a regular file" in line or "folder" in line
+
+
+def test_deep_nesting_in_a_real_process_prints_no_traceback(tmp_path):
+    guide = tmp_path / "deep.toml"
+    guide.write_bytes(BAD_GUIDES["nested 10,000 deep"])
+    done = subprocess.run(
+        [sys.executable, "-m", "cfwrap", "replay", guide, "--print"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert done.returncode == ExitCode.INPUT
+    assert done.stdout == ""
+    assert (
+        done.stderr == f"cfwrap: error: {guide}: nested too deeply to be a guide "
+        "(more than 16 levels)\n"
+    )
+
+
+def _private_hex(key_file: Path) -> list[str]:
+    """The key's private numbers in hex, as openssl -text and asn1parse print them."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    value = key.private_numbers().private_value
+    raw = value.to_bytes((value.bit_length() + 7) // 8, "big")
+    return [raw.hex(), raw.hex().upper(), ":".join(f"{b:02x}" for b in raw)]
+
+
+LEAKY_STEPS = """
+[[steps]]
+kind = "run"
+say = "a gossip key, kept in a file too (the guide does not say it is secret)"
+pipeline = [["cfwrap", "keygen"], ["tee", "gossip.key"]]
+
+[[steps]]
+kind = "run"
+say = "make a CA"
+pipeline = [["cfssl", "print-defaults", "csr"], ["cfssl", "gencert", "-initca", "-"],
+            ["cfssljson", "-bare", "ca"]]
+
+[[steps]]
+kind = "run"
+say = "print the private scalar"
+pipeline = [["openssl", "ec", "-in", "ca-key.pem", "-text", "-noout"]]
+
+[[steps]]
+kind = "run"
+say = "parse the key"
+pipeline = [["openssl", "asn1parse", "-in", "ca-key.pem"]]
+
+[[steps]]
+kind = "run"
+say = "the key as one line of base64"
+pipeline = [["openssl", "pkey", "-in", "ca-key.pem", "-outform", "DER"], ["base64", "-w0"]]
+
+[[steps]]
+kind = "run"
+say = "print the key and the gossip key"
+pipeline = [["cat", "ca-key.pem", "gossip.key"]]
+
+[[steps]]
+kind = "run"
+say = "and fail, naming them"
+pipeline = [["sh", "-c", "cat gossip.key >&2; openssl ec -in ca-key.pem -text >&2; exit 1"]]
+"""
+
+
+def test_no_secret_reaches_a_log_or_transcript_in_any_form(cli, tmp_path):
+    out = tmp_path / "out"
+    result = cli("-v", "replay", _guide(tmp_path, LEAKY_STEPS), "--out", out)
+    assert result.code == ExitCode.TOOL_FAILED
+    files = out / "files"
+    gossip_key = (files / "gossip.key").read_text().strip()
+    assert len(base64.b64decode(gossip_key)) == 32
+    key_lines = [
+        line for line in (files / "ca-key.pem").read_text().splitlines() if "-----" not in line
+    ]
+    shown = {
+        "log": result.err,
+        "stdout": result.out,
+        "transcript.md": (out / "transcript.md").read_text(),
+        "transcript.json": (out / "transcript.json").read_text(),
+    }
+    for name, text in shown.items():
+        assert_no_secrets(text, gossip_key, *key_lines)
+        flat = re.sub(r"[\s:]", "", text).lower()
+        for form in _private_hex(files / "ca-key.pem"):
+            assert form not in text, name
+            assert form.replace(":", "").lower() not in flat, name
+    assert "priv: [private key removed]" in shown["transcript.md"]
+    assert "stdout: [secret, 45 bytes, not shown]" in shown["log"]
+
+
+def test_the_keygen_step_of_the_2017_guide_is_not_logged(cli, tmp_path):
+    result = cli("-v", "replay", "nomad-encryption-2017", "--out", tmp_path / "out")
+    assert result.code == ExitCode.VERIFY_FAILED
+    assert "stdout: [secret, 25 bytes, not shown]" in result.err
+    # No valid gossip key of any size anywhere in the log, whatever its value.
+    for token in re.findall(r"[A-Za-z0-9+/]{22,44}={0,2}", result.err):
+        try:
+            size = len(base64.b64decode(token, validate=True))
+        except ValueError:
+            continue
+        assert size not in (16, 24, 32) or len(token) != 4 * ((size + 2) // 3), token
+
+
+BIG_STEP = """
+[[steps]]
+kind = "run"
+say = "print 100 MB"
+pipeline = [["head", "-c", "100000000", "/dev/zero"], ["base64"]]
+
+[[steps]]
+kind = "run"
+say = "make a sparse file past the hashing limit"
+pipeline = [["truncate", "-s", "100M", "big.bin"]]
+"""
+
+PEAK = """
+import resource, subprocess, sys, time
+started = time.monotonic()
+done = subprocess.run([sys.executable, "-m", "cfwrap", "replay", sys.argv[1], "--out", sys.argv[2]],
+                      capture_output=True)
+print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+      time.monotonic() - started)
+"""
+
+
+@pytest.mark.slow
+def test_100_mb_of_output_is_cut_with_bounded_memory(tmp_path):
+    guide = _guide(tmp_path, BIG_STEP)
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK, guide, out],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    code, peak_kib, seconds = done.stdout.split()
+    print(f"replay of a 100 MB step: peak RSS {peak_kib} KiB, {float(seconds):.2f}s")
+    assert int(code) == 0, done.stderr
+    assert int(peak_kib) < 150 * 1024  # 943,724 KiB before the cap
+    assert float(seconds) < 60
+    for name in ("transcript.md", "transcript.json"):
+        assert (out / name).stat().st_size < 3 * 1024 * 1024
+    data = json.loads((out / "transcript.json").read_text())
+    assert data["steps"][0]["stdout"].endswith(
+        f"[output cut at 1 MiB; {133_333_336 + 1_754_386 - 1024 * 1024} bytes dropped]\n"
+    )
+    sparse = data["steps"][1]["files"][0]
+    assert sparse["path"] == "big.bin" and sparse["sha256"].startswith("size 104857600,")
+    (out / "files" / "big.bin").unlink()  # the session's secret scan reads every file whole
+
+
+FIFO_STEPS = """
+[[steps]]
+kind = "run"
+say = "make a CA"
+pipeline = [["cfssl", "print-defaults", "csr"], ["cfssl", "gencert", "-initca", "-"],
+            ["cfssljson", "-bare", "ca"]]
+
+[[steps]]
+kind = "run"
+say = "a FIFO where the key should be"
+pipeline = [["mkfifo", "server-key.pem"]]
+
+[[checks]]
+cert = "ca.pem"
+key = "server-key.pem"
+ca = "ca.pem"
+role = "server"
+"""
+
+
+def test_a_fifo_made_by_a_step_is_never_read(tmp_path):
+    guide = _guide(tmp_path, FIFO_STEPS)
+    done = subprocess.run(
+        [sys.executable, "-m", "cfwrap", "replay", guide, "--out", tmp_path / "out"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert "Traceback" not in done.stderr
+    assert done.returncode == ExitCode.VERIFY_FAILED, done.stderr
+    data = json.loads((tmp_path / "out" / "transcript.json").read_text())
+    assert data["steps"][1]["files"] == []  # a FIFO is not a file the snapshot opens

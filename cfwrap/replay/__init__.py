@@ -3,6 +3,10 @@
 ``DIR/files`` is where the steps run (real binaries, real pipes, cfssljson included, for
 fidelity); ``DIR/transcript.md`` and ``DIR/transcript.json`` record them. The whole of ``DIR`` is
 built beside its target and moved into place at the end, also when a step fails.
+
+Secrets stay out of the transcripts and logs by value: before and after each step, every private
+key and gossip key in the folder is handed to the runner, which removes them (in any of the forms
+tools print them in) from whatever it logs or returns; a step's secret output is never logged.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import os
+import re
 import shutil
 import stat
 import sys
@@ -32,10 +38,31 @@ from cfwrap.replay.transcript import (
     Transcript,
     to_markdown,
 )
-from cfwrap.runner import Call, redact, run_pipeline
+from cfwrap.runner import (
+    Call,
+    redact,
+    redact_text,
+    remember_private_keys,
+    remember_secret,
+    run_pipeline,
+)
 
 FILES = "files"
 _CFSSL_FAMILY = ("cfssl", "cfssljson", "multirootca")
+#: Commands whose output is a gossip key, whatever the guide calls it: never shown or logged.
+_GOSSIP_MAKERS = (
+    ("cfwrap", "keygen"),
+    ("nomad", "keygen"),
+    ("nomad", "operator", "keygen"),
+    ("nomad", "operator", "gossip", "keyring", "generate"),
+    ("consul", "keygen"),
+)
+#: Files larger than this are recorded by size and time, not hashed: a step can make a sparse
+#: file of any size (``truncate -s 1T``), and reading it all would take minutes.
+HASH_LIMIT = 64 * 1024 * 1024
+#: The most cfwrap reads of one file in the folder when it looks for the secrets in it.
+SECRET_SCAN_LIMIT = 1024 * 1024
+_GOSSIP_IN_TEXT = re.compile(rb'encrypt\s*=\s*"([A-Za-z0-9+/=]{20,})"')
 
 
 @dataclass(frozen=True)
@@ -57,12 +84,78 @@ class ReplayResult:
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[str, str]]:
+    """Each regular file in ``folder`` with its sha256 and mode.
+
+    Symlinks, FIFOs and devices are never opened; past :data:`HASH_LIMIT` a file's size and
+    time stand in for its sha256.
+    """
     state = {}
     for path in sorted(folder.iterdir()):
-        if path.is_file() and not path.is_symlink():
-            mode = f"0{stat.S_IMODE(path.stat().st_mode):03o}"
-            state[path.name] = (hashlib.sha256(path.read_bytes()).hexdigest(), mode)
+        info = path.lstat()
+        if stat.S_ISREG(info.st_mode):
+            mode = f"0{stat.S_IMODE(info.st_mode):03o}"
+            state[path.name] = (_digest(path, info), mode)
     return state
+
+
+def _digest(path: Path, info: os.stat_result) -> str:
+    """A regular file's sha256, read in blocks; for a large or unreadable file, a stand-in."""
+    if info.st_size > HASH_LIMIT:
+        return f"size {info.st_size}, modified {info.st_mtime_ns}"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped since the lstat
+            return "not a regular file"
+        digest = hashlib.sha256()
+        while block := f.read(1 << 20):
+            digest.update(block)
+            if f.tell() > HASH_LIMIT:
+                return f"size over {HASH_LIMIT}, modified {info.st_mtime_ns}"
+        return digest.hexdigest()
+
+
+def _remember_secrets(folder: Path, seen: dict[str, tuple[int, int]]) -> None:
+    """Hand every private key and gossip key in ``folder`` to the runner, to be removed by value.
+
+    ``seen`` holds each file's size and time when it was last looked at, so an unchanged file is
+    read once. FIFOs, devices and files over :data:`SECRET_SCAN_LIMIT` are not read.
+    """
+    for path in sorted(folder.iterdir()):
+        try:
+            info = path.stat()
+        except OSError:
+            continue
+        if not stat.S_ISREG(info.st_mode) or info.st_size > SECRET_SCAN_LIMIT:
+            continue
+        stamp = (info.st_size, info.st_mtime_ns)
+        if seen.get(path.name) == stamp:
+            continue
+        seen[path.name] = stamp
+        try:
+            data = files.read_input(path, limit=SECRET_SCAN_LIMIT)
+        except OSError:
+            continue
+        remember_private_keys(data)
+        for key in _GOSSIP_IN_TEXT.findall(data):
+            remember_secret(key)
+        if len(data) < 128 and _is_gossip_key(data):
+            remember_secret(data)
+
+
+def _is_gossip_key(data: bytes) -> bool:
+    try:
+        gossip.check(data.decode("ascii"))
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return True
+
+
+def _makes_gossip_key(stage: list[str]) -> bool:
+    words = tuple(word for word in stage if not word.startswith("-"))
+    return any(words[: len(maker)] == maker for maker in _GOSSIP_MAKERS)
 
 
 def _changes(
@@ -126,9 +219,11 @@ class _Run:
         self.steps: list[StepRecord] = []
         self.findings: list[FindingRecord] = []
         self.tools: dict[str, tools.Tool] = {}
+        self.scanned: dict[str, tuple[int, int]] = {}
 
     def run_step(self, number: int, step: RunStep | WriteStep) -> str:
         """Run one step and record it; return why the replay must stop ('' to go on)."""
+        _remember_secrets(self.work, self.scanned)  # what the step may read and print
         before = _snapshot(self.work)
         started = time.monotonic()
         if isinstance(step, WriteStep):
@@ -171,19 +266,25 @@ class _Run:
                 )
             )
 
+        secret = step.output != "show" or any(_makes_gossip_key(s) for s in step.pipeline)
         try:
             calls = [
-                Call.of(_argv(stage, self.cfssl_dir, self.tools), cwd=self.work)
-                for stage in step.pipeline
+                Call.of(
+                    _argv(stage, self.cfssl_dir, self.tools),
+                    cwd=self.work,
+                    secret_stdout=secret and index == len(step.pipeline) - 1,
+                )
+                for index, stage in enumerate(step.pipeline)
             ]
         except ToolMissingError as e:
-            record([], "", [], ok=False, note=str(e))
-            return f"tool-missing: step {number} needs {e.tool}: {e.message}"
+            record([], "", [], ok=False, note=redact_text(str(e)))
+            return f"tool-missing: step {number} needs {e.tool}: {redact_text(e.message)}"
         try:
             results = run_pipeline(calls, check=False)
         except ToolFailedError as e:
-            record([], "", [], ok=False, note=str(e))
-            return f"step-failed: step {number}: {e}"
+            record([], "", [], ok=False, note=redact_text(str(e)))
+            return f"step-failed: step {number}: {redact_text(str(e))}"
+        _remember_secrets(self.work, self.scanned)  # keys the step made, before its output shows
         codes = [r.returncode for r in results]
         stderr = [redact(r.stderr).decode("utf-8", "replace") for r in results]
         stdout, note = self._stdout(step, results[-1].stdout)
@@ -202,7 +303,9 @@ class _Run:
 
     def _stdout(self, step: RunStep, data: bytes) -> tuple[str, str]:
         """What the transcript may show of a step's stdout, and a note about it."""
-        if step.output == "secret":
+        if step.output == "secret" or (
+            step.output == "show" and any(_makes_gossip_key(s) for s in step.pipeline)
+        ):
             return f"[secret output, {len(data)} bytes, not shown]", ""
         if step.output == "gossip-key":
             try:
@@ -234,9 +337,20 @@ def _compare(guide: Guide, work: Path) -> tuple[list[str], list[str]]:
     return missing, extra
 
 
-def _relative(text: str, work: Path) -> str:
-    """Paths inside the replay folder, relative to it (the folder is renamed at the end)."""
-    return text.replace(f"{work}/", "").replace(str(work), ".")
+def _shown(text: str, work: Path) -> str:
+    """Text for a transcript: secrets removed, paths in the folder relative to it.
+
+    Relative, because the folder is renamed at the end.
+    """
+    return redact_text(text.replace(f"{work}/", "").replace(str(work), "."))
+
+
+def _regular(path: Path) -> bool:
+    """A regular file (through a symlink too): doctor and the probes read nothing else."""
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return False
 
 
 def _judge(guide: Guide, work: Path) -> tuple[list[FindingRecord], list[ProbeRecord]]:
@@ -244,40 +358,46 @@ def _judge(guide: Guide, work: Path) -> tuple[list[FindingRecord], list[ProbeRec
     findings: dict[tuple[str, str], FindingRecord] = {}
     options = doctor.Options()
     for check in guide.checks:
-        if not (work / check.cert).is_file():
+        if not _regular(work / check.cert) or not _regular(work / check.ca):
             continue
         report = doctor.diagnose_files(
             cert=work / check.cert,
-            key=work / check.key if check.key else None,
+            key=work / check.key if check.key and _regular(work / check.key) else None,
             ca=work / check.ca,
             role=check.role,
             region=check.region,
             options=options,
         )
         for f in report.findings:
-            record = FindingRecord(
-                severity=f.severity,
-                path=_relative(f.path, work),
-                check=f.check,
-                message=_relative(f.message, work),
-                nomad_error=f.nomad_error,
-                fix=_relative(f.fix, work),
-            )
+            record = _finding(f.to_json(), work)
             findings.setdefault((record.path, record.check), record)
     probes = _probes(guide.checks, work)
     for f in doctor.probe_findings(probes):
         if f.severity != "info":
-            findings.setdefault((f.path, f.check), FindingRecord(**f.to_json()))
-    records = [ProbeRecord(**p.to_json()) for p in probes]
+            record = _finding(f.to_json(), work)
+            findings.setdefault((record.path, record.check), record)
+    records = [ProbeRecord.model_validate(_shown_fields(p.to_json(), work)) for p in probes]
     return list(findings.values()), records
+
+
+def _finding(data: dict[str, object], work: Path) -> FindingRecord:
+    """A doctor finding as the transcript records it."""
+    return FindingRecord.model_validate(_shown_fields(data, work))
+
+
+def _shown_fields(data: dict[str, object], work: Path) -> dict[str, object]:
+    """Every text field through :func:`_shown` (``severity`` is a fixed word)."""
+    return {
+        k: _shown(v, work) if isinstance(v, str) and k != "severity" else v for k, v in data.items()
+    }
 
 
 def _probes(checks: list[Check], work: Path) -> list[probe.ProbeResult]:
     sides: dict[str, probe.Side] = {}
     for check in checks:
-        if check.key and (work / check.cert).is_file() and (work / check.key).is_file():
+        if check.key and _regular(work / check.cert) and _regular(work / check.key):
             sides.setdefault(check.role, probe.Side(work / check.cert, work / check.key))
-    if not checks or not (work / checks[0].ca).is_file():
+    if not checks or not _regular(work / checks[0].ca):
         return []
     plan = probe.nomad_probes(
         region=checks[0].region,

@@ -7,6 +7,7 @@ redaction, secret outputs are replaced by their size, and files appear as sha256
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any, Literal
 
@@ -27,7 +28,9 @@ class FileChange(BaseModel):
 
     path: str
     change: Literal["created", "changed", "removed"]
-    sha256: str | None
+    sha256: str | None = Field(
+        description="of the content; for a file over 64 MiB, its size and time stand in"
+    )
     mode: str | None
 
 
@@ -108,23 +111,73 @@ def json_schema() -> dict[str, Any]:
     }
 
 
-def _fence(text: str) -> list[str]:
-    return ["```", text.rstrip("\n"), "```"] if text.strip() else []
+# Characters that would change what a reader sees: C0 and C1 controls (a newline ends a list item
+# or opens a new block, CR and ESC rewrite a terminal's line), Unicode line separators and bidi
+# controls. In a block of tool output, newlines and tabs are the text itself and stay.
+_OTHER_CONTROLS = r"\x0b-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069"
+_IN_LINE = re.compile(rf"[\x00-\x0a{_OTHER_CONTROLS}]")
+_IN_BLOCK = re.compile(rf"[\x00-\x08{_OTHER_CONTROLS}]")
+# Markdown punctuation that could open a link, an image, emphasis, a code span, a table cell or
+# raw HTML inside ordinary text.
+_MARKUP = re.compile(r"([\\`*_\[\]<|])")
+
+
+def _visible(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def _text(value: str) -> str:
+    """Text from a guide, a tool or a file name, as plain Markdown text on one line."""
+    return _MARKUP.sub(r"\\\1", _IN_LINE.sub(_visible, value))
+
+
+def _code(value: str, *, cell: bool = False) -> str:
+    """An inline code span that shows ``value`` as it is, on one line, and cannot be closed early.
+
+    The delimiter is one backtick longer than the longest run inside (CommonMark 6.1). In a
+    table ``cell``, ``|`` is escaped, as GitHub's tables require even inside code.
+    """
+    value = _IN_LINE.sub(_visible, value)
+    if cell:
+        value = value.replace("|", "\\|")
+    ticks = "`" * (max((len(run) for run in re.findall("`+", value)), default=0) + 1)
+    pad = " " if value.startswith("`") or value.endswith("`") or not value.strip() else ""
+    return f"{ticks}{pad}{value}{pad}{ticks}"
+
+
+def _fence(text: str, info: str = "") -> list[str]:
+    """A fenced block that holds ``text`` whole, however many backticks it holds.
+
+    The fence is longer than any backtick run in the text (CommonMark 4.5), so no line of the
+    text can close it.
+    """
+    if not text.strip():
+        return []
+    text = _IN_BLOCK.sub(_visible, text.rstrip("\n"))
+    ticks = "`" * max(3, max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    return [f"{ticks}{info}", text, ticks]
 
 
 def to_markdown(transcript: Transcript) -> str:
-    """Render a transcript to read beside the guide."""
+    """Render a transcript to read beside the guide.
+
+    Every value comes from a guide file, a tool or a file name, so none may shape the page: text
+    goes through :func:`_text`, names through :func:`_code`, output and commands through
+    :func:`_fence`.
+    """
     lines = [
-        f"# Replay: {transcript.title}",
+        f"# Replay: {_text(transcript.title)}",
         "",
-        f"- guide: `{transcript.guide}` ({transcript.source})",
+        f"- guide: {_code(transcript.guide)} ({_text(transcript.source)})",
         f"- started: {transcript.started_at:%Y-%m-%d %H:%M:%S} UTC",
         *(
-            f"- {t.name}: {t.package or 'no package'} {t.version or ''} (sha256 {t.sha256[:16]}...)"
+            f"- {_text(t.name)}: {_text(t.package or 'no package')} {_text(t.version or '')} "
+            f"(sha256 {t.sha256[:16]}...)"
             for t in transcript.tools
         ),
         f"- outcome: **{transcript.outcome}**"
-        + (f": {transcript.stopped_because}" if transcript.stopped_because else ""),
+        + (f": {_text(transcript.stopped_because)}" if transcript.stopped_because else ""),
     ]
     for step in transcript.steps:
         lines += _step_markdown(step)
@@ -133,12 +186,13 @@ def to_markdown(transcript: Transcript) -> str:
 
 
 def _step_markdown(step: StepRecord) -> list[str]:
-    lines = ["", f"## Step {step.number}: {step.say}", ""]
+    lines = ["", f"## Step {step.number}: {_text(step.say)}", ""]
     if step.stands_in_for:
-        lines += [f"The guide runs `{step.stands_in_for}`; cfwrap ran this instead:", ""]
-    lines += ["```sh", f"$ {step.command}", "```", ""]
+        lines += [f"The guide runs {_code(step.stands_in_for)}; cfwrap ran this instead:", ""]
+    lines += [*_fence(f"$ {step.command}", "sh"), ""]
     codes = ", ".join(str(c) for c in step.exit_codes) or "-"
-    lines.append(f"exit {codes} in {step.seconds:.3f}s" + (f"; {step.note}" if step.note else ""))
+    note = f"; {_text(step.note)}" if step.note else ""
+    lines.append(f"exit {codes} in {step.seconds:.3f}s{note}")
     if step.stdout.strip():
         lines += ["", "stdout:", *_fence(step.stdout)]
     for number, stderr in enumerate(step.stderr, 1):
@@ -148,7 +202,8 @@ def _step_markdown(step: StepRecord) -> list[str]:
     if step.files:
         lines += ["", "| file | change | mode | sha256 |", "|---|---|---|---|"]
         lines += [
-            f"| `{f.path}` | {f.change} | {f.mode or ''} | `{(f.sha256 or '')[:16]}` |"
+            f"| {_code(f.path, cell=True)} | {f.change} | {f.mode or ''} "
+            f"| {_code((f.sha256 or '')[:16], cell=True)} |"
             for f in step.files
         ]
     return lines
@@ -158,21 +213,21 @@ def _end_markdown(transcript: Transcript) -> list[str]:
     lines = ["", "## The guide's table of files", ""]
     if not transcript.missing_files and not transcript.extra_files:
         lines.append("The folder holds exactly the files the guide lists.")
-    lines += [f"- missing: `{name}`" for name in transcript.missing_files]
-    lines += [f"- not in the guide's table: `{name}`" for name in transcript.extra_files]
+    lines += [f"- missing: {_code(name)}" for name in transcript.missing_files]
+    lines += [f"- not in the guide's table: {_code(name)}" for name in transcript.extra_files]
     lines += ["", "## Nomad's rules", ""]
     if not transcript.findings:
         lines.append("No findings: the certificates pass Nomad's checks.")
     for f in transcript.findings:
-        lines.append(f"- **{f.severity}** `{f.path}` {f.check}: {f.message}")
+        lines.append(f"- **{f.severity}** {_code(f.path)} {_text(f.check)}: {_text(f.message)}")
         if f.nomad_error:
-            lines.append(f"  - Nomad says: `{f.nomad_error}`")
+            lines.append(f"  - Nomad says: {_code(f.nomad_error)}")
     if transcript.probes:
         lines += ["", "Real handshakes between the guide's certificates:", ""]
         for p in transcript.probes:
             mark = "as Nomad needs" if p.as_expected else "**not as Nomad needs**"
-            got = "connected" if p.ok else f"refused ({p.error})"
-            lines.append(f"- {p.name} [{p.server_name}]: {got}, {mark}")
+            got = "connected" if p.ok else f"refused ({_text(p.error)})"
+            lines.append(f"- {_text(p.name)} \\[{_text(p.server_name)}\\]: {got}, {mark}")
     if transcript.corrections:
-        lines += ["", "## Corrected commands", "", "```sh", *transcript.corrections, "```"]
+        lines += ["", "## Corrected commands", "", *_fence("\n".join(transcript.corrections), "sh")]
     return lines

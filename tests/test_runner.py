@@ -1,0 +1,282 @@
+"""The runner, cfwrap's one door to outside tools: bounded output, secrets removed, timeouts.
+
+Real binaries throughout (coreutils, openssl, cfssl); the runner's own module-level state (the
+secrets it has seen) is what is under test, so the tests that need a clean slate run a fresh
+Python process.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from cfwrap import runner
+from cfwrap.errors import ToolFailedError
+from cfwrap.runner import Call, redact, run, run_pipeline
+from tests.conftest import ROOT, assert_no_secrets
+
+HEAD = shutil.which("head") or "/usr/bin/head"
+BASE64 = shutil.which("base64") or "/usr/bin/base64"
+OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
+SH = "/bin/sh"
+MiB = 1024 * 1024
+# base64 of 100,000,000 bytes, wrapped at 76 columns: 133,333,336 characters and 1,754,386 newlines.
+BIG_BASE64 = 133_333_336 + 1_754_386
+
+
+def test_output_over_the_cap_is_cut_and_says_so():
+    last = run_pipeline([Call.of([HEAD, "-c", "100000000", "/dev/zero"]), Call.of([BASE64])])[-1]
+    assert last.returncode == 0
+    note = f"[output cut at 1 MiB; {BIG_BASE64 - MiB} bytes dropped]"
+    assert last.stdout.endswith(note.encode() + b"\n")
+    assert len(last.stdout) == MiB + len(note) + 2
+    assert last.stdout_dropped == BIG_BASE64 - MiB
+    assert last.stdout[:MiB] == (b"A" * 76 + b"\n") * (MiB // 77) + b"A" * (MiB % 77)
+
+
+def test_a_stream_without_newlines_is_cut_too():
+    # sh buffers by line by default: a stream with no newline was gathered whole before.
+    result = run(Call.of([HEAD, "-c", "50000000", "/dev/zero"]))
+    assert len(result.stdout) < MiB + 100
+    assert result.stdout_dropped == 50_000_000 - MiB
+
+
+def test_stderr_is_capped_and_kept_for_the_error():
+    with pytest.raises(ToolFailedError) as caught:
+        run(Call.of([SH, "-c", f"{HEAD} -c 5000000 /dev/zero >&2; echo last words >&2; exit 3"]))
+    error = caught.value
+    assert error.returncode == 3
+    assert "bytes dropped" in error.stderr
+    assert len(error.stderr) < 2 * MiB
+
+
+def test_small_output_is_whole_and_not_a_terminal():
+    result = run(Call.of([SH, "-c", "[ -t 1 ] && echo tty || echo pipe; printf 'e\\n' >&2"]))
+    assert (result.stdout, result.stderr) == (b"pipe\n", b"e\n")
+    assert (result.stdout_dropped, result.stderr_dropped) == (0, 0)
+
+
+def test_stdin_still_reaches_the_tool():
+    assert run(Call.of(["/bin/cat"], stdin=b"fed\n")).stdout == b"fed\n"
+
+
+def test_a_timeout_still_stops_a_tool_that_prints_forever():
+    started = time.monotonic()
+    with pytest.raises(ToolFailedError, match="no answer within 1s"):
+        run(Call.of(["/usr/bin/yes"], timeout=1.0))
+    assert time.monotonic() - started < 10
+
+
+PEAK = """
+import resource, sys
+from cfwrap.runner import Call, run_pipeline
+stages = [Call.of([sys.argv[1], "-c", "100000000", "/dev/zero"])]
+stages += [Call.of([a]) for a in sys.argv[2:]]
+last = run_pipeline(stages)[-1]
+print(len(last.stdout), last.stdout_dropped,
+      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+@pytest.mark.parametrize("then", [[BASE64], []], ids=["base64 lines", "no newline at all"])
+def test_peak_memory_stays_near_the_cap_for_100_mb_of_output(then):
+    started = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK, HEAD, *then],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        timeout=120,
+    ).stdout.split()
+    kept, dropped, peak_kib = map(int, out)
+    print(f"100 MB through the runner: peak RSS {peak_kib} KiB, {time.monotonic() - started:.2f}s")
+    assert kept + dropped > 100_000_000
+    assert peak_kib < 120 * 1024  # it held 100 MB twice over before the cap
+
+
+KEYGEN_THEN_ECHO = """
+import logging, sys
+from cfwrap.runner import Call, run
+logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)  # the root: sh logs too
+key = run(Call.of([sys.executable, "-m", "cfwrap", "keygen"], secret_stdout=True)).stdout
+run(Call.of(["/bin/echo", "later the key shows up again:", key.decode().strip()]))
+print(key.decode().strip())
+"""
+
+
+def test_secret_stdout_is_never_logged_and_its_value_is_removed_later():
+    done = subprocess.run(
+        [sys.executable, "-c", KEYGEN_THEN_ECHO],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    key = done.stdout.strip()
+    assert len(base64.b64decode(key)) == 32
+    assert "[secret, 45 bytes, not shown]" in done.stderr
+    assert "later the key shows up again: [secret removed]" in done.stderr
+    assert_no_secrets(done.stderr, key)
+
+
+def test_argv_at_info_output_at_debug(caplog):
+    with caplog.at_level(logging.DEBUG, logger="cfwrap.runner"):
+        run(Call.of(["/bin/echo", "hello there"]))
+    records = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert (logging.INFO, "run: /bin/echo 'hello there'") in records
+    assert any(level == logging.DEBUG and "stdout: hello there" in m for level, m in records)
+
+
+@pytest.fixture
+def ec_key_file(tmp_path: Path) -> tuple[Path, int]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    path = tmp_path / "ca-key.pem"
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    path.chmod(0o600)
+    return path, key.private_numbers().private_value
+
+
+def _hex_forms(number: int) -> list[str]:
+    """A private number as tools print it: openssl -text's ``00:ab:..``, asn1parse's ``AB..``."""
+    raw = number.to_bytes((number.bit_length() + 7) // 8, "big")
+    plain = raw.hex()
+    return [plain, plain.upper(), ":".join(f"{b:02x}" for b in raw)]
+
+
+def _flat(text: str) -> str:
+    return re.sub(r"[\s:]", "", text).lower()
+
+
+def _pem_lines(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if not line.startswith("-----")]
+
+
+def _openssl(*args: str | Path) -> bytes:
+    return subprocess.run([OPENSSL, *map(str, args)], capture_output=True, check=True).stdout
+
+
+def test_openssl_text_dumps_are_removed_by_pattern(ec_key_file):
+    path, scalar = ec_key_file
+    # Straight from openssl, not through the runner: nothing has remembered this key.
+    text = redact(_openssl("ec", "-in", path, "-text", "-noout")).decode()
+    assert "priv: [private key removed]" in text
+    assert "pub:" in text  # the public half stays readable
+    assert _hex_forms(scalar)[0] not in _flat(text)
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    numbers = rsa_key.private_numbers()
+    pem = rsa_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    dump = subprocess.run(
+        [OPENSSL, "pkey", "-text", "-noout"], input=pem, capture_output=True, check=True
+    ).stdout
+    text = redact(dump).decode()
+    for label in ("privateExponent", "prime1", "prime2", "exponent1", "exponent2", "coefficient"):
+        assert f"{label}: [private key removed]" in text
+    for number in (numbers.d, numbers.p, numbers.q, numbers.dmp1, numbers.dmq1, numbers.iqmp):
+        assert _hex_forms(number)[0][2:40] not in _flat(text)
+
+
+def test_known_keys_are_removed_by_value_in_every_form(ec_key_file):
+    path, scalar = ec_key_file
+    assert runner.remember_private_keys(path.read_bytes()) == 1
+    der = _openssl("pkey", "-in", path, "-outform", "DER")
+    outputs = {
+        "asn1parse": run(Call.of([OPENSSL, "asn1parse", "-in", path])).stdout,
+        "one-line base64": run_pipeline(
+            [Call.of([OPENSSL, "pkey", "-in", path, "-outform", "DER"]), Call.of([BASE64, "-w0"])]
+        )[-1].stdout,
+        "hex": run(Call.of([OPENSSL, "ec", "-in", path, "-text", "-noout"])).stdout,
+        "cat": run(Call.of(["/bin/cat", path])).stdout,
+        "der": run(Call.of([OPENSSL, "pkey", "-in", path, "-outform", "DER"])).stdout,
+    }
+    for name, output in outputs.items():
+        shown = redact(output).decode("utf-8", "replace")
+        assert_no_secrets(shown, *_pem_lines(path))
+        for form in _hex_forms(scalar):
+            assert form not in shown, name
+        assert _hex_forms(scalar)[0] not in _flat(shown), name
+        assert base64.b64encode(der).decode() not in shown, name
+        assert der not in redact(output), name
+
+
+def test_cfssl_ed25519_key_label_is_removed(tmp_path):
+    # cfssl writes Ed25519 keys as "Ed25519 PRIVATE KEY" (lower case letters in the label).
+    csr = json.dumps({"CN": "ed", "key": {"algo": "ed25519"}}).encode()
+    cfssl = ROOT / ".tools" / "cfssl" / "bin"
+    made = run(Call.of([cfssl / "cfssl", "gencert", "-initca", "-"], stdin=csr)).stdout
+    key = json.loads(made)["key"]
+    assert key.startswith("-----BEGIN Ed25519 PRIVATE KEY-----")
+    (tmp_path / "ed-key.pem").write_text(key)
+    (tmp_path / "ed-key.pem").chmod(0o600)
+    shown = redact(key.encode()).decode()
+    assert shown == "[private key removed]\n"
+    assert_no_secrets(shown, *_pem_lines(tmp_path / "ed-key.pem"))
+
+
+def test_a_lone_base64_key_is_not_logged():
+    key = base64.b64encode(b"k" * 16 + b"\x01" * 8).decode()  # 24 bytes: AES-192's size
+    assert redact(f"{key}\n".encode()) == b"[a base64 key, not shown]\n"
+    assert redact(b"not a key\n") == b"not a key\n"
+
+
+SIGTERM_GUIDE = """
+schema_version = 1
+name = "slow"
+title = "a step that takes a while"
+source = "test"
+expected_files = []
+
+[[steps]]
+kind = "run"
+say = "wait, and print a lot while waiting"
+pipeline = [["sh", "-c", "yes | head -c 50000000; exec sleep 60"]]
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_still_stops_the_running_tool_and_rolls_back(tmp_path):
+    (tmp_path / "slow.toml").write_text(textwrap.dedent(SIGTERM_GUIDE))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cfwrap", "replay", "slow.toml", "--out", "out"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # wait for the step's sleep to start
+        ps = subprocess.run(
+            ["ps", "-o", "args=", "--ppid", str(proc.pid)], capture_output=True, check=False
+        )
+        if b"sleep 60" in ps.stdout or b"sh -c" in ps.stdout:
+            break
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.terminate()
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 143, err
+    assert err.decode().strip() == "cfwrap: stopped; nothing was left half-written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slow.toml"]
+    left = subprocess.run(["ps", "-eo", "args="], capture_output=True, text=True, check=False)
+    assert "sleep 60" not in left.stdout.splitlines()
