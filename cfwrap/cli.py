@@ -469,7 +469,7 @@ def _report(result: KitResult, args: argparse.Namespace) -> int:
         for name in result.files:
             _print(result.folder / name)
         if result.backup:
-            print(f"cfwrap: the old {result.folder} is kept as {result.backup}", file=sys.stderr)
+            _say(f"cfwrap: the old {result.folder} is kept as {result.backup}")
     return ExitCode.OK
 
 
@@ -639,7 +639,7 @@ def _manifest(args: argparse.Namespace) -> int:
         )
     else:
         for line in problems:
-            print(f"{folder / line}", file=sys.stderr)
+            _say(f"{folder / line}")
     if problems:
         raise VerificationError(
             str(folder / manifest.FILE_NAME),
@@ -647,7 +647,7 @@ def _manifest(args: argparse.Namespace) -> int:
             fix="inspect the changes; `cfwrap manifest --write DIR` records the folder as it is",
         )
     if not args.json:
-        print(f"cfwrap: {folder / manifest.FILE_NAME} matches the files on disk", file=sys.stderr)
+        _say(f"cfwrap: {folder / manifest.FILE_NAME} matches the files on disk")
     return ExitCode.OK
 
 
@@ -711,25 +711,24 @@ _MAX_WARN_DAYS = 36500
 
 def _connect_files(args: argparse.Namespace) -> tuple[Path, Path | None, Path | None]:
     """The CA to trust and the client certificate to present: flags, else the kit's cli files."""
+    from cfwrap.cfssl import key_path
+    from cfwrap.files import is_regular
+
     ca, cert, key = args.ca, args.cert, args.key
     folder = args.folder or Path()
     ca = ca or folder / "ca.pem"
+    if not is_regular(ca):
+        raise InputError(str(ca), "no CA certificate here", fix="give --ca or a kit folder")
     if cert is None:
         found = sorted(folder.glob("*-cli-nomad.pem"))
         cert = found[0] if found else None
+    fix = "give --cert and --key as the cli certificate's files, or leave both out"
+    if cert is not None and not is_regular(cert):
+        raise InputError(str(cert), "not a regular file", fix=fix)
     if cert is not None and key is None:
-        from cfwrap.cfssl import key_path
-
         key = key_path(cert)
-    if not ca.is_file():
-        raise InputError(str(ca), "no CA certificate here", fix="give --ca or a kit folder")
-    for given, what in ((cert, "--cert"), (key, "--key")):
-        if given is not None and not given.is_file():
-            raise InputError(
-                str(given),
-                "not a regular file",
-                fix=f"give {what} as the client certificate's files, or leave both out",
-            )
+    if key is not None and not is_regular(key):
+        raise InputError(str(key), "not a regular file", fix=fix)
     if (cert is None) != (key is None):
         raise InputError("--cert/--key", "give both or neither")
     return ca, cert, key
@@ -894,7 +893,14 @@ def _print(*values: object, end: str = "\n") -> None:
 
 
 def _say(line: str) -> None:
-    """One line for people on stderr; a closed or full stderr is not worth a traceback."""
+    """One line for people on stderr; a closed or full stderr is not worth a traceback.
+
+    Control characters from the input (a newline in a flag's value, an escape sequence) are
+    shown escaped, so the line stays one line and cannot rewrite the terminal.
+    """
+    import re
+
+    line = re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: ascii(m.group())[1:-1], line)
     with contextlib.suppress(OSError, ValueError):
         print(line, file=sys.stderr, flush=True)
 
