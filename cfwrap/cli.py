@@ -906,10 +906,11 @@ def _say(line: str) -> None:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    # Paths from argv and files may hold bytes that are not UTF-8: print them back as given.
-    for stream in (sys.stdout, sys.stderr):
+    # Paths from argv may hold bytes that are not UTF-8: data on stdout goes back as given,
+    # messages on stderr show them escaped.
+    for stream, errors in ((sys.stdout, "surrogateescape"), (sys.stderr, "backslashreplace")):
         with contextlib.suppress(AttributeError, ValueError, OSError):
-            stream.reconfigure(errors="surrogateescape")  # type: ignore[union-attr]
+            stream.reconfigure(errors=errors)  # type: ignore[union-attr]
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
