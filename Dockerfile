@@ -9,6 +9,9 @@
 #   docker build --secret id=pipca,src=/etc/ssl/certs/ca-certificates.crt -t cfwrap .
 # ./scripts/image builds and smoke-tests this file with docker or podman.
 
+# The Debian trixie base. ./scripts/image with podman (no registry reachable) points this at one it
+# made with debootstrap, localhost/cfwrap-base:<hash of its recipe>, so a stale cached base is never
+# mistaken for a current one.
 ARG DEBIAN_IMAGE=debian:trixie-slim
 
 FROM ${DEBIAN_IMAGE} AS base
@@ -74,7 +77,10 @@ LABEL org.opencontainers.image.title="cfwrap" \
       io.cfwrap.cfssl.package="golang-cfssl" \
       io.cfwrap.cfssl.version="${CFSSL_VERSION}"
 COPY --from=build /opt/cfwrap /opt/cfwrap
-RUN useradd --system --uid 10001 --user-group --home-dir /kit --no-create-home \
+# The group gets the same fixed id: useradd --user-group would pick a free system gid (999), and
+# USER 10001:10001 would then run in a group with no name that does not own /kit.
+RUN groupadd --system --gid 10001 cfwrap \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /kit --no-create-home \
         --shell /usr/sbin/nologin cfwrap \
     && install -d -o cfwrap -g cfwrap -m 0700 /kit
 ENV PATH=/opt/cfwrap/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \

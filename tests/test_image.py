@@ -1,4 +1,8 @@
-"""The container image, built from the Dockerfile with podman and checked from the host."""
+"""The container image, built from the Dockerfile with podman and checked from the host.
+
+The tier builds in an empty podman store of its own, as CI on a new machine does: a base image
+cached by an earlier run must never hide a defect in how the base is made.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,9 @@ import os
 import shutil
 import stat
 import subprocess
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -23,17 +28,54 @@ IMAGE = ROOT / "scripts" / "image"
 TAG_A, TAG_B = "cfwrap-test-a", "cfwrap-test-b"
 
 
-def _image(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "CFWRAP_IMAGE"}
-    return subprocess.run(
-        [IMAGE, *map(str, args)], capture_output=True, text=True, env=env, check=check, timeout=1800
+def _image(
+    *args: str | Path,
+    check: bool = True,
+    script: Path = IMAGE,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if k != "CFWRAP_IMAGE"} | dict(env or {})
+    result = subprocess.run(
+        [script, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        check=False,
+        timeout=1800,
     )
+    # The engine's own message (e.g. runc's "stat /bin/sh: permission denied") says what broke.
+    if check and result.returncode != 0:
+        pytest.fail(f"scripts/image {args[0]} exited {result.returncode}:\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="module", autouse=True)
+def podman_store() -> Iterator[Path]:
+    """An empty podman store for this module (CFWRAP_PODMAN_ROOT), removed afterwards.
+
+    A store already named in CFWRAP_PODMAN_ROOT is used as it is, to iterate on a warm one.
+    """
+    if given := os.environ.get("CFWRAP_PODMAN_ROOT"):
+        yield Path(given)
+        return
+    # /var/tmp, not /tmp: podman's vfs driver copies the whole image into every layer (GBs), and
+    # /tmp may be a RAM-backed tmpfs on CI machines.
+    store = Path(tempfile.mkdtemp(prefix="cfwrap-podman-store-", dir="/var/tmp"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CFWRAP_PODMAN_ROOT", str(store))
+        yield store
+    shutil.rmtree(store, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
-def built() -> Iterator[dict[str, float]]:
+def built(podman_store: Path) -> Iterator[dict[str, float]]:
     """The image built twice from this checkout, the second time without any cache."""
-    times = {}
+    empty = not any(podman_store.iterdir())
+    print(f"\npodman store {podman_store}: {'empty' if empty else 'in use'}")
+    started = time.monotonic()
+    result = _image("base", check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    times = {"base": time.monotonic() - started}
     for tag, extra in ((TAG_A, []), (TAG_B, ["--no-cache"])):
         started = time.monotonic()
         result = _image("build", "--tag", tag, *extra, check=False)
@@ -122,3 +164,89 @@ def test_two_builds_install_the_same_things(built):
     assert "golang-cfssl=1.6.5" in a["packages"]
     assert "cryptography==" in a["freeze"]
     assert "cfwrap @ file:" in a["freeze"] or "cfwrap==" in a["freeze"]
+
+
+# Each thing the image's user (uid 10001, not root) needs, run by that user: a `/` or a folder
+# it cannot search makes the runtime's exec fail before cfwrap starts.
+_USER_CHECKS = r"""
+check() {
+    name=$1; shift
+    if out=$("$@" 2>&1); then echo "ok $name"; else echo "FAIL $name: $out"; fi
+}
+check uid test "$(id -u):$(id -g):$(id -un):$(id -gn)" = 10001:10001:cfwrap:cfwrap
+check ls ls /
+check cfwrap cfwrap --version
+check cfssl cfssl version
+check openssl openssl version
+check python3 python3 -c 'import ssl, json'
+check cfwrap-python /opt/cfwrap/bin/python -c 'import cfwrap.kit, cryptography'
+check kit sh -c 'echo x >/kit/probe && rm /kit/probe'
+check tmp sh -c 'f=$(mktemp) && rm "$f"'
+stat -c 'mode %n %a %u:%g' / /usr /usr/bin /usr/lib /etc /opt /opt/cfwrap /tmp /kit
+"""
+
+
+def test_the_image_user_can_run_what_it_needs(built):
+    result = _image(
+        "run", "--tag", TAG_A, "--entrypoint", "/bin/sh", "-c", _USER_CHECKS, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    checks = [line for line in lines if not line.startswith("mode ")]
+    assert checks == [
+        f"ok {name}"
+        for name in (
+            "uid",
+            "ls",
+            "cfwrap",
+            "cfssl",
+            "openssl",
+            "python3",
+            "cfwrap-python",
+            "kit",
+            "tmp",
+        )
+    ]
+    modes = {line.split()[1]: tuple(line.split()[2:]) for line in lines if line.startswith("mode ")}
+    assert modes == {
+        **{path: ("755", "0:0") for path in ("/", "/usr", "/usr/bin", "/usr/lib", "/etc", "/opt")},
+        "/opt/cfwrap": ("755", "0:0"),
+        "/tmp": ("1777", "0:0"),  # noqa: S108 (a folder inside the image, not a file written here)
+        "/kit": ("700", "10001:10001"),
+    }
+
+
+def test_built_from_the_base_its_recipe_names(built):
+    base = _image("base-tag").stdout.strip()
+    assert base.startswith("localhost/cfwrap-base:")
+    (base_info,) = json.loads(_image("inspect", base).stdout)
+    (image_info,) = json.loads(_image("inspect", TAG_A).stdout)
+    assert image_info["RootFS"]["Layers"][0] == base_info["RootFS"]["Layers"][0]
+
+
+def test_a_changed_recipe_names_another_base(tmp_path):
+    """The cached base is keyed by its recipe's lines, the mirror and debootstrap's version."""
+    copy = tmp_path / "scripts"
+    (copy / "lib").mkdir(parents=True)
+    shutil.copy2(ROOT / "scripts" / "lib" / "debian.sh", copy / "lib" / "debian.sh")
+    recipe = IMAGE.read_text()
+    assert "--variant=minbase" in recipe and "chmod 0755" in recipe
+
+    def tag(text: str, **env: str) -> str:
+        (copy / "image").write_text(text)
+        (copy / "image").chmod(0o755)
+        env = {
+            "CFWRAP_ENGINE": "podman",
+            "CFWRAP_DEBIAN_MIRROR": "http://mirror.invalid/debian",
+        } | env
+        return _image("base-tag", script=copy / "image", env=env).stdout.strip()
+
+    first = tag(recipe)
+    assert tag(recipe) == first  # stable
+    assert tag(recipe, CFWRAP_DEBIAN_MIRROR="http://other.invalid/debian") != first
+    assert tag(recipe.replace("--variant=minbase", "--variant=buildd")) != first
+    assert tag(recipe.replace("chmod 0755", "chmod 0700")) != first
+    # Comments do not change what debootstrap makes, so they keep the cached base.
+    assert (
+        tag(recipe.replace("# tar records the root", "# (reworded) tar records the root")) == first
+    )

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by the install-* scripts: fetch Debian packages with a private apt source list, lists
 # folder and cache, so the system's apt configuration and state are read, never written. The
 # mirror comes from this machine's own apt sources (or CFWRAP_DEBIAN_MIRROR); none is named here.
@@ -35,6 +36,7 @@ debian_mirror() {
 
 # This machine's Debian codename (bookworm, trixie, ...).
 debian_codename() {
+    # shellcheck source=/dev/null
     . /etc/os-release
     printf '%s\n' "${VERSION_CODENAME:?no VERSION_CODENAME in /etc/os-release}"
 }
