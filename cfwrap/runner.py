@@ -211,7 +211,10 @@ def _base64_size(token: bytes) -> int:
 
 
 class _Capture:
-    """A tool's stdout or stderr, kept up to a cap; what comes after is counted and dropped.
+    """A tool's stdout or stderr, kept up to a cap: its start and its end.
+
+    What came between is counted and dropped; the end stays because that is where a tool says
+    why it failed.
 
     sh calls :meth:`write` from its reader thread with each chunk as it is read, so memory stays
     at the cap however much the tool prints.
@@ -219,22 +222,30 @@ class _Capture:
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
-        self.kept = bytearray()
+        self.tail_cap = cap // 4
+        self.head = bytearray()
+        self.tail = bytearray()
         self.dropped = 0
 
     def write(self, chunk: bytes | str) -> None:
         if isinstance(chunk, str):  # sh passes bytes to a file-like object; be safe anyway
             chunk = chunk.encode("utf-8", "surrogateescape")
-        room = self.cap - len(self.kept)
+        room = self.cap - self.tail_cap - len(self.head)
         if room > 0:
-            self.kept += chunk[:room]
-        self.dropped += max(0, len(chunk) - max(room, 0))
+            self.head += chunk[:room]
+            chunk = chunk[room:]
+        self.tail += chunk
+        if len(self.tail) > self.tail_cap:
+            excess = len(self.tail) - self.tail_cap
+            del self.tail[:excess]
+            self.dropped += excess
 
     def value(self) -> bytes:
-        """What was kept, and a line saying how much was cut, if anything was."""
+        """What was kept, with a line saying how much was cut where it was cut, if anything."""
         if not self.dropped:
-            return bytes(self.kept)
-        return bytes(self.kept) + cut_note(self.cap, self.dropped).encode() + b"\n"
+            return bytes(self.head + self.tail)
+        note = cut_note(self.cap, self.dropped).encode()
+        return bytes(self.head) + note + b"\n" + bytes(self.tail)
 
 
 def cut_note(cap: int, dropped: int) -> str:
@@ -312,12 +323,21 @@ def failure_reason(stderr: bytes) -> str:
             except (ValueError, AttributeError):
                 continue
             if isinstance(message, str) and message:
-                return message
+                return _one_line(message)
     for line in reversed(lines):
         match = re.search(r"\[(?:ERROR|CRITICAL|FATAL)\]\s*(.*)", line)
         if match:
-            return match.group(1)
-    return lines[-1] if lines else "no error message"
+            return _one_line(match.group(1))
+    return _one_line(lines[-1]) if lines else "no error message"
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """A tool's line as part of cfwrap's one-line message: controls escaped, length bounded."""
+    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 @dataclass
