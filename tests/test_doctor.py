@@ -289,7 +289,7 @@ def test_hcl_pointing_at_a_missing_file_and_weak_settings(cli, kits, tmp_path):
     missing = errors["global-client.hcl:hcl.key_file"]
     # The HCL's paths are absolute: they still point into the original kit folder.
     gone = kits["global"] / "gone-key.pem"
-    assert missing["message"] == f"key_file names a missing file: {gone}"
+    assert missing["message"] == f"key_file names {gone}, which does not exist"
     assert errors["global-client.hcl:hcl.tls_cipher_suites"]["nomad_error"] == (
         "tls: no cipher suite supported by both client and server"
     )
