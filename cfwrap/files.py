@@ -265,9 +265,16 @@ class FolderLock:
                 same = self.path.stat().st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
                 same = False
+            except BaseException:
+                os.close(fd)
+                raise
             if same:
                 self._fd = fd
-                self._sweep()
+                try:
+                    self._sweep()
+                except BaseException:  # SIGTERM mid-sweep: the lock file goes with the lock
+                    self.__exit__(None, None, None)
+                    raise
                 return self
             os.close(fd)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -68,8 +69,24 @@ def issue(
 
 
 def copy_kit(kit: Path, dest: Path) -> Path:
-    """A private copy of a kit that a test may damage."""
+    """A private copy of a kit that a test may damage.
+
+    The agent HCL and the CLI's env file name the kit's files by absolute path; the copy's point
+    at the copy, so a damaged copy is judged by its own files, not the untouched original.
+    """
     shutil.copytree(kit, dest)
+    rewritten = {}
+    for path in [*dest.glob("*.hcl"), *dest.glob("*.env")]:
+        text = path.read_text()
+        assert str(kit) in text, path
+        path.write_text(text.replace(f"{kit}/", f"{dest}/"))
+        rewritten[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    manifest = dest / "manifest.json"
+    if manifest.is_file() and rewritten:  # the copy's manifest describes the copy
+        data = json.loads(manifest.read_text())
+        for artifact in data["artifacts"]:
+            artifact["sha256"] = rewritten.get(artifact["path"], artifact["sha256"])
+        manifest.write_text(json.dumps(data, indent=2) + "\n")
     for path in dest.iterdir():
         os.utime(path)
     return dest
