@@ -132,6 +132,30 @@ def assert_no_secrets(text: str, *secrets: str) -> None:
 _CAPTURED: list[str] = []
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _scan_subprocess_output() -> Iterator[None]:
+    """Send what every subprocess printed (cfwrap run as a command, scripts) to the scan.
+
+    ``subprocess.run`` and ``communicate`` both end in ``Popen.communicate``: wrapping it once
+    catches every captured output, whichever test started the process.
+    """
+    original = subprocess.Popen.communicate
+
+    def communicate(self: subprocess.Popen[Any], *args: Any, **kwargs: Any) -> Any:
+        out, err = original(self, *args, **kwargs)
+        for data in (out, err):
+            if data:
+                text = data if isinstance(data, str) else data.decode("utf-8", "replace")
+                _CAPTURED.append(text)
+        return out, err
+
+    subprocess.Popen.communicate = communicate  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        subprocess.Popen.communicate = original  # type: ignore[method-assign]
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     """Keep every test's captured stdout, stderr and log output for the secret scan."""
     _CAPTURED.extend(text for _, text in report.sections if text)

@@ -1,8 +1,10 @@
 """A scan of everything a test run wrote or printed, for private key and gossip key material.
 
-Secrets are gathered from the files that hold them by design (``*-key.pem``, ``gossip.key``, and
-0600 files such as the server HCL with its gossip key); every other file and every captured
-output must not contain any of them, nor a PEM private key header.
+Secrets are gathered from the files that hold them by design: private key files
+(``*-key.pem``), ``gossip.key`` and a server's agent configuration (``*-server.hcl``, which
+holds the gossip key). Every other file, whatever its mode, and every captured output (of
+in-process runs and of subprocesses alike) must not contain any of them, nor a PEM private key
+header.
 """
 
 from __future__ import annotations
@@ -11,29 +13,40 @@ import re
 import stat
 from pathlib import Path
 
-_PEM_KEY = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----\n(.*?)\n-----END", re.S)
+_PEM_KEY = re.compile(r"-----BEGIN [A-Za-z0-9 ]*PRIVATE KEY-----\n(.*?)\n-----END", re.S)
 _GOSSIP = re.compile(r'encrypt\s*=\s*"([A-Za-z0-9+/=]{20,})"')
+#: The most read of one file: the suite makes sparse files of many MiB to test size limits.
+_READ_LIMIT = 64 * 1024 * 1024
 
 
 def is_secret_file(path: Path) -> bool:
-    """Files whose job is to hold a secret."""
-    if path.name.endswith("-key.pem") or path.name == "gossip.key":
-        return True
+    """Files whose job is to hold a secret (by name: a mode proves nothing)."""
+    return (
+        path.name.endswith("-key.pem")
+        or path.name == "gossip.key"
+        or path.name.endswith("-server.hcl")
+    )
+
+
+def _text(path: Path) -> str | None:
+    """A regular file's text (never a FIFO or device), at most ``_READ_LIMIT`` bytes of it."""
     try:
-        return stat.S_IMODE(path.stat().st_mode) == 0o600
+        if not stat.S_ISREG(path.lstat().st_mode):
+            return None
+        with path.open("rb") as f:
+            return f.read(_READ_LIMIT).decode("utf-8", "replace")
     except OSError:
-        return False
+        return None
 
 
 def secrets_in(root: Path) -> set[str]:
     """Every private key line and gossip key found in the secret files below ``root``."""
     found: set[str] = set()
     for path in root.rglob("*"):
-        if not path.is_file() or path.is_symlink() or not is_secret_file(path):
+        if not is_secret_file(path):
             continue
-        try:
-            text = path.read_text(errors="replace")
-        except OSError:
+        text = _text(path)
+        if text is None:
             continue
         for body in _PEM_KEY.findall(text):
             found.update(line for line in body.splitlines() if len(line) >= 40)
@@ -48,11 +61,10 @@ def leaks(root: Path, outputs: list[str]) -> list[str]:
     secrets = secrets_in(root)
     problems = []
     for path in root.rglob("*"):
-        if not path.is_file() or path.is_symlink() or is_secret_file(path):
+        if is_secret_file(path):
             continue
-        try:
-            text = path.read_text(errors="replace")
-        except OSError:
+        text = _text(path)
+        if text is None:
             continue
         if any(secret in text for secret in secrets):
             problems.append(f"secret material in {path}")

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from cfwrap import manifest
-from tests.conftest import CFSSL_DIR, ROOT, assert_no_secrets
+from tests.conftest import CFSSL_DIR, ROOT, assert_no_secrets, cert_argv
 from tests.tlspeer import openssl_verify
 
 REGIONS = ("global", "eu-west-1")
@@ -168,31 +168,74 @@ def test_key_files_are_0600_and_the_kit_folder_0700(kits):
 
 
 def test_agent_config_and_cli_env_point_at_the_kit(kits):
+    """Read the way Nomad and a shell read them: HCL parsed, the env file sourced by bash."""
+    import hashlib
+
+    import hcl2
+    from hcl2 import SerializationOptions
+
     kit = kits["global"]
-    gossip_key = (kit / "gossip.key").read_text().strip()
-    server = (kit / "global-server.hcl").read_text()
-    assert f'encrypt = "{gossip_key}"' in server
-    for line in (
-        'region = "global"',
-        "http = true",
-        "rpc  = true",
-        f'ca_file   = "{kit}/ca.pem"',
-        f'cert_file = "{kit}/global-server-nomad.pem"',
-        f'key_file  = "{kit}/global-server-nomad-key.pem"',
-        "verify_server_hostname = true",
-        "verify_https_client    = true",
-    ):
-        assert line in server
-    client = (kit / "global-client.hcl").read_text()
-    assert "encrypt" not in client
-    assert f'cert_file = "{kit}/global-client-nomad.pem"' in client
-    env = dict(line.split("=", 1) for line in (kit / "global-cli.env").read_text().splitlines())
+    plain = SerializationOptions(
+        with_comments=False, strip_string_quotes=True, explicit_blocks=False
+    )
+    server = hcl2.loads((kit / "global-server.hcl").read_text(), serialization_options=plain)
+    client = hcl2.loads((kit / "global-client.hcl").read_text(), serialization_options=plain)
+
+    def tls(role: str) -> dict[str, object]:
+        return {
+            "http": True,
+            "rpc": True,
+            "ca_file": f"{kit}/ca.pem",
+            "cert_file": f"{kit}/global-{role}-nomad.pem",
+            "key_file": f"{kit}/global-{role}-nomad-key.pem",
+            "verify_server_hostname": True,
+            "verify_https_client": True,
+        }
+
+    def digest(text: str) -> str:  # compared by hash: a failing assert must not print the key
+        return hashlib.sha256(text.strip().encode()).hexdigest()
+
+    assert server["region"] == "global"
+    assert server["tls"][0] == tls("server")
+    assert list(server["server"][0]) == ["encrypt"]
+    assert digest(server["server"][0]["encrypt"]) == digest((kit / "gossip.key").read_text())
+    assert set(server) == {"region", "server", "tls"}
+    assert client["region"] == "global"
+    assert client["tls"][0] == tls("client")
+    assert set(client) == {"region", "tls"}  # no gossip key for a client agent
+    sourced = subprocess.run(
+        ["bash", "-c", 'set -a; . "$1"; env -0', "bash", kit / "global-cli.env"],
+        capture_output=True,
+        check=True,
+        env={"PATH": "/usr/bin:/bin"},
+    ).stdout.decode()
+    env = dict(item.split("=", 1) for item in sourced.split("\0") if item.startswith("NOMAD_"))
     assert env == {
-        "NOMAD_ADDR": "'https://127.0.0.1:4646'",
-        "NOMAD_CACERT": f"'{kit}/ca.pem'",
-        "NOMAD_CLIENT_CERT": f"'{kit}/global-cli-nomad.pem'",
-        "NOMAD_CLIENT_KEY": f"'{kit}/global-cli-nomad-key.pem'",
+        "NOMAD_ADDR": "https://127.0.0.1:4646",
+        "NOMAD_CACERT": f"{kit}/ca.pem",
+        "NOMAD_CLIENT_CERT": f"{kit}/global-cli-nomad.pem",
+        "NOMAD_CLIENT_KEY": f"{kit}/global-cli-nomad-key.pem",
     }
+
+
+def test_every_file_cert_and_ca_write_has_its_mode(cli, tmp_path, kits):
+    """Keys 0600, everything else 0644, folders 0700: for ca and cert as for quickstart."""
+    ca_dir, node = tmp_path / "ca", tmp_path / "node"
+    assert cli("ca", "--out", ca_dir).code == 0
+    assert cli(*cert_argv(ca_dir, "server", node)).code == 0
+    assert cli(*cert_argv(ca_dir, "cli", node)).code == 0
+    for folder, expected in (
+        (ca_dir, {"ca.pem", "ca-key.pem", "ca.csr", "ca-csr.json", "manifest.json"}),
+        (node, {"ca.pem", "manifest.json"} | {
+            f"global-{r}-nomad{s}" for r in ("server", "cli")
+            for s in (".pem", "-key.pem", ".csr", "-csr.json", "-cfssl.json")
+        }),
+    ):  # fmt: skip
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        assert {p.name for p in folder.iterdir()} == expected
+        for path in folder.iterdir():
+            want = 0o600 if path.name.endswith("-key.pem") else 0o644
+            assert stat.S_IMODE(path.stat().st_mode) == want, path.name
 
 
 def test_written_cfssl_inputs_reproduce_the_certificate_by_hand(kits, tmp_path):

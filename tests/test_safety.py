@@ -21,6 +21,7 @@ from cryptography.x509.oid import NameOID
 
 from cfwrap.errors import ExitCode
 from tests.conftest import CFSSL_DIR, cert_argv, snapshot
+from tests.handmade import copy_kit
 from tests.secretscan import leaks
 
 PYTHON = [sys.executable, "-m", "cfwrap"]
@@ -296,3 +297,27 @@ def test_secret_scan_finds_a_planted_leak(tmp_path, kits):
     assert leaks(tmp_path / "kit" / "x", [f"log: {gossip}"]) == []  # nothing secret there
     assert len(leaks(tmp_path, ["fine", f"log: {gossip}"])) == 2
     (tmp_path / "kit" / "notes.txt").unlink()
+
+
+def test_secret_scan_reads_every_file_whatever_its_mode(tmp_path, kits):
+    kit = copy_kit(kits["global"], tmp_path / "kit")
+    body = (kit / "global-server-nomad-key.pem").read_text().splitlines()[1]
+    transcript = tmp_path / "transcript.json"
+    transcript.write_text(json.dumps({"stdout": body}))
+    transcript.chmod(0o600)  # a mode is no licence to hold a key
+    assert leaks(tmp_path, []) == [f"secret material in {transcript}"]
+    transcript.unlink()
+
+
+def test_secret_scan_sees_what_subprocesses_printed(tmp_path, kits):
+    """The output of cfwrap (or any tool) run as a subprocess reaches the scan."""
+    from tests.conftest import _CAPTURED
+
+    gossip = (kits["global"] / "gossip.key").read_text().strip()
+    before = len(_CAPTURED)
+    subprocess.run(["echo", "not-a-secret"], capture_output=True, check=True)
+    assert _CAPTURED[before:] == ["not-a-secret\n"]
+    assert leaks(kits["global"].parent, [*_CAPTURED[before:], f"log {gossip}"])[-1].startswith(
+        "secret material in captured output"
+    )
+    del _CAPTURED[before:]
