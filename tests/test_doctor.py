@@ -496,3 +496,80 @@ def test_hcl_naming_a_certificate_of_the_wrong_role(cli, kits, tmp_path):
     # The server's config uses the client certificate: judged as the server's, it fails.
     finding = _checks(report)["global-client-nomad.pem:names.server"]
     assert finding["nomad_error"].endswith("not server.global.nomad")
+
+
+# --- checks no other test reached (issue 13) ---------------------------------------------------
+
+
+def test_not_yet_valid_certificate_is_an_error(cli, kits, tmp_path):
+    kit = kits["global"]
+    future = issue(
+        tmp_path,
+        "future",
+        cn="server.global.nomad",
+        hosts=["server.global.nomad", "localhost", "127.0.0.1"],
+        ca=kit / "ca.pem",
+        profile={
+            "usages": EC_USAGES,
+            "expiry": "1h",
+            "not_before": "2030-01-01T00:00:00Z",
+            "not_after": "2030-06-01T00:00:00Z",
+        },
+    )
+    assert _load_cert(future).not_valid_before_utc > datetime.now(UTC)  # judged by cryptography
+    code, report = _doctor(cli, "--ca", kit / "ca.pem", "--cert", future, "--role", "server")
+    assert code == 7
+    finding = _checks(report)["future.pem:dates.not-yet-valid"]
+    assert finding["nomad_error"].endswith("is before 2030-01-01T00:00:00Z")
+
+
+def test_a_key_owned_by_someone_else_is_a_warning(cli, kits, tmp_path):
+    import os
+
+    kit = copy_kit(kits["global"], tmp_path / "kit")
+    key = kit / "global-client-nomad-key.pem"
+    os.chown(key, 65534, 65534)
+    assert key.stat().st_uid != os.geteuid()
+    code, report = _doctor(cli, kit)
+    assert code == 0  # a warning: the agent may well run as that user
+    warning = _checks(report, "warning")["global-client-nomad-key.pem:key.owner"]
+    assert warning["fix"].startswith(f"chown {os.geteuid()} ")
+
+
+def test_verify_server_hostname_off_is_an_error(cli, kits, tmp_path):
+    kit = copy_kit(kits["global"], tmp_path / "kit")
+    hcl = kit / "global-client.hcl"
+    hcl.write_text(
+        hcl.read_text().replace("verify_server_hostname = true", "verify_server_hostname = false")
+    )
+    code, report = _doctor(cli, kit)
+    assert code == 7
+    assert "global-client.hcl:hcl.verify_server_hostname" in _checks(report)
+
+
+def test_a_leaf_given_as_the_ca_fails_the_ca_constraints(cli, kits):
+    kit = kits["global"]
+    leaf = kit / "global-client-nomad.pem"
+    basic = _load_cert(leaf).extensions.get_extension_for_class(x509.BasicConstraints)
+    assert basic.value.ca is False  # judged by cryptography: it really is no CA
+    code, report = _doctor(
+        cli, "--ca", leaf, "--cert", kit / "global-server-nomad.pem", "--role", "server"
+    )
+    assert code == 7
+    errors = _checks(report)
+    assert "global-client-nomad.pem:ca.constraints" in errors
+    assert "global-server-nomad.pem:chain" in errors
+
+
+def test_a_ca_certificate_in_a_role_certificates_place(cli, kits, tmp_path):
+    kit = copy_kit(kits["global"], tmp_path / "kit")
+    for suffix in (".pem", "-key.pem"):
+        (kit / f"global-server-nomad{suffix}").write_bytes((kit / f"ca{suffix}").read_bytes())
+    assert (
+        _load_cert(kit / "global-server-nomad.pem")
+        .extensions.get_extension_for_class(x509.BasicConstraints)
+        .value.ca
+    )
+    code, report = _doctor(cli, kit)
+    assert code == 7
+    assert "global-server-nomad.pem:cert.is-ca" in _checks(report)

@@ -254,7 +254,40 @@ def test_list_and_usage(cli):
 
 
 @pytest.mark.slow
-def test_printed_script_runs_and_makes_the_same_files(cli, tmp_path):
+def _what_files_are(folder: Path) -> dict[str, object]:
+    """Each file as the guide's reader would compare it: mode, and for a certificate its names,
+    usages and key; for a key its type; for anything else its bytes (keys and serials differ)."""
+    import stat
+
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    facts: dict[str, object] = {}
+    for path in sorted(folder.iterdir()):
+        data = path.read_bytes()
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if data.startswith(b"-----BEGIN CERTIFICATE-----"):
+            cert = x509.load_pem_x509_certificate(data)
+            facts[path.name] = (
+                mode,
+                cert.subject.rfc4514_string(),
+                cert.issuer.rfc4514_string(),
+                sorted(str(e.oid.dotted_string) for e in cert.extensions),
+                str(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+                if path.name != "ca.pem"
+                else None,
+                type(cert.public_key()).__name__,
+            )
+        elif b"PRIVATE KEY-----" in data:
+            facts[path.name] = (mode, type(load_pem_private_key(data, None)).__name__)
+        elif path.suffix == ".csr":
+            csr = x509.load_pem_x509_csr(data)
+            facts[path.name] = (mode, csr.subject.rfc4514_string(), csr.is_signature_valid)
+        else:
+            facts[path.name] = (mode, data)
+    return facts
+
+
+def test_printed_script_runs_and_makes_the_same_files(cli, tmp_path, seed_replay):
     result = cli("replay", "nomad-encryption-2017", "--print")
     script = tmp_path / "guide.sh"
     script.write_text(result.out)
@@ -270,6 +303,9 @@ def test_printed_script_runs_and_makes_the_same_files(cli, tmp_path):
     )
     assert ran.returncode == 0, ran.stderr
     assert {p.name for p in work.iterdir()} == SEED_FILES
+    # The same files as the replay made: names, modes, certificates' names, extensions and key
+    # types, the CSR JSON byte for byte (only keys and serials may differ between two runs).
+    assert _what_files_are(work) == _what_files_are(seed_replay[1] / "files")
 
 
 # --- Hostile guides (issue 9): injection, secrets, unbounded output, refused input ------------
