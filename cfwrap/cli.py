@@ -853,10 +853,20 @@ class _Terminated(BaseException):
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
-    from cfwrap import runner
-
-    runner.stop_all()  # before the with blocks remove folders a tool may still be writing into
+    _stop_tools()
     raise _Terminated
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    _stop_tools()
+    raise KeyboardInterrupt
+
+
+def _stop_tools() -> None:
+    """Kill the tools cfwrap started, before the with blocks remove folders they write into."""
+    runner = sys.modules.get("cfwrap.runner")  # not imported: no tool was ever started
+    if runner is not None:
+        runner.stop_all()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -867,13 +877,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if threading.current_thread() is not threading.main_thread():
         return _main(argv)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous_int = signal.signal(signal.SIGINT, _on_sigint)
     try:
         try:
             return _main(argv)
         except _Terminated:  # came while an error was being reported: still a clean stop
             return _stopped(ExitCode.TERMINATED)
+        except KeyboardInterrupt:
+            return _stopped(ExitCode.INTERRUPTED)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def _stopped(code: ExitCode) -> int:
