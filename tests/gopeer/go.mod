@@ -1,0 +1,3 @@
+module cfwrap.test/gopeer
+
+go 1.19
