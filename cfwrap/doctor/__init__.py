@@ -222,7 +222,7 @@ def _check_manifest(folder: Path) -> list[Finding]:
 def _check_gossip_file(path: Path) -> list[Finding]:
     if not path.is_file():
         return []
-    findings = certs.check_key_file(path)
+    findings = certs.check_key_file(path, what="the gossip key")
     try:
         gossip.check(files.read_input_text(path, limit=4096))
     except OSError as e:

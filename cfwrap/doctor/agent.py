@@ -169,6 +169,20 @@ def check(config: AgentConfig) -> list[Finding]:
                     fix=f"correct {key}, or put the file there (cfwrap quickstart makes a kit)",
                 )
             )
+    if config.role == "server" and config.encrypt is None:
+        findings.append(
+            Finding(
+                "warning",
+                path,
+                "hcl.gossip",
+                "a server without server { encrypt = ... }: gossip between servers is in clear "
+                "text (unless its keyring file was seeded another way)",
+                fix='cfwrap keygen, then put the key in server { encrypt = "..." } (the file '
+                "then holds a secret: chmod 0600)",
+            )
+        )
+    findings += _check_min_version(config)
+    findings += _check_mode(config)
     if config.encrypt is not None:
         try:
             gossip.check(config.encrypt)
@@ -185,6 +199,43 @@ def check(config: AgentConfig) -> list[Finding]:
             )
     findings += _check_ciphers(config)
     return findings
+
+
+#: helper/tlsutil config.go supportedTLSVersions; "" means tls12.
+_TLS_VERSIONS = ("tls10", "tls11", "tls12", "tls13")
+
+
+def _check_min_version(config: AgentConfig) -> list[Finding]:
+    """``tls_min_version`` below TLS 1.2 (Nomad's default), or one Nomad does not know."""
+    assert config.tls is not None  # noqa: S101 (caller checked)
+    version = config.tls.get("tls_min_version")
+    if version is None or version in ("", "tls12", "tls13"):
+        return []
+    known = isinstance(version, str) and version in _TLS_VERSIONS
+    return [
+        Finding(
+            "error",
+            str(config.path),
+            "hcl.tls_min_version",
+            f"tls_min_version = {version!r} allows TLS 1.0 and 1.1, which are broken"
+            if known
+            else f"tls_min_version = {str(version)[:20]!r} is not a version Nomad knows",
+            nomad_error="" if known else f'unsupported TLS version "{version}"',
+            fix='set tls_min_version = "tls12" (the default), or remove it',
+        )
+    ]
+
+
+def _check_mode(config: AgentConfig) -> list[Finding]:
+    """An agent configuration that holds the gossip key is a secret file: 0600."""
+    if config.encrypt is None:
+        return []
+    from cfwrap.doctor.certs import check_key_file
+
+    return [
+        Finding(f.severity, f.path, f"hcl.{f.check.removeprefix('key.')}", f.message, fix=f.fix)
+        for f in check_key_file(config.path, what="the gossip key it holds")
+    ]
 
 
 def _check_ciphers(config: AgentConfig) -> list[Finding]:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 import shlex
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cfwrap import files, parsers
+from cfwrap import files, parsers, verify
 from cfwrap.cfssl import key_path
 from cfwrap.doctor.findings import Finding
 from cfwrap.nomad import Role, parse_role_name, role_name
@@ -43,6 +44,8 @@ class LoadedCA:
     key_path: Path | None
     cert: x509.Certificate
     facts: parsers.CertFacts
+    #: Every certificate in the CA file: Go trusts them all (AppendCertsFromPEM).
+    roots: tuple[x509.Certificate, ...] = ()
 
 
 def reissue_command(leaf: Leaf, ca: LoadedCA | None) -> str:
@@ -92,18 +95,24 @@ def load_ca(path: Path, key_path: Path | None) -> tuple[LoadedCA | None, list[Fi
         ]
     facts = parsers.certificate_facts(cert)
     findings = []
-    if not facts.is_ca or "key_cert_sign" not in facts.key_usage:
+    # Go's CheckSignatureFrom: CA:TRUE, and keyCertSign only when a key usage is given at all.
+    if not facts.is_ca or (facts.key_usage and "key_cert_sign" not in facts.key_usage):
         findings.append(
             Finding(
                 "error",
                 str(path),
                 "ca.constraints",
-                f"{facts.subject} is not a CA (needs CA:TRUE and keyCertSign)",
+                f"{facts.subject} is not a CA (needs CA:TRUE, and keyCertSign if it has a key "
+                "usage)",
                 nomad_error="x509: certificate signed by unknown authority",
                 fix="cfwrap ca --out NEW-CA-DIR, then reissue the certificates from it",
             )
         )
-    return LoadedCA(path, key_path, cert, facts), findings
+    try:
+        roots = tuple(verify.load_pem_certificates(files.read_input(path)))
+    except (OSError, ValueError):
+        roots = (cert,)
+    return LoadedCA(path, key_path, cert, facts, roots), findings
 
 
 def check_dates(
@@ -153,8 +162,8 @@ def check_dates(
     return []
 
 
-def check_key_file(path: Path) -> list[Finding]:
-    """A private key file: not readable by others, owned by whoever runs this."""
+def check_key_file(path: Path, *, what: str = "a private key") -> list[Finding]:
+    """A file that holds a secret: not readable by others, owned by whoever runs this."""
     try:
         info = path.stat()
     except OSError as e:
@@ -167,7 +176,7 @@ def check_key_file(path: Path) -> list[Finding]:
                 "error",
                 str(path),
                 "key.mode",
-                f"mode {mode:04o} lets other users read or change a private key",
+                f"mode {mode:04o} lets other users read or change {what}",
                 fix=shlex.join(["chmod", "0600", str(path)]),
             )
         )
@@ -191,84 +200,160 @@ def _names(facts: parsers.CertFacts) -> list[str]:
     return [*cn, *facts.dns_names]
 
 
-def check_role_names(leaf: Leaf, facts: parsers.CertFacts, fix: str) -> list[Finding]:
-    """The names each role must (and must not) carry, as Nomad's TLS and RPC checks see them."""
+def _exactly(facts: parsers.CertFacts, host: str) -> bool:
+    """``host`` among the DNS SANs without a wildcard's help (any case, as Go compares)."""
+    return host.lower() in (n.lower() for n in facts.dns_names if "*" not in n)
+
+
+def _poses(leaf: Leaf, cert: x509.Certificate, facts: parsers.CertFacts) -> list[tuple[str, bool]]:
+    """What another role's checks accept this certificate for, and whether a wildcard did it.
+
+    The connections Nomad must refuse to a certificate of ``leaf.role`` (tests/gopeer's
+    must-fail checks): another role's TLS name (Go's matching, wildcards included), the RPC
+    role check (``rpcNameAndRegionValidator``) for a CLI, the Raft check for a client agent.
+    """
+    server, client = role_name("server", leaf.region), role_name("client", leaf.region)
+    hosts = {"server": [client], "client": [server], "cli": [server, client]}.get(
+        leaf.role or "", []
+    )
+    found = [
+        (f"Go accepts it as {host}", not _exactly(facts, host))
+        for host in hosts
+        if verify.matches_host(cert, host)
+    ]
+    if leaf.role == "client" and verify.raft_ok(cert, leaf.region):
+        found.append((f"servers accept it into Raft as {server}", False))
+    if leaf.role == "cli" and verify.rpc_peer_ok(cert, leaf.region):
+        found.append(("servers accept it for RPC (rpcNameAndRegionValidator)", False))
+    return found
+
+
+def _role_name_problem(
+    leaf: Leaf, cert: x509.Certificate, facts: parsers.CertFacts
+) -> tuple[str, str] | None:
+    """Why a server or client agent's certificate fails Nomad's name checks: (why, Go's error)."""
+    assert leaf.role in ("server", "client")  # noqa: S101 (caller checked)
+    wanted = role_name(leaf.role, leaf.region)
+    host_ok = verify.matches_host(cert, wanted)
+    rpc_ok = verify.rpc_peer_ok(cert, leaf.region)
+    raft_ok = leaf.role != "server" or verify.raft_ok(cert, leaf.region)
+    if host_ok and rpc_ok and raft_ok:
+        return None
+    names = _names(facts)
+    roles = {p for p in (parse_role_name(n) for n in names) if p is not None}
+    invalid_role = "invalid role or region for certificate"
+    go_error = verify.host_error(cert, wanted) if not host_ok else invalid_role
+    if leaf.role == "client" and not rpc_ok:
+        go_error = invalid_role
+    if wanted.lower() not in (n.lower() for n in names):
+        other_regions = sorted(g for r, g in roles if r == leaf.role and g != leaf.region)
+        if other_regions:
+            return f"made for region {', '.join(other_regions)}, not {leaf.region}", go_error
+        return (
+            f"not valid for {wanted}: it is not a {leaf.role} certificate for {leaf.region}",
+            go_error,
+        )
+    if not host_ok:
+        return f"{wanted} is not among its DNS SANs, and Go checks the SANs only", go_error
+    if not raft_ok:
+        return (
+            f"{wanted} is not spelled exactly (Nomad's Raft check compares it case and all)",
+            f"invalid certificate, {wanted} not in {','.join(names)}",
+        )
+    return (
+        f"Nomad's RPC role check finds no {wanted} (or server name) spelled exactly",
+        invalid_role,
+    )
+
+
+def check_role_names(
+    leaf: Leaf, cert: x509.Certificate, facts: parsers.CertFacts, fix: str
+) -> list[Finding]:
+    """The names each role must (and must not) carry, as Go's TLS and Nomad's RPC checks see them.
+
+    An error exactly where a Nomad cluster refuses the certificate in its role, or would accept
+    it in another role's place; a warning for what works but should not be there.
+    """
     path = str(leaf.cert)
     names = _names(facts)
     roles = {p for p in (parse_role_name(n) for n in names) if p is not None}
     findings = []
-    if any("*" in n for n in names):
+    problem = _role_name_problem(leaf, cert, facts) if leaf.role in ("server", "client") else None
+    poses = _poses(leaf, cert, facts)
+    wildcards = sorted(n for n in names if "*" in n)
+    if wildcards:
+        through = [what for what, by_wildcard in poses if by_wildcard]
         findings.append(
             Finding(
-                "error",
+                "error" if through else "warning",
                 path,
                 "names.wildcard",
-                f"wildcard name(s) {sorted(n for n in names if '*' in n)}: Raft accepts only exact "
-                "server names, and a wildcard lets any node claim any role",
+                f"wildcard name(s) {wildcards}: "
+                + (f"{'; '.join(through)}" if through else "Raft accepts only exact names"),
                 nomad_error="raft: invalid certificate (validateRaftTLS needs an exact name)",
                 fix=fix,
             )
         )
+    exact_poses = [what for what, by_wildcard in poses if not by_wildcard]
     if {r for r, _ in roles} >= {"server", "client"}:
+        both = exact_poses if leaf.role != "cli" else []
+        findings.append(
+            Finding(
+                "error" if both or problem else "warning",
+                path,
+                "names.both-roles",
+                "carries both server and client names; one certificate per role, or Nomad's role "
+                "check means nothing" + (f" ({'; '.join(both)})" if both else ""),
+                fix=fix,
+            )
+        )
+    elif exact_poses and leaf.role != "cli":
         findings.append(
             Finding(
                 "error",
                 path,
                 "names.both-roles",
-                "carries both server and client names; one certificate per role, or Nomad's role "
-                "check means nothing",
+                f"a {leaf.role} certificate that another role's checks accept: "
+                + "; ".join(exact_poses),
                 fix=fix,
             )
         )
+    if problem is not None:
+        assert leaf.role is not None  # noqa: S101 (problem implies a role)
+        why, go_error = problem
+        findings.append(
+            Finding("error", path, f"names.{leaf.role}", why, nomad_error=go_error, fix=fix)
+        )
     if leaf.role in ("server", "client"):
         wanted = role_name(leaf.role, leaf.region)
-        if wanted not in names:
-            other_regions = sorted(g for r, g in roles if r == leaf.role and g != leaf.region)
-            if other_regions:
-                why = f"made for region {', '.join(other_regions)}, not {leaf.region}"
-            else:
-                why = (
-                    f"not valid for {wanted}: it is not a {leaf.role} certificate for {leaf.region}"
-                )
-            findings.append(
-                Finding(
-                    "error",
-                    path,
-                    f"names.{leaf.role}",
-                    why,
-                    nomad_error=go_hostname_error(facts, wanted)
-                    if leaf.role == "server"
-                    else "invalid role or region for certificate",
-                    fix=fix,
-                )
-            )
         for host in ("localhost", "127.0.0.1"):
-            if host not in (*facts.dns_names, *facts.ip_addresses):
+            if not verify.matches_host(cert, host):
                 findings.append(
                     Finding(
                         "warning",
                         path,
                         "names.local",
                         f"no {host}: the nomad CLI on this host dials it and fails",
-                        nomad_error=go_hostname_error(facts, host),
+                        nomad_error=verify.host_error(cert, host),
                         fix=f"{fix}  (or set NOMAD_TLS_SERVER_NAME={wanted})",
                     )
                 )
-    if leaf.role == "cli" and roles - {("cli", leaf.region)}:
+    if leaf.role == "cli" and (exact_poses or roles - {("cli", leaf.region)}):
+        agent_names = sorted(role_name(*r) for r in roles - {("cli", leaf.region)})
         findings.append(
             Finding(
-                "error",
+                "error" if exact_poses else "warning",
                 path,
                 "names.cli",
-                f"a CLI certificate with agent names {sorted(role_name(*r) for r in roles)} "
-                "can pose as an agent",
+                f"a CLI certificate with agent names {agent_names}"
+                + (f" can pose as an agent: {'; '.join(exact_poses)}" if exact_poses else ""),
                 fix=fix,
             )
         )
     return findings
 
 
-_EKU_NEEDED: dict[str, tuple[str, ...]] = {
+_EKU_NEEDED: dict[str, tuple[verify.Usage, ...]] = {
     "server": ("serverAuth", "clientAuth"),
     "client": ("serverAuth", "clientAuth"),
     "cli": ("clientAuth",),
@@ -311,9 +396,13 @@ def check_usages(leaf: Leaf, facts: parsers.CertFacts, fix: str) -> list[Finding
 def check_leaf(
     leaf: Leaf, ca: LoadedCA | None, *, now: datetime, warn_within: timedelta
 ) -> list[Finding]:
-    """Every check for one role certificate file (and its key, when known)."""
+    """Every check for one role certificate file (and its key, when known).
+
+    Certificates after the first in the file are its intermediates, as Nomad sends them.
+    """
     try:
-        cert = parsers.load_certificate(files.read_input(leaf.cert))
+        data = files.read_input(leaf.cert)
+        cert = parsers.load_certificate(data)
     except (OSError, parsers.ParseError) as e:
         reason = e.strerror if isinstance(e, OSError) else str(e)
         return [
@@ -325,7 +414,102 @@ def check_leaf(
                 fix=reissue_command(leaf, ca),
             )
         ]
-    return check_certificate(leaf, cert, ca, now=now, warn_within=warn_within)
+    try:
+        intermediates = verify.load_pem_certificates(data)[1:]
+    except ValueError:
+        intermediates = []
+    return check_certificate(
+        leaf, cert, ca, now=now, warn_within=warn_within, intermediates=intermediates
+    )
+
+
+def _check_chain(
+    leaf: Leaf,
+    cert: x509.Certificate,
+    facts: parsers.CertFacts,
+    ca: LoadedCA,
+    *,
+    intermediates: Sequence[x509.Certificate],
+    now: datetime,
+    label: str,
+    fix: str,
+) -> tuple[list[list[x509.Certificate]], list[Finding]]:
+    """Go's path building to the CA, then extended key usage down each chain (verify.py)."""
+    try:
+        chains = verify.build_chains(cert, intermediates=intermediates, roots=ca.roots, now=now)
+    except verify.VerifyError as e:
+        if e.rule == "unknown-authority":
+            return [], [
+                Finding(
+                    "error",
+                    label,
+                    "chain",
+                    f"not signed by the CA {ca.path} (issuer: {facts.issuer}); {e.message}",
+                    nomad_error="x509: certificate signed by unknown authority",
+                    fix=fix,
+                )
+            ]
+        return [], [
+            Finding("error", label, f"chain.{e.rule}", e.message, nomad_error=e.go_error, fix=fix)
+        ]
+    findings = []
+    for usage in _EKU_NEEDED.get(leaf.role or "", ()):
+        if verify.chain_allows([cert], usage) and not any(
+            verify.chain_allows(chain, usage) for chain in chains
+        ):
+            findings.append(
+                Finding(
+                    "error",
+                    label,
+                    "chain.usage",
+                    f"a CA above it restricts extended key usage and leaves out {usage}; Go "
+                    "checks extended key usage down to the CA",
+                    nomad_error="x509: certificate specifies an incompatible key usage",
+                    fix="issue from a CA without an extended key usage (cfwrap ca), then " + fix,
+                )
+            )
+    if facts.not_after > ca.facts.not_after:
+        findings.append(
+            Finding(
+                "warning",
+                label,
+                "dates.outlives-ca",
+                f"valid until {facts.not_after:%Y-%m-%d}, after its CA expires on "
+                f"{ca.facts.not_after:%Y-%m-%d}; from then on it fails verification",
+                fix=fix,
+            )
+        )
+    return chains, findings
+
+
+def _check_key_type(leaf: Leaf, cert: x509.Certificate, label: str, fix: str) -> list[Finding]:
+    """Key types Nomad cannot use (an error), and RSA keys under 2048 bits (a warning)."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    problem = verify.key_problem(cert, agent=leaf.role != "cli")
+    if problem is not None:
+        return [
+            Finding(
+                "error",
+                label,
+                "key.type",
+                f"a {leaf.role or 'role'} certificate whose key Nomad cannot use",
+                nomad_error=problem,
+                fix=fix,
+            )
+        ]
+    key = cert.public_key()
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < 2048:
+        return [
+            Finding(
+                "warning",
+                label,
+                "key.size",
+                f"an RSA key of {key.key_size} bits: Go accepts it, but 2048 is the least to use",
+                fix=fix,
+            )
+        ]
+    return []
 
 
 def check_certificate(
@@ -336,22 +520,13 @@ def check_certificate(
     now: datetime,
     warn_within: timedelta,
     label: str | None = None,
+    intermediates: Sequence[x509.Certificate] = (),
 ) -> list[Finding]:
     """Every check for one loaded role certificate; ``label`` names it when it has no file."""
     path = label or str(leaf.cert)
     fix = reissue_command(leaf, ca)
     facts = parsers.certificate_facts(cert)
     findings: list[Finding] = []
-    if facts.is_ca:
-        findings.append(
-            Finding(
-                "error",
-                path,
-                "cert.is-ca",
-                "a CA certificate where a role certificate belongs",
-                fix=fix,
-            )
-        )
     if leaf.role is None:
         findings.append(
             Finding(
@@ -362,32 +537,41 @@ def check_certificate(
                 fix="name the role with --role, or name the file <region>-<role>-nomad.pem",
             )
         )
+    unhandled = verify.unhandled_critical(cert)
+    if unhandled:
+        findings.append(
+            Finding(
+                "error",
+                path,
+                "cert.critical-extension",
+                f"critical extension(s) Go does not understand: {', '.join(unhandled)}",
+                nomad_error="x509: unhandled critical extension",
+                fix=fix,
+            )
+        )
+    chains: list[list[x509.Certificate]] = []
     if ca is not None:
-        if not parsers.is_issued_by(cert, ca.cert):
-            findings.append(
-                Finding(
-                    "error",
-                    path,
-                    "chain",
-                    f"not signed by the CA {ca.path} (issuer: {facts.issuer})",
-                    nomad_error="x509: certificate signed by unknown authority",
-                    fix=fix,
-                )
+        chains, found = _check_chain(
+            leaf, cert, facts, ca, intermediates=intermediates, now=now, label=path, fix=fix
+        )
+        findings += found
+    if facts.is_ca:
+        # It matters when its key can mint certificates that chain to the CA (Go's path length).
+        mints = ca is None or any(verify.can_issue(cert, chain) for chain in chains)
+        findings.append(
+            Finding(
+                "error" if mints else "warning",
+                path,
+                "cert.is-ca",
+                "a CA certificate where a role certificate belongs"
+                + ("" if mints else " (its CA's path length keeps it from signing)"),
+                fix=fix,
             )
-        elif facts.not_after > ca.facts.not_after:
-            findings.append(
-                Finding(
-                    "warning",
-                    path,
-                    "dates.outlives-ca",
-                    f"valid until {facts.not_after:%Y-%m-%d}, after its CA expires on "
-                    f"{ca.facts.not_after:%Y-%m-%d}; from then on it fails verification",
-                    fix=fix,
-                )
-            )
+        )
     shown = Leaf(leaf.role, leaf.region, Path(path), leaf.key)
     findings += check_dates(Path(path), facts, now=now, warn_within=warn_within, fix=fix)
-    findings += check_role_names(shown, facts, fix)
+    findings += _check_key_type(leaf, cert, path, fix)
+    findings += check_role_names(shown, cert, facts, fix)
     findings += check_usages(shown, facts, fix)
     if leaf.key is not None:
         findings += _check_pair(leaf, facts, fix)
