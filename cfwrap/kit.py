@@ -13,12 +13,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cfwrap import cfssl, files, gossip, manifest, nomad, parsers, runner
+from cfwrap import cfssl, files, gossip, manifest, nomad, parsers, runner, verify
 from cfwrap.errors import InputError, VerificationError
 from cfwrap.models import SigningConfig, parse_duration, to_cfssl_json
 from cfwrap.nomad import CASpec, CertSpec
 from cfwrap.tools import Tool
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +80,32 @@ def _check_issued(spec: CertSpec, issued: cfssl.Issued, ca_cert: bytes) -> None:
     csr = parsers.read_csr(issued.csr)
     if not csr.signature_valid or csr.key.public_key_sha256 != facts.key.public_key_sha256:
         problems.append("its CSR is not signed by the same key")
+    if not problems:
+        _check_as_go_would(spec, cert, ca_cert)
     if problems:
         raise VerificationError(
             f"the {spec.role} certificate cfssl issued",
             "; ".join(problems),
             fix="check that cfssl is 1.6.5 (cfwrap --version) and report this",
         )
+
+
+def _check_as_go_would(spec: CertSpec, cert: x509.Certificate, ca_cert: bytes) -> None:
+    """Refuse a certificate a Nomad agent would refuse in its role (``verify``, Go's rules)."""
+    try:
+        verify.check_issued(
+            cert,
+            roots=verify.load_pem_certificates(ca_cert),
+            role=spec.role,
+            region=spec.region,
+            now=datetime.now(UTC),
+        )
+    except verify.VerifyError as e:
+        raise VerificationError(
+            f"the {spec.role} certificate cfssl issued",
+            f"Go would refuse it ({e.rule}): {e.message} [{e.go_error}]; nothing was written",
+            fix="use a CA that Nomad accepts for this name and role (cfwrap ca makes one)",
+        ) from None
 
 
 def check_lifetimes(ca_expiry: str, specs: Sequence[CertSpec]) -> None:
