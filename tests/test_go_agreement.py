@@ -563,3 +563,43 @@ def test_the_peer_accepts_each_good_certificate_in_its_own_role(corpus):
             assert verdicts[(f"{made} {role}", role)]["verdict"] == "accept", (made, role)
             for other in set(ROLES) - {role}:
                 assert verdicts[(f"{made} {role}", other)]["verdict"] == "refuse", (made, role)
+
+
+#: The rule doctor must name for a case judged as a server (the verdict alone can hide a check
+#: that another one masks: cryptography refuses SHA-1 too, ca.constraints flags the CA too).
+RULES = {
+    "SHA-1 signature": ("chain.insecure-signature", "signed with ECDSA-SHA1"),
+    "MD5 signature": ("chain.insecure-signature", "signed with MD5-RSA"),
+    "CA without keyCertSign": ("chain", "without keyCertSign"),
+    "CA is not a CA (CA:FALSE)": ("chain", "is not a CA"),
+    "CA excludes .nomad": ("chain.name-constraints", "excludes server.global.nomad"),
+    "CA permits 10/8 IPs only": ("chain.name-constraints", "does not permit 127.0.0.1"),
+    "CA codeSigning only": ("chain.usage", "restricts extended key usage"),
+    "chain: intermediate codeSigning only": ("chain.usage", "restricts extended key usage"),
+    "CA not yet valid": ("chain.dates", "is not valid before"),
+    "chain: intermediate expired": ("chain.dates", "expired on"),
+    "chain: intermediate under path length 0": ("chain.path-length", "allows 0 intermediate"),
+    "unknown critical extension": ("cert.critical-extension", "1.3.6.1.4.1.99999.1"),
+    "Ed25519 leaf": ("key.type", "Nomad cannot use"),
+    "RSA 512 leaf": ("key.type", "Nomad cannot use"),
+    "CN only, SANs localhost": ("names.server", "Go checks the SANs only"),
+    "server.eu.nomad for region EU": ("names.server", "not spelled exactly"),
+    "SAN in capitals": ("names.server", "not spelled exactly"),
+    "wildcard beside server name": ("names.wildcard", "Go accepts it as client.global.nomad"),
+    "leaf is a CA, CA without path length": ("cert.is-ca", "a CA certificate"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_doctor_names_the_rule(corpus, name):
+    from cfwrap import doctor
+
+    case = next(c for c in corpus if c.name == name)
+    report = doctor.diagnose_files(
+        cert=case.cert, key=case.key, ca=case.ca, role="server", region=case.region,
+        options=doctor.Options(),
+    )  # fmt: skip
+    check, words = RULES[name]
+    errors = {f.check: f.message for f in report.findings if f.severity == "error"}
+    assert check in errors, errors
+    assert words in errors[check]
