@@ -132,9 +132,19 @@ def assert_no_secrets(text: str, *secrets: str) -> None:
 _CAPTURED: list[str] = []
 
 
+def _runs_cfwrap(args: object) -> bool:
+    """Whether a process is cfwrap (its command, ``-m cfwrap``, or a script of this checkout).
+
+    Other tools' output is theirs: cfssl prints the keys it makes, which is its job.
+    """
+    argv = [os.fsdecode(a) for a in args] if isinstance(args, list | tuple) else [str(args)]
+    scripts = str(ROOT / "scripts")
+    return any(re.search(r"(^|[/\s])cfwrap(\s|$)", a) or a.startswith(scripts) for a in argv)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _scan_subprocess_output() -> Iterator[None]:
-    """Send what every subprocess printed (cfwrap run as a command, scripts) to the scan.
+    """Send what every cfwrap subprocess printed (the command, this checkout's scripts) to the scan.
 
     ``subprocess.run`` and ``communicate`` both end in ``Popen.communicate``: wrapping it once
     catches every captured output, whichever test started the process.
@@ -143,7 +153,7 @@ def _scan_subprocess_output() -> Iterator[None]:
 
     def communicate(self: subprocess.Popen[Any], *args: Any, **kwargs: Any) -> Any:
         out, err = original(self, *args, **kwargs)
-        for data in (out, err):
+        for data in (out, err) if _runs_cfwrap(self.args) else ():
             if data:
                 text = data if isinstance(data, str) else data.decode("utf-8", "replace")
                 _CAPTURED.append(text)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -309,15 +310,20 @@ def test_secret_scan_reads_every_file_whatever_its_mode(tmp_path, kits):
     transcript.unlink()
 
 
-def test_secret_scan_sees_what_subprocesses_printed(tmp_path, kits):
-    """The output of cfwrap (or any tool) run as a subprocess reaches the scan."""
-    from tests.conftest import _CAPTURED
+def test_secret_scan_sees_what_subprocesses_printed(tmp_path):
+    """The output of cfwrap run as a subprocess reaches the scan (cfssl's own does not)."""
+    from tests.conftest import _CAPTURED, ROOT
 
-    gossip = (kits["global"] / "gossip.key").read_text().strip()
     before = len(_CAPTURED)
-    subprocess.run(["echo", "not-a-secret"], capture_output=True, check=True)
-    assert _CAPTURED[before:] == ["not-a-secret\n"]
-    assert leaks(kits["global"].parent, [*_CAPTURED[before:], f"log {gossip}"])[-1].startswith(
-        "secret material in captured output"
-    )
+    made = subprocess.run(
+        [sys.executable, "-m", "cfwrap", "keygen"],
+        capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    subprocess.run(["echo", "another tool"], capture_output=True, check=True)
+    assert _CAPTURED[before:] == [made.stdout]
+    (tmp_path / "gossip.key").write_text(made.stdout)  # now that value is a secret
+    assert leaks(tmp_path, _CAPTURED[before:]) == [
+        f"secret material in captured output #0: {made.stdout[:80]!r}"
+    ]
     del _CAPTURED[before:]
+    (tmp_path / "gossip.key").unlink()
