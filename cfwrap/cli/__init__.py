@@ -1,0 +1,188 @@
+"""The ``cfwrap`` command: arguments in, results and one-line errors out, named exit codes.
+
+The only package that prints or decides an exit code. One module per command (its parser beside
+its handler: ``configure`` and ``execute``), the shared options in ``options``, output in
+``output``; this module parses, dispatches, and maps every error to its exit code in one place.
+Each command imports only what it needs when it runs, so ``cfwrap keygen`` does not pay for
+cfssl, X.509 or JSON Schema.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from cfwrap import __version__
+from cfwrap.cli import ca, cert, doctor, keygen, manifest, quickstart, replay
+from cfwrap.cli.options import EPILOG, Parser, find_cfssl
+from cfwrap.cli.output import drop_stdout, emit, flush_stdout, say
+from cfwrap.errors import CfwrapError, ExitCode, InputError
+
+log = logging.getLogger("cfwrap")
+
+#: The commands, in the order ``--help`` lists them.
+COMMANDS = (quickstart, ca, cert, keygen, doctor, replay, manifest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (exposed for tests and documentation)."""
+    parser = Parser(
+        prog="cfwrap",
+        description="Make Nomad TLS kits (CA, role certificates, gossip key, agent config) with "
+        "real cfssl, check them, and describe them in a manifest.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("--version", action="store_true", help="show versions of cfwrap and cfssl")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs on stderr")
+    parser.add_argument(
+        "--cfssl-dir",
+        type=Path,
+        metavar="DIR",
+        help="folder holding cfssl 1.6.5 (overrides the search)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    for command in COMMANDS:
+        command.configure(sub)
+    return parser
+
+
+def _version(args: argparse.Namespace) -> int:
+    info: dict[str, Any] = {"cfwrap": __version__}
+    try:
+        tool = find_cfssl(args)
+    except CfwrapError as e:
+        info["cfssl"] = {"error": str(e)}
+    else:
+        info["cfssl"] = {
+            "path": str(tool.path),
+            "package": tool.package,
+            "version": tool.version,
+            "sha256": tool.sha256,
+        }
+    emit(json.dumps(info, indent=2))
+    return ExitCode.OK
+
+
+def _setup_logging(*, verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("cfwrap: %(levelname)s: %(name)s: %(message)s"))
+    root = logging.getLogger("cfwrap")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    root.propagate = False
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so every ``with`` block rolls its work back."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    _stop_tools()
+    raise _Terminated
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    _stop_tools()
+    raise KeyboardInterrupt
+
+
+def _stop_tools() -> None:
+    """Kill the tools cfwrap started, before the with blocks remove folders they write into."""
+    runner = sys.modules.get("cfwrap.runner")  # not imported: no tool was ever started
+    if runner is not None:
+        runner.stop_all()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the cfwrap command line; returns the exit code."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous_int = signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        try:
+            return _main(argv)
+        except _Terminated:  # came while an error was being reported: still a clean stop
+            return _stopped(ExitCode.TERMINATED)
+        except KeyboardInterrupt:
+            return _stopped(ExitCode.INTERRUPTED)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
+
+
+def _stopped(code: ExitCode) -> int:
+    say("cfwrap: stopped; nothing was left half-written")
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    # Paths from argv may hold bytes that are not UTF-8: data on stdout goes back as given,
+    # messages on stderr show them escaped.
+    for stream, errors in ((sys.stdout, "surrogateescape"), (sys.stderr, "backslashreplace")):
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            stream.reconfigure(errors=errors)  # type: ignore[union-attr]
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        _setup_logging(verbose=args.verbose)
+        _check_paths(args)
+        if args.version:
+            code = _version(args)
+        else:
+            handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
+            if handler is None:
+                parser.print_help(sys.stderr)
+                return ExitCode.USAGE
+            code = handler(args)
+        flush_stdout()
+        return code
+    except BrokenPipeError:
+        drop_stdout()
+        return ExitCode.BROKEN_PIPE  # quiet, as Unix tools are when their reader goes away
+    except CfwrapError as e:
+        detail = getattr(e, "stderr", "")
+        if detail:
+            log.debug("tool stderr:\n%s", detail)
+        say(f"cfwrap: error: {e}")
+        return e.exit_code
+    except OSError as e:
+        # The operating system refused something no command anticipated (a name too long, a
+        # permission, a full stdout): one line naming the file, never a traceback.
+        where = f"{e.filename}: " if e.filename is not None else ""
+        with contextlib.suppress(OSError):
+            flush_stdout()  # keep what was printed if stdout can take it; else drop it
+        say(f"cfwrap: error: {where}{e.strerror or e}; check the path and try again")
+        return ExitCode.FILESYSTEM
+    except (KeyboardInterrupt, _Terminated) as e:
+        # The with blocks have already removed staging folders and temporary files.
+        return _stopped(ExitCode.TERMINATED if isinstance(e, _Terminated) else ExitCode.INTERRUPTED)
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Refuse a path that is not UTF-8: cfwrap hands paths to cfssl, which takes text argv.
+
+    Raises:
+        InputError: the first such path, shown with its bad bytes escaped.
+    """
+    for name, value in vars(args).items():
+        if isinstance(value, Path):
+            try:
+                str(value).encode("utf-8")
+            except UnicodeEncodeError:
+                shown = os.fsencode(value).decode("utf-8", "backslashreplace")
+                flag = "--" + name.replace("_", "-") if name != "folder" else "DIR"
+                raise InputError(
+                    f"{flag} {shown}", "is not UTF-8", fix="give a path in UTF-8"
+                ) from None

@@ -1,0 +1,54 @@
+"""What the CLI prints: data on stdout, one-line messages for people on stderr.
+
+A full or closed stdout is an error of the run that wrote it (with the file named), never a
+traceback at exit; a message for people is one line whatever its input held.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+
+def emit(*values: object, end: str = "\n") -> None:
+    """Print data on stdout; a failed write names standard output in the error."""
+    try:
+        print(*values, end=end)
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        drop_stdout()
+        raise OSError(e.errno, e.strerror, "standard output") from None
+
+
+def say(line: str) -> None:
+    """One line for people on stderr; a closed or full stderr is not worth a traceback.
+
+    Control characters from the input (a newline in a flag's value, an escape sequence) are
+    shown escaped, so the line stays one line and cannot rewrite the terminal.
+    """
+    import re
+
+    line = re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: ascii(m.group())[1:-1], line)
+    with contextlib.suppress(OSError, ValueError):
+        print(line, file=sys.stderr, flush=True)
+
+
+def flush_stdout() -> None:
+    """Flush what the command printed; a full stdout (``> /dev/full``) is this run's error."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        drop_stdout()
+        raise OSError(e.errno, e.strerror, "standard output") from None
+
+
+def drop_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush cannot fail again."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
