@@ -1,0 +1,171 @@
+"""Tests that kill mutmut's survivors in kit.py's checks (scripts/mutation kit).
+
+A wrapper around the real cfssl 1.6.5 makes it misbehave the way it can (its silent fallback
+when ``-profile`` is missing, another CA than asked); certificates for load_ca are made here with
+cryptography. Exit codes and messages are written out here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from tests.conftest import CFSSL_DIR
+
+
+def _wrapped_cfssl(root: Path, body: str) -> Path:
+    """A cfssl that runs ``body`` (sh, with $@ the argv) before the real one."""
+    (root / "bin").mkdir(parents=True)
+    fake = root / "bin" / "cfssl"
+    fake.write_text(f'#!/bin/sh\n{body}\nexec {CFSSL_DIR / "cfssl"} "$@"\n')
+    fake.chmod(0o755)
+    (root / "package.json").write_text(
+        json.dumps({"package": "golang-cfssl", "version": "1.6.5-wrapped-test"})
+    )
+    return root / "bin"
+
+
+# Drop "-profile NAME": cfssl then signs with its default profile and says nothing.
+NO_PROFILE = """
+for a; do shift; if [ "$skip" ]; then skip=; continue; fi
+  if [ "$a" = -profile ]; then skip=1; continue; fi; set -- "$@" "$a"; done
+"""
+
+
+def test_a_certificate_issued_without_its_profile_is_refused(cli, tmp_path):
+    bin_dir = _wrapped_cfssl(tmp_path / "fake", NO_PROFILE)
+    result = cli("--cfssl-dir", bin_dir, "quickstart", "--out", tmp_path / "kit")
+    assert result.code == 7, result.err
+    assert "the server certificate cfssl issued: " in result.err
+    assert "check that cfssl is 1.6.5 (cfwrap --version) and report this" in result.err
+    assert not (tmp_path / "kit").exists()
+
+
+def test_a_certificate_signed_by_another_ca_is_refused(cli, tmp_path, other_kit):
+    swap = f"""
+for a; do shift
+  case "$prev" in -ca) a={other_kit / "ca.pem"};; -ca-key) a={other_kit / "ca-key.pem"};; esac
+  prev=$a; set -- "$@" "$a"; done
+"""
+    bin_dir = _wrapped_cfssl(tmp_path / "fake", swap)
+    result = cli("--cfssl-dir", bin_dir, "quickstart", "--out", tmp_path / "kit")
+    assert result.code == 7, result.err
+    assert "certificate cfssl issued: it is not signed by the CA" in result.err
+    assert not (tmp_path / "kit").exists()
+
+
+def test_a_leaf_that_outlives_its_ca_is_refused_before_cfssl_runs(cli, tmp_path):
+    calls = tmp_path / "calls"
+    bin_dir = _wrapped_cfssl(tmp_path / "fake", f'echo "$@" >> {calls}')
+    result = cli(
+        "--cfssl-dir", bin_dir, "quickstart", "--out", tmp_path / "kit",
+        "--expiry", "50000h", "--ca-expiry", "43800h",
+    )  # fmt: skip
+    assert result.code == 3, result.err
+    assert (
+        "--expiry 50000h: the server certificate would outlive its CA (43800h); "
+        "shorten --expiry or lengthen --ca-expiry"
+    ) in result.err
+    assert not calls.exists() or "gencert" not in calls.read_text()
+    assert not (tmp_path / "kit").exists()
+    equal = cli(
+        "--cfssl-dir", bin_dir, "quickstart", "--out", tmp_path / "kit2",
+        "--expiry", "43800h", "--ca-expiry", "43800h",
+    )  # fmt: skip
+    assert equal.code == 0, equal.err  # as long as its CA is allowed
+
+
+def _self_signed(tmp_path: Path, *, ca: bool, days: tuple[int, int]) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Test CA")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now + dt.timedelta(days=days[0]))
+        .not_valid_after(now + dt.timedelta(days=days[1]))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=ca,
+                crl_sign=ca,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    folder = tmp_path / f"ca-{ca}-{days[1]}"
+    folder.mkdir()
+    (folder / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "ca-key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return folder / "ca.pem", folder / "ca-key.pem"
+
+
+def _cert(cli, ca: Path, key: Path, out: Path):
+    return cli("cert", "--ca", ca, "--ca-key", key, "--role", "server", "--out", out)
+
+
+def test_load_ca_refuses_an_expired_ca(cli, tmp_path):
+    ca, key = _self_signed(tmp_path, ca=True, days=(-30, -1))
+    result = _cert(cli, ca, key, tmp_path / "out")
+    assert result.code == 3
+    expired = (dt.datetime.now(dt.UTC) - dt.timedelta(days=1)).strftime("%Y-%m-%d")
+    assert f"{ca}: the CA expired on {expired}; make a new CA with `cfwrap ca`" in result.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_load_ca_refuses_a_leaf_and_a_foreign_key(cli, tmp_path, kits, other_kit):
+    leaf, leaf_key = _self_signed(tmp_path, ca=False, days=(-1, 30))
+    result = _cert(cli, leaf, leaf_key, tmp_path / "out")
+    assert result.code == 3
+    assert (
+        f"{leaf}: CN=Test CA is not a CA certificate (no CA:TRUE with keyCertSign); "
+        "give the CA certificate, not a leaf"
+    ) in result.err
+    kit = kits["global"]
+    foreign = _cert(cli, kit / "ca.pem", other_kit / "ca-key.pem", tmp_path / "out")
+    assert foreign.code == 3
+    assert (
+        f"{other_kit / 'ca-key.pem'}: this key does not belong to {kit / 'ca.pem'}; "
+        "give the CA's own key"
+    ) in foreign.err
+    missing = _cert(cli, tmp_path / "nope.pem", kit / "ca-key.pem", tmp_path / "out")
+    assert missing.code == 3
+    assert f"{tmp_path / 'nope.pem'}: No such file or directory; give the CA's files" in missing.err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("bad", ["cert", "key"])
+def test_load_ca_refuses_files_that_do_not_parse(cli, tmp_path, kits, bad):
+    kit = kits["global"]
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a pem\n")
+    ca, key = (junk, kit / "ca-key.pem") if bad == "cert" else (kit / "ca.pem", junk)
+    result = _cert(cli, ca, key, tmp_path / "out")
+    assert result.code == 3
+    fix = "give the CA certificate (ca.pem)" if bad == "cert" else "give the CA's private key"
+    assert f"{junk}: " in result.err
+    assert fix in result.err
