@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import re
+import secrets
 import shutil
 import stat
 import tempfile
@@ -291,8 +293,11 @@ class FolderLock:
             if staging.fullmatch(stale.name) and stale.is_dir() and not stale.is_symlink():
                 shutil.rmtree(stale, ignore_errors=True)
         if self.target.is_dir() and not self.target.is_symlink():
+            with _os_errors(self.target):
+                recover(self.target)  # before the kept old files below are removed
             for stale in _entries(self.target):
-                if _TEMP_FILE.fullmatch(stale.name) and not stale.is_dir():
+                name = stale.name
+                if (_TEMP_FILE.fullmatch(name) or _OLD_FILE.fullmatch(name)) and not stale.is_dir():
                     stale.unlink(missing_ok=True)
 
     def __exit__(
@@ -447,23 +452,36 @@ class Staging:
             self._lock.__exit__(exc_type, exc, tb)
 
 
+#: Written before a :class:`FileSet` moves anything into place, removed once all is in place:
+#: while it exists, the folder may hold a mix of old and new files, and the next cfwrap run that
+#: locks the folder puts the old ones back.
+JOURNAL = ".cfwrap-journal.json"
+_OLD_FILE = re.compile(rf"\.cfwrap-{_RANDOM}\.old")
+
+
 class FileSet:
     """Files that land in an existing folder together or not at all (``cfwrap cert``).
 
     Every target is checked before anything is written; every file is written to a temporary
-    name first (a full disk stops the set there, with nothing in place); then each is moved into
-    place, keeping a link to any file it replaces. Until the ``with`` block ends without an
-    error, :meth:`apply` can be undone: an error (or SIGTERM) puts every old file back and
-    removes every new one.
+    name first (a full disk stops the set there, with nothing in place). Each file about to be
+    replaced is kept under a second name, and a journal naming them is written; only then are
+    the files moved into place. Until the ``with`` block ends without an error, an error (or
+    SIGTERM) puts every old file back and removes every new one; after a SIGKILL, the next run
+    that locks the folder does the same from the journal. Removing the journal is the commit.
+    ``later`` names files placed after the others (the manifest, built from them) under the
+    same guarantee.
     """
 
-    def __init__(self, folder: Path, *, replace: bool) -> None:
+    def __init__(self, folder: Path, *, replace: bool, later: tuple[str, ...] = ()) -> None:
         """Prepare a set for ``folder``; ``replace`` allows replacing existing files."""
         self.folder = folder
         self.replace = replace
+        self.later = later
         self._files: dict[str, tuple[bytes, int]] = {}
         self._temps: list[Path] = []
-        self._placed: list[tuple[Path, Path | None]] = []  # (target, link to the old file)
+        self._old: dict[str, Path | None] = {}  # target name -> the old file's second name
+        self._placed: list[str] = []
+        self._journal: Path | None = None
 
     def add(self, name: str, data: bytes, *, mode: int) -> None:
         """Add a file to write (a plain name inside the folder)."""
@@ -490,9 +508,13 @@ class FileSet:
                 raise ConflictError(
                     path, "already exists", fix="remove it, or pass --force to replace it"
                 )
+        for name in self.later:
+            path = self.folder / name
+            if path.is_symlink() or path.is_dir():
+                raise ConflictError(path, "is a symlink or a folder", fix="remove it")
 
     def apply(self) -> None:
-        """Write every file to a temporary name, then move them all into place.
+        """Write every file to a temporary name, keep what they replace, then move them in.
 
         Raises:
             ConflictError: see :meth:`check`.
@@ -500,38 +522,58 @@ class FileSet:
         """
         self.check()
         with _os_errors(self.folder):
-            new: list[Path] = []
-            for data, mode in self._files.values():
-                new.append(_write_temp(self.folder, data, mode))
-                self._temps.append(new[-1])
-            for name, temp in zip(self._files, new, strict=True):
-                self._place(self.folder / name, temp)
+            new: dict[str, Path] = {}
+            for name, (data, mode) in self._files.items():
+                new[name] = _write_temp(self.folder, data, mode)
+                self._temps.append(new[name])
+            for name in [*self._files, *self.later]:
+                self._old[name] = self._keep(self.folder / name)
+            journal = {"old": {k: v.name if v else None for k, v in self._old.items()}}
+            self._journal = self.folder / JOURNAL
+            write_new(self._journal, (json.dumps(journal) + "\n").encode(), mode=SECRET_MODE)
+            for name, temp in new.items():
+                self._place(name, temp)
             _fsync_dir(self.folder)
 
-    def _place(self, target: Path, temp: Path) -> None:
+    def place_later(self, name: str, data: bytes, *, mode: int) -> None:
+        """Place one of the ``later`` files, after :meth:`apply`.
+
+        Raises:
+            FileSystemError: the write failed (the with block then undoes the set).
+        """
+        if self._journal is None or name not in self.later:
+            raise RuntimeError(f"{name} is not a later file of an applied FileSet")
+        with _os_errors(self.folder / name):
+            temp = _write_temp(self.folder, data, mode)
+            self._temps.append(temp)
+            self._place(name, temp)
+            _fsync_dir(self.folder)
+
+    def _keep(self, target: Path) -> Path | None:
+        """A second name for the file at ``target`` (None if there is none)."""
         if not target.exists():
+            return None
+        while True:
+            old = self.folder / f".cfwrap-{secrets.token_hex(4)}.old"
+            try:
+                os.link(target, old)
+            except FileExistsError:
+                continue
+            self._temps.append(old)
+            return old
+
+    def _place(self, name: str, temp: Path) -> None:
+        target = self.folder / name
+        if self._old[name] is None:
             try:
                 os.link(temp, target)  # refuses a name that appeared since the check
             except FileExistsError:
                 raise ConflictError(
                     target, "appeared while cfwrap was writing", fix="run again"
                 ) from None
-            self._placed.append((target, None))
-            return
-        old = Path(tempfile.mktemp(prefix=".cfwrap-", suffix=".tmp", dir=self.folder))  # noqa: S306 (os.link refuses an existing name)
-        os.link(target, old)
-        self._temps.append(old)
-        temp.replace(target)
-        self._placed.append((target, old))
-
-    def _undo(self) -> None:
-        for target, old in reversed(self._placed):
-            with contextlib.suppress(OSError):
-                if old is None:
-                    target.unlink()
-                else:
-                    old.replace(target)
-        self._placed.clear()
+        else:
+            temp.replace(target)
+        self._placed.append(name)
 
     def __enter__(self) -> FileSet:
         """Start collecting files."""
@@ -543,10 +585,48 @@ class FileSet:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        """Undo :meth:`apply` on an error; then remove every temporary name."""
+        """Commit (remove the journal) or undo; then remove every temporary name."""
         if exc_type is not None:
-            self._undo()
+            for name in reversed(self._placed):
+                with contextlib.suppress(OSError):
+                    _restore(self.folder, name, self._old[name])
+            self._placed.clear()
+        if self._journal is not None:
+            self._journal.unlink(missing_ok=True)  # the commit point (or the end of the undo)
+            with contextlib.suppress(OSError):
+                _fsync_dir(self.folder)
+            self._journal = None
         for temp in self._temps:
             with contextlib.suppress(OSError):
                 temp.unlink()
         self._temps.clear()
+
+
+def _restore(folder: Path, name: str, old: Path | None) -> None:
+    """Put back what was at ``name`` before a FileSet: the kept file, or nothing."""
+    if old is None:
+        (folder / name).unlink(missing_ok=True)
+    elif old.exists():
+        old.replace(folder / name)
+
+
+def recover(folder: Path) -> bool:
+    """Undo a FileSet that was killed before it committed (call with the folder locked).
+
+    Returns:
+        True when there was something to undo.
+    """
+    journal = folder / JOURNAL
+    try:
+        recorded = json.loads(read_input(journal, limit=1024 * 1024))["old"]
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = {}  # a damaged journal was never complete: nothing was moved yet
+    for name, old in dict(recorded).items():
+        if isinstance(name, str) and "/" not in name and (old is None or _OLD_FILE.fullmatch(old)):
+            with contextlib.suppress(OSError):
+                _restore(folder, name, folder / old if old else None)
+    journal.unlink(missing_ok=True)
+    _fsync_dir(folder)
+    return True

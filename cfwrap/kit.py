@@ -406,7 +406,7 @@ def _issue_into(
         )
     config = nomad.signing_config([spec])
     config_json = to_cfssl_json(config)
-    batch = files.FileSet(folder, replace=force)
+    batch = files.FileSet(folder, replace=force, later=(manifest.FILE_NAME,))
     batch.add(f"{spec.stem}-{CONFIG_FILE}", config_json, mode=files.PUBLIC_MODE)
     batch.add(f"{spec.stem}-csr.json", to_cfssl_json(spec.csr()), mode=files.PUBLIC_MODE)
     batch.check()  # before cfssl runs: a refusal costs nothing
@@ -434,5 +434,5 @@ def _issue_into(
         batch.apply()
         folder_manifest = manifest.build(folder, tools)
         _check_kit(folder_manifest, only=batch.names)
-        manifest.write(folder, folder_manifest)
+        manifest.write(folder, folder_manifest, into=batch)
     return batch.names

@@ -23,6 +23,7 @@ from cfwrap.nomad import parse_file_stem, role_of
 if TYPE_CHECKING:
     from cryptography import x509
 
+    from cfwrap.files import FileSet
     from cfwrap.tools import Tool
 
 SCHEMA_VERSION: Literal[1] = 1
@@ -319,8 +320,11 @@ def differences(recorded: Manifest, actual: list[Artifact]) -> list[str]:
     return lines
 
 
-def write(folder: Path, manifest: Manifest) -> Path:
+def write(folder: Path, manifest: Manifest, *, into: FileSet | None = None) -> Path:
     """Validate and write ``folder``'s manifest atomically; the only place that writes one.
+
+    ``into``: a :class:`files.FileSet` that holds the manifest as one of its ``later`` files, so
+    it lands (or is undone) with the files it describes.
 
     Raises:
         VerificationError: the manifest does not satisfy the schema.
@@ -329,5 +333,8 @@ def write(folder: Path, manifest: Manifest) -> Path:
     from cfwrap.files import PUBLIC_MODE, write_replace
 
     path = folder / FILE_NAME
-    write_replace(path, to_json(manifest), mode=PUBLIC_MODE)
+    if into is not None:
+        into.place_later(FILE_NAME, to_json(manifest), mode=PUBLIC_MODE)
+    else:
+        write_replace(path, to_json(manifest), mode=PUBLIC_MODE)
     return path

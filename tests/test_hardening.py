@@ -350,3 +350,69 @@ def test_unreadable_gossip_key_as_non_root(nobody_home):
     assert manifest.stderr.strip().splitlines() == [
         f"cfwrap: error: {gossip}: Permission denied; check the path and try again"
     ]
+
+
+# --- cert killed with SIGKILL: the next run puts the old files back --------------------------
+
+KILL_AFTER_APPLY = """
+import os, sys
+from pathlib import Path
+from cfwrap import files
+folder = Path(sys.argv[1])
+batch = files.FileSet(folder, replace=True, later=("manifest.json",))
+batch.add("global-client-nomad.pem", b"new certificate\\n", mode=0o644)
+batch.add("global-client-nomad-key.pem", b"new key\\n", mode=0o600)
+batch.__enter__()
+batch.apply()
+os.kill(os.getpid(), 9)  # after the files moved in, before the manifest and the commit
+"""
+
+
+def test_a_set_killed_before_its_commit_is_undone_by_the_next_run(cli, tmp_path, kits):
+    node = tmp_path / "node"
+    assert cli(*cert_argv(kits["global"], "client", node)).code == 0
+    before = snapshot(node)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_APPLY, node],
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False, timeout=60,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL
+    assert (node / files.JOURNAL).exists()
+    assert (node / "global-client-nomad.pem").read_bytes() == b"new certificate\n"
+    # Any cfwrap run that locks the folder first puts the old files back (this one is then
+    # refused: the files exist and there is no --force).
+    assert cli(*cert_argv(kits["global"], "client", node)).code == ExitCode.CONFLICT
+    assert snapshot(node) == before
+
+
+@pytest.mark.parametrize("after", [0.3, 0.45, 0.6, 0.75, 0.9])
+def test_sigkill_during_a_forced_cert_leaves_old_or_new_never_a_mix(tmp_path, kits, after):
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    node = tmp_path / "node"
+    argv = [*map(str, cert_argv(kits["global"], "server", node))]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    assert subprocess.run([sys.executable, "-m", "cfwrap", *argv], env=env, check=False,
+                          capture_output=True).returncode == 0  # fmt: skip
+    before = snapshot(node)
+    proc = subprocess.Popen([sys.executable, "-m", "cfwrap", *argv, "--force"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    time.sleep(after)
+    proc.kill()
+    proc.wait()
+    # the next run (refused: no --force) recovers first
+    subprocess.run([sys.executable, "-m", "cfwrap", *argv], env=env, check=False,
+                   capture_output=True)  # fmt: skip
+    now = snapshot(node)
+    if now != before:  # then it must be the complete new set
+        cert = _load(node / "global-server-nomad.pem")
+        key = load_pem_private_key((node / "global-server-nomad-key.pem").read_bytes(), None)
+        assert key.public_key() == cert.public_key()
+        import hashlib
+
+        recorded = json.loads((node / "manifest.json").read_text())["artifacts"]
+        assert {a["path"] for a in recorded} == {p.name for p in node.iterdir()} - {"manifest.json"}
+        for artifact in recorded:
+            digest = hashlib.sha256((node / artifact["path"]).read_bytes()).hexdigest()
+            assert digest == artifact["sha256"], artifact["path"]
+    assert not [p.name for p in node.iterdir() if p.name.startswith(".")]
