@@ -7,6 +7,7 @@ exact messages written out here, never by files.py's own helpers.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import errno
 import fcntl
 import hashlib
@@ -28,6 +29,7 @@ from cfwrap.errors import ConflictError, FileSystemError, InputError
 MIB = 1024 * 1024
 # What a killed run leaves: mkstemp's and mkdtemp's eight random characters.
 TEMP = re.compile(r"\.cfwrap-[a-z0-9_]{8}\.tmp")
+KNOWN = re.compile(r"\.cfwrap-[a-z0-9_]{8}\.(tmp|old)|\.cfwrap-journal\.json")
 
 
 @contextlib.contextmanager
@@ -369,9 +371,10 @@ def test_fileset_temporaries_are_named_for_the_sweep(tmp_path):
         batch.add("old", b"new", mode=0o644)
         batch.add("added", b"added", mode=0o600)
         batch.apply()
-        temps = [n for n in _names(tmp_path) if n not in ("old", "added")]
-        assert len(temps) == 2, temps  # the added file's, and a link to the replaced one
-        assert all(TEMP.fullmatch(n) for n in temps), temps
+        extra = [n for n in _names(tmp_path) if n not in ("old", "added")]
+        # Temporaries, kept old files and the journal: all names the next locked run knows.
+        assert any(TEMP.fullmatch(n) for n in extra), extra
+        assert all(KNOWN.fullmatch(n) for n in extra), extra
     assert _names(tmp_path) == ["added", "old"]
 
 
@@ -404,3 +407,133 @@ def test_fileset_undo_puts_back_every_old_file_and_removes_new_ones(tmp_path):
     assert _names(tmp_path) == ["a"]
     assert (tmp_path / "a").read_bytes() == b"old a"
     assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o640
+
+
+# Second round: what the first run of scripts/mutation files left alive.
+
+
+def test_a_limit_of_one_mib_is_named_in_mib(tmp_path):
+    (tmp_path / "f").write_bytes(b"a" * (MIB + 1))
+    with pytest.raises(files.UnreadableInput) as caught:
+        files.read_input(tmp_path / "f", limit=MIB)
+    assert caught.value.strerror == "is larger than 1 MiB; cfwrap reads no input that big"
+
+
+@contextlib.contextmanager
+def _mounted(where: Path, options: str) -> Iterator[Path]:
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", where], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", where], check=True)
+
+
+def test_a_full_disk_stops_a_fileset_naming_the_folder_and_changing_nothing(tmp_path):
+    with _mounted(tmp_path / "fs", "size=64k") as folder:
+        (folder / "old").write_bytes(b"old")
+        batch = files.FileSet(folder, replace=True)
+        batch.add("old", b"new", mode=0o644)
+        batch.add("big", b"x" * (1024 * 1024), mode=0o644)
+        with pytest.raises(FileSystemError) as caught, batch:
+            batch.apply()
+        assert caught.value.path == folder
+        assert caught.value.errno == errno.ENOSPC
+        assert _names(folder) == ["old"]
+        assert (folder / "old").read_bytes() == b"old"
+
+
+def test_undo_goes_on_past_a_file_it_cannot_remove(tmp_path):
+    (tmp_path / "a").write_bytes(b"old a")
+    with pytest.raises(RuntimeError), files.FileSet(tmp_path, replace=True) as batch:
+        batch.add("a", b"new a", mode=0o600)
+        batch.add("b", b"new b", mode=0o600)
+        batch.apply()
+        (tmp_path / "b").unlink()  # someone removed a new file already
+        raise RuntimeError("the manifest write failed")
+    assert _names(tmp_path) == ["a"]
+    assert (tmp_path / "a").read_bytes() == b"old a"
+
+
+def test_a_staging_folder_that_cannot_be_made_names_the_parent_and_frees_the_lock(tmp_path):
+    # Two inodes: the folder itself and the lock file. The staging folder gets none.
+    with _mounted(tmp_path / "fs", "size=64k,nr_inodes=2") as parent:
+        with pytest.raises(FileSystemError) as caught, files.Staging(parent / "kit", force=False):
+            pass
+        assert caught.value.path == parent
+        assert _names(parent) == []
+
+
+def test_leftovers_that_cannot_be_removed_do_not_stop_the_lock_or_the_rollback(tmp_path):
+    target = tmp_path / "kit"
+    stale = tmp_path / ".kit.cfwrap-abcd1234"
+    stale.mkdir()
+    with _mounted(stale / "busy", "size=64k"):  # a mount point: rmtree cannot remove it
+        with files.FolderLock(target) as lock:
+            assert _locked_elsewhere(lock.path)
+        assert stale.is_dir()
+    staging = files.Staging(target, force=False)
+    staging.__enter__()
+    left = staging.path
+    with _mounted(left / "busy", "size=64k"):
+        staging.__exit__(RuntimeError, RuntimeError("killed"), None)  # must not raise
+        assert (left / "busy").is_dir()
+    with pytest.raises(RuntimeError, match="outside its with block"):
+        _ = staging.path
+    with files.FolderLock(target):  # the failed run let go of the lock; this one sweeps
+        pass
+    assert not left.exists()
+
+
+def test_staging_path_exists_only_inside_the_with_block(tmp_path):
+    staging = files.Staging(tmp_path / "kit", force=False)
+    with pytest.raises(RuntimeError, match="outside its with block"):
+        _ = staging.path
+    with staging:
+        (staging.path / "f").write_text("x")
+        staging.commit()
+        with pytest.raises(RuntimeError, match="outside its with block"):
+            _ = staging.path
+    assert staging.backup is None
+    assert _names(tmp_path / "kit") == ["f"]
+
+
+def test_staging_fails_at_once_by_default_and_waits_when_asked(tmp_path):
+    target = tmp_path / "kit"
+    holder = files.FolderLock(target)
+    holder.__enter__()
+    started = time.monotonic()
+    with pytest.raises(ConflictError), files.Staging(target, force=False):
+        pass
+    assert time.monotonic() - started < 0.5
+    threading.Timer(0.2, holder.__exit__, (None, None, None)).start()
+    with files.Staging(target, force=False, wait=5) as staging:
+        staging.commit()
+    assert target.is_dir()
+
+
+def test_a_commit_that_cannot_move_the_old_folder_names_it_and_keeps_it(tmp_path):
+    target = tmp_path / "kit"
+    target.mkdir()
+    (target / "old").write_text("old")
+    now = datetime.now(UTC)
+    for seconds in range(5):  # every backup name the next seconds can give is taken
+        taken = now.replace(microsecond=0) + dt.timedelta(seconds=seconds)
+        (tmp_path / f"kit.replaced-{taken:%Y%m%dT%H%M%SZ}" / "x").mkdir(parents=True)
+    staging = files.Staging(target, force=True)
+    with pytest.raises(FileSystemError) as caught, staging:
+        (staging.path / "new").write_text("new")
+        staging.commit()
+    assert caught.value.path == target
+    assert _names(target) == ["old"]
+    assert not [n for n in _names(tmp_path) if n.startswith(".kit.cfwrap-")]
+
+
+def test_the_backup_is_stamped_in_utc_whatever_the_local_zone(tmp_path, monkeypatch):
+    monkeypatch.setenv("TZ", "XYZ-14")  # a POSIX zone 14 hours ahead of UTC
+    time.tzset()
+    try:
+        test_force_keeps_the_old_folder_as_a_dated_backup(tmp_path)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
