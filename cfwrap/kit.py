@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -49,6 +49,7 @@ class CA:
     key_path: Path
     facts: parsers.CertFacts
     cert_pem: bytes
+    key_pem: bytes = field(repr=False)
 
 
 def _issued_files(stem: str, issued: cfssl.Issued) -> list[tuple[str, bytes, int]]:
@@ -324,7 +325,7 @@ def load_ca(cert_path: Path, key_path: Path) -> CA:
         raise InputError(
             str(key_path), f"this key does not belong to {cert_path}", fix="give the CA's own key"
         )
-    return CA(cert_path, key_path, facts, cert_data)
+    return CA(cert_path, key_path, facts, cert_data, key_data)
 
 
 def make_ca(
@@ -413,14 +414,18 @@ def _issue_into(
     with tempfile.TemporaryDirectory(prefix="cfwrap-") as scratch:
         # cfssl reads -config and -ca from files; they reach the folder only with the rest.
         Path(scratch).chmod(files.DIR_MODE)  # mkdtemp's 0700 is cut by the umask (077 -> 000)
+        # The CA's key too: cfssl then signs with exactly the bytes cfwrap checked, whatever the
+        # path given now holds (a file swapped for a FIFO would hang cfssl).
         scratch_config = Path(scratch) / CONFIG_FILE
         scratch_ca = Path(scratch) / f"{CA_STEM}.pem"
+        scratch_key = Path(scratch) / f"{CA_STEM}-key.pem"
         files.write_new(scratch_config, config_json, mode=files.PUBLIC_MODE)
         files.write_new(scratch_ca, ca_pem, mode=files.PUBLIC_MODE)
+        files.write_new(scratch_key, ca.key_pem, mode=files.SECRET_MODE)
         (issued,) = _issue_all(
             cfssl_tool,
             ca_cert=scratch_ca,
-            ca_key=ca.key_path.absolute(),
+            ca_key=scratch_key,
             config_file=scratch_config,
             config=config,
             specs=[spec],

@@ -25,6 +25,10 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|m|s)")
 _DURATION_WHOLE = re.compile(r"(?:\d+(?:\.\d+)?(?:h|m|s))+")
 _UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0}
 
+#: The most intermediate CAs cfwrap lets a CA allow below it; anything larger is a typo (cfssl
+#: fails on numbers past Go's int).
+MAX_PATH_LENGTH = 16
+
 #: The shortest and longest lifetime cfwrap issues. Shorter than an hour cannot survive cfssl's
 #: five-minute backdating and clock skew; longer than 30 years is a typo, not a policy.
 MIN_LIFETIME = timedelta(hours=1)
@@ -94,16 +98,14 @@ Usage = Literal[
 
 M = TypeVar("M", bound=BaseModel)
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
 
 def _check_text(text: str) -> str:
-    """Refuse control characters (NUL, newline, escapes) in a name that ends up in a subject."""
-    found = _CONTROL.search(text)
+    """Refuse control characters (NUL, newline, escapes, bidi) in a name for a subject."""
+    from cfwrap.text import first_unsafe
+
+    found = first_unsafe(text)
     if found:
-        raise ValueError(
-            f"contains the control character {found.group()!r}; names are one line of text"
-        )
+        raise ValueError(f"contains the control character '{found}'; names are one line of text")
     return text
 
 
@@ -135,7 +137,7 @@ class SubjectName(BaseModel):
 
     model_config = _FROZEN
 
-    C: Text | None = None
+    C: Annotated[Text, Field(pattern=r"^[A-Za-z]{2}$")] | None = None  # ISO 3166: two letters
     ST: Text | None = None
     L: Text | None = None
     O: Text | None = None  # noqa: E741 (cfssl's own field name)
@@ -148,7 +150,7 @@ class CAOptions(BaseModel):
     model_config = _FROZEN
 
     expiry: Duration = "43800h"
-    pathlen: int | None = Field(default=None, ge=0)
+    pathlen: int | None = Field(default=None, ge=0, le=MAX_PATH_LENGTH)
     pathlenzero: bool | None = None
 
 

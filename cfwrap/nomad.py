@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInf
 
 from cfwrap.models import (
     CSR,
+    MAX_PATH_LENGTH,
     CAOptions,
     Duration,
     KeySpec,
@@ -116,7 +117,25 @@ def check_dns_name(text: str) -> str:
 
 Region = Annotated[str, AfterValidator(check_region)]
 DnsName = Annotated[str, AfterValidator(check_dns_name)]
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _check_ip(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> object:
+    """Refuse addresses cfssl does not put into a certificate as written.
+
+    A zone (``fe80::1%eth0``) cannot be in an X.509 IP SAN, and cfssl writes an IPv4-mapped IPv6
+    address (``::ffff:10.0.0.5``) as the IPv4 one, so the certificate would not say what was asked.
+    """
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.scope_id:
+            raise ValueError(f"{address} has a zone (%{address.scope_id}); certificates hold none")
+        if address.ipv4_mapped is not None:
+            raise ValueError(
+                f"{address} is an IPv4 address in IPv6 form; give {address.ipv4_mapped}"
+            )
+    return address
+
+
+IPAddress = Annotated[ipaddress.IPv4Address | ipaddress.IPv6Address, AfterValidator(_check_ip)]
 
 
 def role_name(role: Role, region: str) -> str:
@@ -183,7 +202,7 @@ class CASpec(BaseModel):
     expiry: Duration = "43800h"
     key: KeySpec = KeySpec()
     #: 0: the CA signs leaves only (Go's MaxPathLenZero); more allows intermediates below it.
-    path_length: int = Field(default=0, ge=0)
+    path_length: int = Field(default=0, ge=0, le=MAX_PATH_LENGTH)
 
     @staticmethod
     def from_csr(csr: CSR) -> dict[str, object]:
@@ -334,10 +353,12 @@ def check_config_text(value: str, *, what: str) -> str:
     Raises:
         ValueError: with the reason.
     """
-    found = re.search(r"[\x00-\x1f\x7f]", value)
+    from cfwrap.text import first_unsafe
+
+    found = first_unsafe(value)
     if found:
         raise ValueError(
-            f"{what} contains the control character {found.group()!r}, which cannot be written "
+            f"{what} contains the control character '{found}', which cannot be written "
             "into an agent's configuration"
         )
     if "${" in value or "%{" in value:

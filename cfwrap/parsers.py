@@ -201,6 +201,13 @@ def _checked(cert: x509.Certificate) -> x509.Certificate:
         cert.public_key()
     except (ValueError, UnsupportedAlgorithm) as e:
         raise ParseError(f"damaged certificate ({type(e).__name__}: {e})") from None
+    try:
+        cert.subject.rfc4514_string()
+        cert.issuer.rfc4514_string()
+    except ValueError as e:
+        # A name cryptography cannot hold (an attribute twice in one RDN, a UTF8String that is
+        # not UTF-8): Go may accept such a certificate, but nothing here can check its names.
+        raise ParseError(f"its subject or issuer name cannot be read ({e})") from None
     return cert
 
 
@@ -290,11 +297,13 @@ def read_csr(data: bytes) -> CSRFacts:
         csr = x509.load_pem_x509_csr(data)
         dns, ips = _sans(csr.extensions)
         public = csr.public_key()
+        subject = csr.subject.rfc4514_string()
+        common_name = _common_name(csr.subject)
     except (ValueError, UnsupportedAlgorithm) as e:
         raise ParseError(f"damaged PEM CSR ({e})") from None
     return CSRFacts(
-        subject=csr.subject.rfc4514_string(),
-        common_name=_common_name(csr.subject),
+        subject=subject,
+        common_name=common_name,
         dns_names=dns,
         ip_addresses=ips,
         key=_key_facts(public),

@@ -286,8 +286,17 @@ def test_sigterm_at_any_point_of_start_up_is_clean(tmp_path, after):
     # flock dies with its process); no staging folder or temporary file may.
     leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("kit", ".kit.cfwrap.lock")]
     assert leftovers == []
-    if proc.returncode != ExitCode.OK:
-        assert not (tmp_path / "kit").exists()
+    kit = tmp_path / "kit"
+    if kit.exists():  # the signal came after the commit: then the kit is whole
+        import hashlib
+
+        recorded = json.loads((kit / "manifest.json").read_text())["artifacts"]
+        assert {a["path"] for a in recorded} == {p.name for p in kit.iterdir()} - {"manifest.json"}
+        for artifact in recorded:
+            digest = hashlib.sha256((kit / artifact["path"]).read_bytes()).hexdigest()
+            assert digest == artifact["sha256"], artifact["path"]
+    else:
+        assert proc.returncode != ExitCode.OK
 
 
 def _as_nobody(

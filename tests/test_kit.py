@@ -276,15 +276,17 @@ def test_manifest_module_reports_tampering(kits, tmp_path, cli):
     (copy / "notes.txt").write_text("extra")
     result = cli("manifest", copy)
     assert result.code == 7
-    assert "global-cli.env: in the manifest but not on disk" in result.err
-    assert "notes.txt: on disk but not in the manifest" in result.err
-    assert "global-client-nomad.pem: content changed" in result.err
-    assert "gossip.key: mode 0644, manifest says 0600" in result.err
+    # The differences are the command's data (stdout); stderr holds the one-line verdict.
+    assert "global-cli.env: in the manifest but not on disk" in result.out
+    assert "notes.txt: on disk but not in the manifest" in result.out
+    assert "global-client-nomad.pem: content changed" in result.out
+    assert len(result.err.strip().splitlines()) == 1
+    assert "gossip.key: mode 0644, manifest says 0600" in result.out
     assert result.err.strip().splitlines()[-1].startswith("cfwrap: error: ")
     # The client key and CSR lose their pairing with a certificate: they are reported too.
-    assert "global-client-nomad-key.pem: facts differ" in result.err
+    assert "global-client-nomad-key.pem: facts differ" in result.out
     rebuilt = manifest.differences(manifest.load(copy), manifest.scan(copy))
-    printed = [line for line in result.err.splitlines() if not line.startswith("cfwrap:")]
+    printed = result.out.splitlines()
     assert len(rebuilt) == len(printed) >= 5
     wrote = cli("manifest", "--write", copy)
     assert wrote.code == 0

@@ -97,8 +97,29 @@ def _on_sigint(signum: int, frame: object) -> None:
 def _stop_tools() -> None:
     """Kill the tools cfwrap started, before the with blocks remove folders they write into."""
     runner = sys.modules.get("cfwrap.runner")  # not imported: no tool was ever started
-    if runner is not None:
-        runner.stop_all()
+    stop_all = getattr(runner, "stop_all", None)  # still being imported: none started either
+    if stop_all is not None:
+        stop_all()
+
+
+def _redeliver(unraisable: Any) -> None:  # noqa: ANN401 (sys.UnraisableHookArgs)
+    """Raise a stop again when it landed where Python cannot raise it (a ``__del__``).
+
+    A signal handler's exception raised inside a finaliser or weakref callback is printed as
+    "Exception ignored" and dropped, so the run would go on; the signal is sent again, and its
+    handler runs at the next safe point of the main thread.
+    """
+    import signal
+    import threading
+
+    stops = {_Terminated: signal.SIGTERM, KeyboardInterrupt: signal.SIGINT}
+    for kind, signum in stops.items():
+        if isinstance(unraisable.exc_value, kind):
+            # From another thread, so the handler runs after this hook has returned (sent from
+            # here, it would run inside the hook, and be dropped again).
+            threading.Thread(target=os.kill, args=(os.getpid(), signum), daemon=True).start()
+            return
+    sys.__unraisablehook__(unraisable)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -110,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _main(argv)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     previous_int = signal.signal(signal.SIGINT, _on_sigint)
+    previous_hook, sys.unraisablehook = sys.unraisablehook, _redeliver
     try:
         try:
             return _main(argv)
@@ -120,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, previous_int)
+        sys.unraisablehook = previous_hook
 
 
 def _stopped(code: ExitCode) -> int:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from cfwrap.cli.output import emit
 from cfwrap.errors import ExitCode, InputError
+from cfwrap.text import printable
 
 if TYPE_CHECKING:
     from cfwrap.cli.options import Subparsers
@@ -192,4 +193,6 @@ def _render_report(report: Report) -> str:
             got = "connected" if result.ok else "refused"
             lines.append(f"  {mark} {result.name} [{result.server_name}]: {got}")
     lines.append(f"{report.errors} error(s), {report.warnings} warning(s)")
-    return "\n".join(lines)
+    # Paths and names come from files anyone may have written: a newline in an HCL path must
+    # not start a line that looks like one of doctor's own (a forged "fix:").
+    return "\n".join(printable(line) for line in lines)

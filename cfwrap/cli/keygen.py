@@ -49,6 +49,8 @@ def execute(args: argparse.Namespace) -> int:
     source = "stdin" if args.check == "-" else args.check
     try:
         if args.check == "-":
+            if sys.stdin is None:  # started with stdin closed (<&-)
+                raise InputError(source, "closed", fix="pipe the key in, or give its file")
             stdin = getattr(sys.stdin, "buffer", None)
             raw = stdin.read(SMALL_INPUT + 1) if stdin else sys.stdin.read(SMALL_INPUT + 1)
             if len(raw) > SMALL_INPUT:

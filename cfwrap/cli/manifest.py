@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 
 from cfwrap.cli.options import wait_option
 from cfwrap.cli.output import emit, say
-from cfwrap.errors import ExitCode, InputError
+from cfwrap.errors import ConflictError, ExitCode, InputError
+from cfwrap.text import printable
 
 if TYPE_CHECKING:
     from cfwrap.cli.options import Subparsers
@@ -43,6 +44,11 @@ def execute(args: argparse.Namespace) -> int:
     if args.write:
         from cfwrap import files
 
+        path = folder / manifest.FILE_NAME
+        if path.is_symlink():  # before anything is said about what it holds
+            raise ConflictError(
+                path, "is a symlink", fix="remove it; cfwrap never writes through links"
+            )
         with files.FolderLock(folder, wait=args.wait):
             tools = []
             if (folder / manifest.FILE_NAME).exists():
@@ -64,7 +70,7 @@ def execute(args: argparse.Namespace) -> int:
         )
     else:
         for line in problems:
-            say(f"{folder / line}")
+            emit(printable(f"{folder / line}"))  # the differences are this command's data
     if problems:
         raise VerificationError(
             str(folder / manifest.FILE_NAME),

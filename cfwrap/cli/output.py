@@ -7,12 +7,17 @@ traceback at exit; a message for people is one line whatever its input held.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
+
+from cfwrap.text import printable
 
 
 def emit(*values: object, end: str = "\n") -> None:
     """Print data on stdout; a failed write names standard output in the error."""
+    if sys.stdout is None:  # started with stdout closed (>&-)
+        raise OSError(errno.EBADF, "Bad file descriptor (closed)", "standard output")
     try:
         print(*values, end=end)
     except BrokenPipeError:
@@ -28,15 +33,16 @@ def say(line: str) -> None:
     Control characters from the input (a newline in a flag's value, an escape sequence) are
     shown escaped, so the line stays one line and cannot rewrite the terminal.
     """
-    import re
-
-    line = re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: ascii(m.group())[1:-1], line)
+    if sys.stderr is None:  # started with stderr closed (2>&-): nobody to tell
+        return
     with contextlib.suppress(OSError, ValueError):
-        print(line, file=sys.stderr, flush=True)
+        print(printable(line), file=sys.stderr, flush=True)
 
 
 def flush_stdout() -> None:
     """Flush what the command printed; a full stdout (``> /dev/full``) is this run's error."""
+    if sys.stdout is None:
+        return
     try:
         sys.stdout.flush()
     except BrokenPipeError:
