@@ -735,3 +735,39 @@ def test_a_fifo_made_by_a_step_is_never_read(tmp_path):
     assert done.returncode == ExitCode.VERIFY_FAILED, done.stderr
     data = json.loads((tmp_path / "out" / "transcript.json").read_text())
     assert data["steps"][1]["files"] == []  # a FIFO is not a file the snapshot opens
+
+
+def test_printed_script_shows_no_control_character_and_writes_files_exactly(cli, tmp_path):
+    """Arguments and file contents with CR, ESC and bidi characters: exact, and never raw."""
+    args = ["\r\x1b[2K# fake comment", "it's \u202e here", "plain"]
+    contents = {
+        "none.txt": "no newline at end",
+        "empty.txt": "",
+        "two.txt": "ends twice\n\n",
+        "cr.txt": "a\r\nEOF\r\nb\n",
+        "plain.txt": "one line\n",
+    }
+    steps = (
+        '[[steps]]\nkind = "run"\nsay = "s"\npipeline = [["./record", '
+        + ", ".join(json.dumps(a) for a in args)
+        + "]]\n"
+    )
+    for name, content in contents.items():
+        steps += (
+            f'[[steps]]\nkind = "write"\nsay = "w"\npath = "{name}"\n'
+            f"content = {json.dumps(content)}\n"
+        )
+    result = cli("replay", _guide(tmp_path, steps), "--print")
+    assert result.code == 0, result.err
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f\u202e]", result.out), "a raw control character"
+    work = tmp_path / "work"
+    work.mkdir()
+    record = work / "record"
+    record.write_text('#!/bin/bash\nfor a in "$@"; do printf "%s\\0" "$a"; done > argv\n')
+    record.chmod(0o755)
+    script = tmp_path / "guide.sh"
+    script.write_text(result.out)
+    subprocess.run(["bash", script], cwd=work, check=True, capture_output=True)
+    assert (work / "argv").read_bytes().decode().split("\0")[:-1] == args
+    for name, content in contents.items():
+        assert (work / name).read_bytes() == content.encode(), name

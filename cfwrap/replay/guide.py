@@ -257,18 +257,44 @@ def to_shell(guide: Guide) -> str:
         if isinstance(step, RunStep):
             if step.stands_in_for:
                 lines += _comment(f"The guide runs `{step.stands_in_for}`; this stands in for it:")
-            lines.append(step.command())
+            lines.append(" | ".join(" ".join(map(_word, stage)) for stage in step.pipeline))
         else:
-            marker = "EOF"
-            while marker in step.content:
-                marker += "_"
-            lines += [
-                f"cat > {shlex.quote(step.path)} <<'{marker}'",
-                step.content.rstrip("\n"),
-                marker,
-                f"chmod {shlex.quote(step.mode)} {shlex.quote(step.path)}",
-            ]
+            lines += _write_file(step.path, step.content)
+            lines.append(f"chmod {shlex.quote(step.mode)} {shlex.quote(step.path)}")
     return "\n".join(lines) + "\n"
+
+
+def _word(text: str) -> str:
+    """One shell word that is exactly ``text``, and shows no control character raw.
+
+    Plain text is single-quoted as usual; text with a control, separator or bidi character
+    uses bash's ``$'...'`` quoting with escapes, so ``cat guide.sh`` on a terminal shows what
+    runs (a raw CR or escape sequence could hide the start of the line).
+    """
+    from cfwrap.text import UNSAFE
+
+    if not UNSAFE.search(text):
+        return shlex.quote(text)
+    escaped = text.replace("\\", "\\\\").replace("'", "\\'")
+    return "$'" + UNSAFE.sub(_escape, escaped) + "'"
+
+
+def _write_file(path: str, content: str) -> list[str]:
+    """Shell lines that write ``content`` to ``path`` byte for byte.
+
+    A quoted here-document where it can hold the content exactly (one final newline, nothing
+    unsafe but tabs and newlines); ``printf '%s'`` with one ``$'...'`` word otherwise.
+    """
+    from cfwrap.text import UNSAFE
+
+    body = content.removesuffix("\n")
+    plain = not UNSAFE.search(body.replace("\n", "").replace("\t", ""))
+    if plain and content.endswith("\n") and not body.endswith("\n"):
+        marker = "EOF"
+        while marker in content:
+            marker += "_"
+        return [f"cat > {shlex.quote(path)} <<'{marker}'", body, marker]
+    return [f"printf '%s' {_word(content)} > {shlex.quote(path)}"]
 
 
 def _comment(text: str) -> list[str]:
