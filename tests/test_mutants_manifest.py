@@ -224,7 +224,7 @@ def test_write_is_0644_whatever_was_there_and_load_reads_it_back(kits, tmp_path)
     data = json.loads((folder / "manifest.json").read_text())
     assert data["schema_version"] == 1
     assert [a["path"] for a in data["artifacts"]] == ["ca.pem"]
-    assert (folder / "manifest.json").read_bytes().endswith(b"}\n")
+    assert (folder / "manifest.json").read_text() == json.dumps(data, indent=2) + "\n"
     assert manifest.load(folder) == built
 
 
@@ -268,3 +268,23 @@ def test_the_schema_is_the_checked_in_one(tmp_path):
     root = Path(__file__).resolve().parent.parent
     checked_in = json.loads((root / "schemas" / "manifest.schema.json").read_text())
     assert manifest.json_schema() == checked_in
+
+
+def test_the_tool_record_and_the_time_are_what_made_the_kit(kits, tmp_path):
+    from cfwrap import tools
+    from tests.conftest import CFSSL_DIR
+
+    binary = CFSSL_DIR / "cfssl"
+    meta = json.loads((CFSSL_DIR.parent / "package.json").read_text())
+    folder = _copy(kits["global"], tmp_path / "k", "ca.pem")
+    before = datetime.now(UTC)
+    built = manifest.build(folder, [manifest.tool_record(tools.find("cfssl", directory=CFSSL_DIR))])
+    assert before <= built.created_at <= datetime.now(UTC)
+    record = built.tools[0]
+    assert (record.name, record.path, record.package, record.version) == (
+        "cfssl",
+        str(binary),
+        meta["package"],
+        meta["version"],
+    )
+    assert record.sha256 == hashlib.sha256(binary.read_bytes()).hexdigest()
