@@ -48,8 +48,16 @@ _JSON_KEY_FIELD = re.compile(rb'"key"\s*:\s*"[^"]*"')
 # private number, then its value as indented hex lines (``priv:\n    00:ab:...``).
 _TEXT_DUMP = re.compile(
     rb"(?mi)^([ \t]*(?:priv|private-?key|privateExponent|prime[12]|exponent[12]|coefficient)"
-    rb"[ \t]*:)[ \t]*(?:\r?\n[ \t]+[0-9a-f]{2}(?::[0-9a-f]{2})*:?[ \t]*)+$"
+    rb"[ \t]*:)[ \t]*(?:\r?\n[ \t]*[0-9a-f]{2}(?::[0-9a-f]{2})*:?[ \t]*)+$"
 )
+# openssl asn1parse prints a private key's numbers as ``[HEX DUMP]:...`` (an EC key's scalar is
+# an OCTET STRING): any such dump of 16 bytes or more is removed.
+_HEX_DUMP = re.compile(rb"(\[HEX DUMP\]:)[0-9A-Fa-f]{32,}")
+# A gossip key given as the value of ``encrypt`` (Nomad's HCL, or a step echoing one).
+_ENCRYPT = re.compile(rb'(encrypt\s*=\s*"?)[A-Za-z0-9+/]{22,44}={0,2}')
+# Long base64 and hex runs: each is tried as a DER private key (a key printed in another form).
+_BASE64_RUN = re.compile(rb"[A-Za-z0-9+/]{64,}={0,2}")
+_HEX_RUN = re.compile(rb"(?:[0-9A-Fa-f]{2}[:\s]?){48,}")
 # A lone base64 token of 16, 24 or 32 bytes is what a symmetric key (a gossip key) looks like.
 _LONE_KEY = re.compile(rb"\A\s*([A-Za-z0-9+/]{22,44}={0,2})\s*\Z")
 _REMOVED = b"[private key removed]"
@@ -191,11 +199,31 @@ def redact(data: bytes) -> bytes:
     data = _PEM_PRIVATE.sub(_REMOVED, data)
     data = _JSON_KEY_FIELD.sub(rb'"key":"[removed]"', data)
     data = _TEXT_DUMP.sub(rb"\1 [private key removed]", data)
+    data = _HEX_DUMP.sub(rb"\1[removed]", data)
+    data = _ENCRYPT.sub(rb"\1[a gossip key, not shown]", data)
+    _discover_keys(data)
     data = _redact_values(data)
     lone = _LONE_KEY.match(data)
     if lone and _base64_size(lone.group(1)) in (16, 24, 32):
         return b"[a base64 key, not shown]\n"
     return data
+
+
+def _discover_keys(data: bytes) -> None:
+    """Remember any DER private key written out in base64 or hex (``base64``, ``od``, ``xxd``)."""
+    candidates = [m.group() for m in _BASE64_RUN.finditer(data)]
+    for run in candidates:
+        try:
+            der = base64.b64decode(run + b"=" * (-len(run) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            continue
+        if _private_numbers(der):
+            _SECRETS.add_key(der)
+            _SECRETS.add_literal(run)
+    for match in _HEX_RUN.finditer(data):
+        der = bytes.fromhex(re.sub(rb"[:\s]", b"", match.group()).decode())
+        if _private_numbers(der):
+            _SECRETS.add_key(der)
 
 
 def redact_text(text: str) -> str:

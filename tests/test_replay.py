@@ -771,3 +771,59 @@ def test_printed_script_shows_no_control_character_and_writes_files_exactly(cli,
     assert (work / "argv").read_bytes().decode().split("\0")[:-1] == args
     for name, content in contents.items():
         assert (work / name).read_bytes() == content.encode(), name
+
+
+KEYS_IN_OTHER_FORMS = [
+    [["openssl", "ecparam", "-genkey", "-name", "prime256v1", "-noout"], ["openssl", "asn1parse"]],
+    [["openssl", "ecparam", "-genkey", "-name", "prime256v1", "-noout", "-outform", "DER"],
+     ["base64", "-w0"]],
+    [["sh", "-c", 'echo "encrypt = $(openssl rand -base64 32)"; echo next']],
+    [["sh", "-c", "mkdir -p sub && openssl ecparam -genkey -name prime256v1 -noout -out sub/k.pem"
+      " && openssl ec -in sub/k.pem -outform DER 2>/dev/null | od -An -tx1 | tr -d ' \\n'; echo"]],
+    [["sh", "-c", "openssl ecparam -genkey -name prime256v1 -noout | openssl ec -text -noout"
+      " | tr -d ' '"]],
+]  # fmt: skip
+
+
+def _key_material(text: str) -> list[str]:
+    """Private keys written out in any form cryptography can read back, and dumps of them."""
+    from cryptography.hazmat.primitives.serialization import load_der_private_key
+
+    found = []
+    runs = [(r, "base64") for r in re.findall(r"[A-Za-z0-9+/]{64,}={0,2}", text)]
+    runs += [(r, "hex") for r in re.findall(r"(?:[0-9a-fA-F]{2}[:\s]?){48,}", text)]
+    for run, kind in runs:
+        try:
+            if kind == "base64":
+                der = base64.b64decode(run + "=" * (-len(run) % 4))
+            else:
+                der = bytes.fromhex(re.sub(r"[:\s]", "", run))
+            load_der_private_key(der, None)
+        except (ValueError, TypeError):
+            continue
+        found.append(f"a DER private key in {kind}")
+    found += re.findall(r"\[HEX DUMP\]:[0-9A-Fa-f]{32,}", text)
+    found += re.findall(r"encrypt = [A-Za-z0-9+/]{43}=", text)
+    found += re.findall(r"priv:\s*\n\s*[0-9a-f]{2}:", text)
+    return found
+
+
+def test_keys_printed_in_other_forms_never_reach_transcripts_or_logs(tmp_path):
+    steps = "".join(
+        f'[[steps]]\nkind = "run"\nsay = "s"\npipeline = {json.dumps(p)}\n'
+        for p in KEYS_IN_OTHER_FORMS
+    )
+    guide = _guide(tmp_path, steps)
+    ran = subprocess.run(
+        [sys.executable, "-m", "cfwrap", "-v", "replay", guide, "--out", tmp_path / "r"],
+        capture_output=True, text=True, check=False, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    transcript = json.loads((tmp_path / "r" / "transcript.json").read_text())
+    assert [s["exit_codes"] for s in transcript["steps"]] == [[0, 0], [0, 0], [0], [0], [0]]
+    for where, text in (
+        ("transcript.json", (tmp_path / "r" / "transcript.json").read_text()),
+        ("transcript.md", (tmp_path / "r" / "transcript.md").read_text()),
+        ("the -v log", ran.stderr),
+    ):
+        assert _key_material(text) == [], where

@@ -117,23 +117,29 @@ def _digest(path: Path, info: os.stat_result) -> str:
         return digest.hexdigest()
 
 
+#: The most files below a replay's folder read for secrets after each step.
+_SECRET_SCAN_FILES = 10_000
+
+
 def _remember_secrets(folder: Path, seen: dict[str, tuple[int, int]]) -> None:
     """Hand every private key and gossip key in ``folder`` to the runner, to be removed by value.
 
     ``seen`` holds each file's size and time when it was last looked at, so an unchanged file is
     read once. FIFOs, devices and files over :data:`SECRET_SCAN_LIMIT` are not read.
     """
-    for path in sorted(folder.iterdir()):
+    # Every folder below too (a step may keep its keys in sub/), up to a bound on the count.
+    for path in sorted(folder.rglob("*"))[:_SECRET_SCAN_FILES]:
         try:
-            info = path.stat()
+            info = path.lstat()
         except OSError:
             continue
         if not stat.S_ISREG(info.st_mode) or info.st_size > SECRET_SCAN_LIMIT:
             continue
         stamp = (info.st_size, info.st_mtime_ns)
-        if seen.get(path.name) == stamp:
+        name = str(path.relative_to(folder))
+        if seen.get(name) == stamp:
             continue
-        seen[path.name] = stamp
+        seen[name] = stamp
         try:
             data = files.read_input(path, limit=SECRET_SCAN_LIMIT)
         except OSError:
