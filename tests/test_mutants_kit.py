@@ -169,3 +169,139 @@ def test_load_ca_refuses_files_that_do_not_parse(cli, tmp_path, kits, bad):
     fix = "give the CA certificate (ca.pem)" if bad == "cert" else "give the CA's private key"
     assert f"{junk}: " in result.err
     assert fix in result.err
+
+
+# Second round: what the first run of scripts/mutation kit left alive.
+
+
+def _python_wrapper(root: Path, body: str) -> Path:
+    """A cfssl that runs the real one and lets ``body`` change its JSON output."""
+    import sys
+
+    (root / "bin").mkdir(parents=True)
+    fake = root / "bin" / "cfssl"
+    fake.write_text(
+        f"#!{sys.executable}\nimport json, subprocess, sys\n"
+        f"out = json.loads(subprocess.run([{str(CFSSL_DIR / 'cfssl')!r}, *sys.argv[1:]],"
+        " capture_output=True, check=True).stdout)\n"
+        f"{body}\nprint(json.dumps(out))\n"
+    )
+    fake.chmod(0o755)
+    (root / "package.json").write_text(
+        json.dumps({"package": "golang-cfssl", "version": "1.6.5-wrapped-test"})
+    )
+    return root / "bin"
+
+
+@pytest.mark.parametrize(
+    ("field", "problem"),
+    [("key", "its key does not match it"), ("csr", "its CSR is not signed by the same key")],
+)
+def test_a_certificate_with_another_key_or_csr_is_refused(cli, tmp_path, other_kit, field, problem):
+    other = (
+        other_kit / f"global-server-nomad{'-key.pem' if field == 'key' else '.csr'}"
+    ).read_text()
+    body = f"if '-initca' not in sys.argv:\n    out[{field!r}] = {other!r}"
+    bin_dir = _python_wrapper(tmp_path / "fake", body)
+    result = cli("--cfssl-dir", bin_dir, "quickstart", "--out", tmp_path / "kit")
+    assert result.code == 7, result.err
+    assert result.err.splitlines()[-1] == (
+        f"cfwrap: error: the server certificate cfssl issued: {problem}; "
+        "check that cfssl is 1.6.5 (cfwrap --version) and report this"
+    )
+    assert not (tmp_path / "kit").exists()
+
+
+def test_a_certificate_signed_by_another_ca_is_refused_in_one_exact_line(cli, tmp_path, other_kit):
+    swap = f"""
+for a; do shift
+  case "$prev" in -ca) a={other_kit / "ca.pem"};; -ca-key) a={other_kit / "ca-key.pem"};; esac
+  prev=$a; set -- "$@" "$a"; done
+"""
+    bin_dir = _wrapped_cfssl(tmp_path / "fake", swap)
+    result = cli("--cfssl-dir", bin_dir, "quickstart", "--out", tmp_path / "kit")
+    assert result.err.splitlines()[-1].startswith(
+        "cfwrap: error: the server certificate cfssl issued: it is not signed by the CA"
+    )
+
+
+def test_the_kit_check_refuses_a_foreign_chain_or_a_wrong_key_and_only_what_it_is_asked(
+    kits, other_kit, tmp_path
+):
+    from cfwrap import kit as kit_module
+    from cfwrap import manifest
+    from cfwrap.errors import VerificationError
+
+    good = kits["global"]
+    folder = tmp_path / "k"
+    folder.mkdir()
+    for name in ("ca.pem", "global-client-nomad.pem"):
+        (folder / name).write_bytes((good / name).read_bytes())
+    (folder / "global-server-nomad.pem").write_bytes(
+        (other_kit / "global-server-nomad.pem").read_bytes()
+    )
+    built = manifest.build(folder, [])
+    with pytest.raises(VerificationError) as caught:
+        kit_module._check_kit(built)
+    assert str(caught.value) == (
+        "global-server-nomad.pem: its chain to the CA or its key pairing did not verify"
+    )
+    kit_module._check_kit(built, only=["ca.pem", "global-client-nomad.pem"])
+    with pytest.raises(VerificationError):
+        kit_module._check_kit(built, only=["global-server-nomad.pem"])
+    # The right chain with the wrong key is refused too.
+    (folder / "global-server-nomad.pem").write_bytes(
+        (good / "global-server-nomad.pem").read_bytes()
+    )
+    (folder / "global-server-nomad-key.pem").write_bytes(
+        (good / "global-client-nomad-key.pem").read_bytes()
+    )
+    with pytest.raises(VerificationError, match=r"global-server-nomad\.pem: its chain"):
+        kit_module._check_kit(manifest.build(folder, []))
+    (folder / "global-server-nomad-key.pem").unlink()
+    kit_module._check_kit(manifest.build(folder, []))  # no key in the folder: judged by chain
+
+
+def test_load_ca_messages_are_exact_lines(cli, tmp_path, kits, other_kit):
+    kit = kits["global"]
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a pem\n")
+    cases = [
+        ((junk, kit / "ca-key.pem"),
+         f"{junk}: not a PEM certificate (found: no PEM block); give the CA certificate (ca.pem)"),
+        ((kit / "ca.pem", junk),
+         f"{junk}: not a PEM private key (found: no PEM block); give the CA's private key "
+         "(ca-key.pem)"),
+        ((kit / "ca.pem", other_kit / "ca-key.pem"),
+         f"{other_kit / 'ca-key.pem'}: this key does not belong to {kit / 'ca.pem'}; give the "
+         "CA's own key"),
+        ((kit / "ca.pem", tmp_path / "nokey.pem"),
+         f"{tmp_path / 'nokey.pem'}: No such file or directory; give the CA's files with --ca "
+         "and --ca-key"),
+    ]  # fmt: skip
+    for (ca, key), line in cases:
+        result = _cert(cli, ca, key, tmp_path / "out")
+        assert result.code == 3
+        assert result.err.splitlines()[-1] == f"cfwrap: error: {line}"
+    leaf, leaf_key = _self_signed(tmp_path, ca=False, days=(-1, 30))
+    result = _cert(cli, leaf, leaf_key, tmp_path / "out")
+    assert result.err.splitlines()[-1] == (
+        f"cfwrap: error: {leaf}: CN=Test CA is not a CA certificate (no CA:TRUE with "
+        "keyCertSign); give the CA certificate, not a leaf"
+    )
+    ca, key = _self_signed(tmp_path, ca=True, days=(-30, -1))
+    expired = (dt.datetime.now(dt.UTC) - dt.timedelta(days=1)).strftime("%Y-%m-%d")
+    assert _cert(cli, ca, key, tmp_path / "out").err.splitlines()[-1] == (
+        f"cfwrap: error: {ca}: the CA expired on {expired}; make a new CA with `cfwrap ca`"
+    )
+
+
+def test_a_user_ca_that_is_good_issues_a_certificate_it_signed(cli, tmp_path):
+    ca, key = _self_signed(tmp_path, ca=True, days=(-1, 3650))
+    result = _cert(cli, ca, key, tmp_path / "out")
+    assert result.code == 0, result.err
+    issued = x509.load_pem_x509_certificate(
+        (tmp_path / "out" / "global-server-nomad.pem").read_bytes()
+    )
+    issued.verify_directly_issued_by(x509.load_pem_x509_certificate(ca.read_bytes()))
+    assert (tmp_path / "out" / "ca.pem").read_bytes() == ca.read_bytes()
