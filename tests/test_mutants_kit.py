@@ -82,7 +82,9 @@ def test_a_leaf_that_outlives_its_ca_is_refused_before_cfssl_runs(cli, tmp_path)
     assert equal.code == 0, equal.err  # as long as its CA is allowed
 
 
-def _self_signed(tmp_path: Path, *, ca: bool, days: tuple[int, int]) -> tuple[Path, Path]:
+def _self_signed(
+    tmp_path: Path, *, ca: bool, days: tuple[int, int], sign: bool | None = None
+) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Test CA")])
     now = dt.datetime.now(dt.UTC)
@@ -111,7 +113,7 @@ def _self_signed(tmp_path: Path, *, ca: bool, days: tuple[int, int]) -> tuple[Pa
         )
         .sign(key, hashes.SHA256())
     )
-    folder = tmp_path / f"ca-{ca}-{days[1]}"
+    folder = tmp_path / f"ca-{ca}-{days[1]}-{sign}"
     folder.mkdir()
     (folder / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (folder / "ca-key.pem").write_bytes(
@@ -305,3 +307,24 @@ def test_a_user_ca_that_is_good_issues_a_certificate_it_signed(cli, tmp_path):
     )
     issued.verify_directly_issued_by(x509.load_pem_x509_certificate(ca.read_bytes()))
     assert (tmp_path / "out" / "ca.pem").read_bytes() == ca.read_bytes()
+
+
+def test_a_ca_without_key_cert_sign_is_refused(cli, tmp_path):
+    ca, key = _self_signed(tmp_path, ca=True, days=(-1, 3650), sign=False)
+    result = _cert(cli, ca, key, tmp_path / "out")
+    assert result.err.splitlines()[-1] == (
+        f"cfwrap: error: {ca}: CN=Test CA is not a CA certificate (no CA:TRUE with "
+        "keyCertSign); give the CA certificate, not a leaf"
+    )
+
+
+def test_a_folder_of_another_ca_names_the_ca_given(cli, tmp_path, kits, other_kit):
+    folder = tmp_path / "node"
+    folder.mkdir()
+    (folder / "ca.pem").write_bytes((other_kit / "ca.pem").read_bytes())
+    kit = kits["global"]
+    result = _cert(cli, kit / "ca.pem", kit / "ca-key.pem", folder)
+    assert result.err.splitlines()[-1] == (
+        f"cfwrap: error: {folder / 'ca.pem'}: holds another CA than {kit / 'ca.pem'}; issue "
+        "into a folder of this CA's kit, or a new folder"
+    )
