@@ -147,13 +147,17 @@ class _Read:
             except parsers.ParseError:
                 self.pem = None
 
-    def public_key_sha256(self) -> str | None:
+    def private_key_hash(self) -> str | None:
+        """The SHA-256 of the public half of the private key this file holds; None if none.
+
+        Only a private key counts: a ``-key.pem`` that holds a certificate pairs with nothing.
+        """
+        if self.pem != "private-key":
+            return None
         try:
-            if self.pem == "private-key":
-                return parsers.read_private_key(self.data).public_key_sha256
+            return parsers.read_private_key(self.data).public_key_sha256
         except parsers.ParseError:
             return None
-        return self.facts.key.public_key_sha256 if self.facts else None
 
 
 def _role_of(facts: parsers.CertFacts) -> tuple[ArtifactRole | None, str | None]:
@@ -217,7 +221,7 @@ def _certificate_info(
     assert read.facts is not None and read.cert is not None  # noqa: S101 (caller checked)
     facts = read.facts
     key = reads.get(f"{_pair_stem(read.path.name)}-key.pem")
-    key_hash = key.public_key_sha256() if key is not None else None
+    key_hash = key.private_key_hash() if key is not None else None
     return CertificateInfo(
         subject=facts.subject,
         issuer=facts.issuer,

@@ -452,23 +452,24 @@ def _finish(running: _Running, *, check: bool = True) -> Result:
         raise ToolFailedError(
             call.tool, f"killed by signal {-e.exit_code}", argv=call.argv, returncode=e.exit_code
         ) from e
-    except sh.ErrorReturnCode as e:
-        result = _result(running, e.exit_code)
-        _log_output(result)
-        if not check:
-            return result
-        raise ToolFailedError(
-            call.tool,
-            f"{failure_reason(result.stderr)} (exit {e.exit_code})",
-            argv=call.argv,
-            returncode=e.exit_code,
-            stderr=redact(result.stderr).decode("utf-8", "replace"),
-        ) from e
+    except sh.ErrorReturnCode:
+        # Waiting on a pipeline's later stage, sh raises an earlier stage's failure (and not
+        # again for that stage): each stage is judged below by its own process's exit code.
+        pass
     finally:
         running.watchdog.cancel()
         _ACTIVE.pop(id(running.command), None)
-    result = _result(running, running.command.exit_code)
+    own = running.command.process.exit_code
+    result = _result(running, own)
     _log_output(result)
+    if own != 0 and check:
+        raise ToolFailedError(
+            call.tool,
+            f"{failure_reason(result.stderr)} (exit {own})",
+            argv=call.argv,
+            returncode=own,
+            stderr=redact(result.stderr).decode("utf-8", "replace"),
+        )
     return result
 
 

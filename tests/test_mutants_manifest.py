@@ -336,11 +336,6 @@ def test_only_pem_and_csr_files_are_parsed_and_a_key_file_of_text_pairs_with_not
     assert server.key_pair_verified is False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="manifest bug: a -key.pem file that holds the certificate itself counts as its key "
-    "(_Read.public_key_sha256 falls back to the certificate's public key)",
-)
 def test_a_key_file_that_holds_the_certificate_is_no_key_pair(kits, tmp_path):
     kit = kits["global"]
     folder = _copy(kit, tmp_path / "k", "ca.pem", "global-server-nomad.pem")

@@ -157,11 +157,6 @@ def test_a_failing_pipeline_stage_is_an_error_by_default():
     assert runner.run_pipeline(stages, check=False)[0].returncode == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runner bug: sh gives the failed first stage's exit code to the last stage too, so the "
-    "error names `cat` with no message, and cat's Result says exit 3 though cat exited 0",
-)
 def test_a_failing_first_stage_is_named_with_its_own_message():
     stages = [runner.Call.of(["sh", "-c", "echo oops >&2; exit 3"]), runner.Call.of(["cat"])]
     with pytest.raises(ToolFailedError) as caught:
