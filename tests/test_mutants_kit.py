@@ -104,7 +104,7 @@ def _self_signed(
                 key_encipherment=False,
                 data_encipherment=False,
                 key_agreement=False,
-                key_cert_sign=ca,
+                key_cert_sign=ca if sign is None else sign,
                 crl_sign=ca,
                 encipher_only=False,
                 decipher_only=False,
