@@ -196,14 +196,23 @@ def _python_wrapper(root: Path, body: str) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("field", "problem"),
-    [("key", "its key does not match it"), ("csr", "its CSR is not signed by the same key")],
+    ("fields", "problem"),
+    [
+        (["key"], "its key does not match it"),
+        (["csr"], "its CSR is not signed by the same key"),
+        (["key", "csr"], "its key does not match it; its CSR is not signed by the same key"),
+    ],
 )
-def test_a_certificate_with_another_key_or_csr_is_refused(cli, tmp_path, other_kit, field, problem):
-    other = (
-        other_kit / f"global-server-nomad{'-key.pem' if field == 'key' else '.csr'}"
-    ).read_text()
-    body = f"if '-initca' not in sys.argv:\n    out[{field!r}] = {other!r}"
+def test_a_certificate_with_another_key_or_csr_is_refused(
+    cli, tmp_path, other_kit, fields, problem
+):
+    suffix = {"key": "-key.pem", "csr": ".csr"}
+    # Paths, not contents: the wrapper must hold no key (the session's secret scan reads it).
+    other = {f: str(other_kit / f"global-server-nomad{suffix[f]}") for f in fields}
+    body = (
+        "if '-initca' not in sys.argv:\n"
+        f"    out.update({{k: open(v).read() for k, v in {other!r}.items()}})"
+    )
     bin_dir = _python_wrapper(tmp_path / "fake", body)
     result = cli("--cfssl-dir", bin_dir, "quickstart", "--out", tmp_path / "kit")
     assert result.code == 7, result.err
