@@ -333,6 +333,10 @@ def test_staging_is_made_beside_the_target_and_removed_on_failure(tmp_path):
 
 
 def test_force_keeps_the_old_folder_as_a_dated_backup(tmp_path):
+    _force_keeps_a_dated_backup(tmp_path)
+
+
+def _force_keeps_a_dated_backup(tmp_path: Path) -> None:
     target = tmp_path / "kit"
     target.mkdir()
     (target / "old").write_text("old")
@@ -533,7 +537,7 @@ def test_the_backup_is_stamped_in_utc_whatever_the_local_zone(tmp_path, monkeypa
     monkeypatch.setenv("TZ", "XYZ-14")  # a POSIX zone 14 hours ahead of UTC
     time.tzset()
     try:
-        test_force_keeps_the_old_folder_as_a_dated_backup(tmp_path)
+        _force_keeps_a_dated_backup(tmp_path)
     finally:
         monkeypatch.undo()
         time.tzset()
