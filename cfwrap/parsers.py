@@ -153,7 +153,12 @@ def _extended_key_usage(extensions: x509.Extensions) -> tuple[str, ...]:
         eku = extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
         return ()
-    return tuple(oid._name if oid._name != "Unknown OID" else oid.dotted_string for oid in eku)
+    # cryptography has no name for anyExtendedKeyUsage; Go accepts it for every purpose.
+    names = {"2.5.29.37.0": "anyExtendedKeyUsage"}
+    return tuple(
+        names.get(oid.dotted_string, oid._name if oid._name != "Unknown OID" else oid.dotted_string)
+        for oid in eku
+    )
 
 
 def load_certificate(data: bytes) -> x509.Certificate:
