@@ -609,3 +609,26 @@ def test_a_damaged_journal_is_removed_and_nothing_moves(tmp_path, journal):
     (tmp_path / ".cfwrap-journal.json").write_bytes(journal)
     assert files.recover(tmp_path) is True
     assert _names(tmp_path) == ["a.pem"]
+
+
+def test_a_fileset_killed_after_apply_is_undone_from_its_journal(tmp_path):
+    """What SIGKILL leaves after apply (copied as it is) is put back by recover."""
+    import shutil
+
+    node = tmp_path / "node"
+    node.mkdir()
+    (node / "a.pem").write_text("old a")
+    (node / "keep.txt").write_text("untouched")
+    with files.FileSet(node, replace=True) as batch:
+        batch.add("a.pem", b"new a", mode=0o644)
+        batch.add("b.pem", b"new b", mode=0o600)
+        batch.apply()
+        assert (node / "a.pem").read_text() == "new a"
+        killed = tmp_path / "killed"
+        shutil.copytree(node, killed)
+    assert (killed / ".cfwrap-journal.json").stat().st_mode & 0o777 == 0o600
+    assert files.recover(killed) is True
+    # Its temporaries are left for the sweep of the next lock.
+    assert [n for n in _names(killed) if not TEMP.fullmatch(n)] == ["a.pem", "keep.txt"]
+    assert (killed / "a.pem").read_text() == "old a"
+    assert _names(node) == ["a.pem", "b.pem", "keep.txt"]  # the real set committed
