@@ -623,8 +623,12 @@ def recover(folder: Path) -> bool:
         return False
     except (OSError, ValueError, KeyError, TypeError):
         recorded = {}  # a damaged journal was never complete: nothing was moved yet
-    for name, old in dict(recorded).items():
-        if isinstance(name, str) and "/" not in name and (old is None or _OLD_FILE.fullmatch(old)):
+    if not isinstance(recorded, dict):
+        recorded = {}  # not what FileSet writes: undo nothing rather than guess
+    for name, old in recorded.items():
+        if not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
+            continue
+        if old is None or (isinstance(old, str) and _OLD_FILE.fullmatch(old)):
             with contextlib.suppress(OSError):
                 _restore(folder, name, folder / old if old else None)
     journal.unlink(missing_ok=True)

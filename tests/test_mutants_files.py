@@ -546,12 +546,6 @@ def test_the_backup_is_stamped_in_utc_whatever_the_local_zone(tmp_path, monkeypa
 # Third round: the journal that undoes a FileSet killed before its commit (files.recover).
 
 
-DAMAGED = (
-    "files bug: recover() catches a damaged journal only while loading it; valid JSON of another "
-    "shape raises TypeError (dict(), _OLD_FILE.fullmatch) on every run that locks the folder"
-)
-
-
 def _journal(folder: Path, old: object) -> None:
     import json
 
@@ -597,11 +591,9 @@ def test_recover_ignores_names_outside_the_folder_and_foreign_old_files(tmp_path
         b"{not json",
         b'{"new": {}}',
         b"x" * (1024 * 1024 + 1),
-        pytest.param(b'{"old": [1, 2]}', marks=pytest.mark.xfail(strict=True, reason=DAMAGED)),
-        pytest.param(b'{"old": 5}', marks=pytest.mark.xfail(strict=True, reason=DAMAGED)),
-        pytest.param(
-            b'{"old": {"a.pem": 5}}', marks=pytest.mark.xfail(strict=True, reason=DAMAGED)
-        ),
+        b'{"old": [1, 2]}',
+        b'{"old": 5}',
+        b'{"old": {"a.pem": 5}}',
     ],
 )
 def test_a_damaged_journal_is_removed_and_nothing_moves(tmp_path, journal):
