@@ -99,8 +99,7 @@ def test_cert_on_a_full_disk_leaves_the_folder_as_it_was(cli, tmp_path, kits):
         assert snapshot(out) == before
 
 
-def test_a_failure_after_the_files_landed_puts_the_old_ones_back(cli, tmp_path, kits):
-    """The manifest is written last; when that fails, the new certificate must not stay."""
+def test_a_symlinked_manifest_is_refused_before_cfssl_runs(cli, tmp_path, kits):
     out = tmp_path / "node"
     assert cli(*cert_argv(kits["global"], "client", out)).code == 0
     real = tmp_path / "manifest-elsewhere.json"
@@ -110,6 +109,19 @@ def test_a_failure_after_the_files_landed_puts_the_old_ones_back(cli, tmp_path, 
     result = cli(*cert_argv(kits["global"], "client", out, "--force"))
     assert result.code == ExitCode.CONFLICT, result.err
     assert "symlink" in result.err
+    assert snapshot(tmp_path) == before
+
+
+def test_a_failure_after_the_files_landed_puts_the_old_ones_back(cli, tmp_path, kits):
+    """The manifest is built from disk after the files moved in; when that fails, undo all."""
+    out = tmp_path / "node"
+    assert cli(*cert_argv(kits["global"], "client", out)).code == 0
+    with (out / "big.bin").open("wb") as f:  # sparse, past what cfwrap reads: the manifest fails
+        f.truncate(files.MAX_INPUT + 1)
+    before = snapshot(tmp_path)
+    result = cli(*cert_argv(kits["global"], "client", out, "--force"))
+    assert result.code == ExitCode.FILESYSTEM, result.err
+    assert "larger than" in result.err
     assert snapshot(tmp_path) == before
 
 
