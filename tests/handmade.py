@@ -68,6 +68,17 @@ def issue(
     return _write_outputs(made.stdout, folder, stem)
 
 
+def wrapped_cfssl(root: Path, body: str, *, version: str = "1.6.5") -> Path:
+    """A ``cfssl`` that runs ``body`` (bash; ``$REAL`` is the real cfssl) and its folder for
+    ``--cfssl-dir``; its package.json names golang-cfssl ``version``, as install-cfssl's does."""
+    (root / "bin").mkdir(parents=True)
+    fake = root / "bin" / "cfssl"
+    fake.write_text(f"#!/bin/bash\nREAL={CFSSL}\n{body}\n")
+    fake.chmod(0o755)
+    (root / "package.json").write_text(json.dumps({"package": "golang-cfssl", "version": version}))
+    return root / "bin"
+
+
 def copy_kit(kit: Path, dest: Path) -> Path:
     """A private copy of a kit that a test may damage.
 

@@ -21,21 +21,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from cfwrap.errors import ExitCode
-from tests.conftest import CFSSL_DIR, ROOT, cert_argv, snapshot
-from tests.handmade import copy_kit
-
-
-def _wrapper(folder: Path, body: str) -> Path:
-    """A cfssl that runs ``body`` (sh) around the real one; package.json says 1.6.5."""
-    (folder / "bin").mkdir(parents=True)
-    fake = folder / "bin" / "cfssl"
-    fake.write_text(f"#!/bin/bash\nREAL={CFSSL_DIR / 'cfssl'}\n{body}\n")
-    fake.chmod(0o755)
-    (folder / "package.json").write_text(
-        json.dumps({"package": "golang-cfssl", "version": "1.6.5"})
-    )
-    return folder / "bin"
-
+from tests.conftest import ROOT, cert_argv, snapshot
+from tests.handmade import copy_kit, wrapped_cfssl
 
 # --- sabotage: kit._check_issued returns at once --------------------------------------------
 
@@ -52,7 +39,7 @@ exec "$REAL" "${args[@]}"
 
 def test_a_certificate_from_cfssls_silent_default_profile_is_refused(cli, tmp_path):
     """Without -profile, real cfssl signs with the default (client auth only): refuse it."""
-    fake = _wrapper(tmp_path / "strip", STRIP_PROFILE)
+    fake = wrapped_cfssl(tmp_path / "strip", STRIP_PROFILE)
     out = tmp_path / "kit"
     result = cli("--cfssl-dir", fake, "quickstart", "--out", out)
     assert result.code == ExitCode.VERIFY_FAILED, result.err
@@ -73,7 +60,7 @@ while [ $# -gt 0 ]; do
 done
 exec "$REAL" "${{args[@]}}"
 """
-    fake = _wrapper(tmp_path / "swap", swap)
+    fake = wrapped_cfssl(tmp_path / "swap", swap)
     node = tmp_path / "node"
     result = cli("--cfssl-dir", fake, *cert_argv(kits["global"], "client", node))
     assert result.code == ExitCode.VERIFY_FAILED, result.err
@@ -92,7 +79,7 @@ exec "$REAL" "${{args[@]}}"
 def test_a_signal_mid_run_stops_cfssl_and_leaves_nothing(tmp_path, sig, code):
     pids = tmp_path / "pids"
     # The process cfwrap starts records its pid, then is a long cfssl call (exec keeps the pid).
-    fake = _wrapper(tmp_path / "slow", f"echo $$ >> {pids}\nexec sleep 60")
+    fake = wrapped_cfssl(tmp_path / "slow", f"echo $$ >> {pids}\nexec sleep 60")
     proc = subprocess.Popen(
         [sys.executable, "-m", "cfwrap", "--cfssl-dir", fake, "quickstart", "--out", "kit"],
         cwd=tmp_path,
@@ -176,7 +163,7 @@ def test_manifest_verification_facts_match_cryptographys_own(cli, tmp_path, kits
 
 def test_a_leaf_outliving_its_ca_is_refused_before_cfssl_runs(cli, tmp_path):
     calls = tmp_path / "calls"
-    fake = _wrapper(tmp_path / "rec", f'echo "$@" >> {calls}\nexec "$REAL" "$@"')
+    fake = wrapped_cfssl(tmp_path / "rec", f'echo "$@" >> {calls}\nexec "$REAL" "$@"')
     result = cli("--cfssl-dir", fake, "quickstart", "--out", tmp_path / "kit", "--expiry", "50000h")
     assert result.code == ExitCode.INPUT
     assert "outlive its CA" in result.err

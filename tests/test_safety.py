@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from cfwrap.errors import ExitCode
-from tests.conftest import CFSSL_DIR, cert_argv, snapshot
-from tests.handmade import copy_kit
+from tests.conftest import cert_argv, snapshot
+from tests.handmade import copy_kit, wrapped_cfssl
 from tests.secretscan import leaks
 
 PYTHON = [sys.executable, "-m", "cfwrap"]
@@ -32,14 +32,7 @@ PYTHON = [sys.executable, "-m", "cfwrap"]
 def slow_cfssl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cfssl that takes 0.4 s per call, then is the real one (package.json says 1.6.5)."""
     root = tmp_path_factory.mktemp("slow")
-    (root / "bin").mkdir()
-    fake = root / "bin" / "cfssl"
-    fake.write_text(f'#!/bin/sh\nsleep 0.4\nexec {CFSSL_DIR / "cfssl"} "$@"\n')
-    fake.chmod(0o755)
-    (root / "package.json").write_text(
-        json.dumps({"package": "golang-cfssl", "version": "1.6.5-slow-test"})
-    )
-    return root / "bin"
+    return wrapped_cfssl(root, 'sleep 0.4\nexec "$REAL" "$@"', version="1.6.5-slow-test")
 
 
 def _leftovers(parent: Path, name: str) -> list[str]:
