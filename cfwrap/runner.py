@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shlex
+import signal
 import threading
 import time
 from collections.abc import Sequence
@@ -418,6 +419,14 @@ def _start(call: Call, *, upstream: _Running | None = None, piped: bool = False)
         _return_cmd=True,
         **options,
     )
+    try:
+        # Registered first of all: a SIGTERM from here on finds it in stop_all, and one that
+        # lands before the registration is caught below and the tool killed all the same.
+        _ACTIVE[id(running)] = running
+    except BaseException:
+        with contextlib.suppress(OSError, AttributeError):
+            os.kill(running.pid, signal.SIGKILL)
+        raise
     timed_out = threading.Event()
 
     # sh's own _timeout (and wait(timeout=)) polls every 100 ms, which would cost more than a
@@ -430,7 +439,6 @@ def _start(call: Call, *, upstream: _Running | None = None, piped: bool = False)
     watchdog = threading.Timer(call.timeout, expire)
     watchdog.daemon = True
     watchdog.start()
-    _ACTIVE[id(running)] = running
     return _Running(call, running, watchdog, time.monotonic(), timed_out, stdout, stderr)
 
 
@@ -570,8 +578,6 @@ def stop_all() -> None:
     Called from a signal handler, so it only sends signals: waiting on sh's objects here could
     deadlock with the wait the main thread was in when the signal came.
     """
-    import signal
-
     for running in list(_ACTIVE.values()):
         with contextlib.suppress(OSError, AttributeError):
             os.kill(running.pid, signal.SIGKILL)
