@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +79,17 @@ def wrapped_cfssl(root: Path, body: str, *, version: str = "1.6.5") -> Path:
     fake.chmod(0o755)
     (root / "package.json").write_text(json.dumps({"package": "golang-cfssl", "version": version}))
     return root / "bin"
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(where: Path, options: str) -> Iterator[Path]:
+    """A small tmpfs at ``where`` (a new folder) for full-disk and read-only cases."""
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", where], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", where], check=True)
 
 
 def copy_kit(kit: Path, dest: Path) -> Path:

@@ -20,8 +20,7 @@ from cryptography.x509.oid import NameOID
 from cfwrap import files
 from cfwrap.errors import ExitCode
 from tests.conftest import ROOT, cert_argv, snapshot
-from tests.handmade import copy_kit
-from tests.test_safety import _tmpfs
+from tests.handmade import copy_kit, mounted_tmpfs
 from tests.tlspeer import Party, handshake, openssl_verify
 
 
@@ -78,7 +77,7 @@ def test_quickstart_named_star_leaves_a_running_kit_alone(cli, tmp_path):
 
 
 def test_cert_on_a_full_disk_leaves_the_folder_as_it_was(cli, tmp_path, kits):
-    with _tmpfs(tmp_path / "small", "size=64k,mode=0755") as small:
+    with mounted_tmpfs(tmp_path / "small", "size=64k,mode=0755") as small:
         out = small / "node"
         out.mkdir()
         shutil.copy(kits["global"] / "ca.pem", out / "ca.pem")

@@ -25,6 +25,7 @@ import pytest
 
 from cfwrap import files
 from cfwrap.errors import ConflictError, FileSystemError, InputError
+from tests.handmade import mounted_tmpfs
 
 MIB = 1024 * 1024
 # What a killed run leaves: mkstemp's and mkdtemp's eight random characters.
@@ -423,18 +424,8 @@ def test_a_limit_of_one_mib_is_named_in_mib(tmp_path):
     assert caught.value.strerror == "is larger than 1 MiB; cfwrap reads no input that big"
 
 
-@contextlib.contextmanager
-def _mounted(where: Path, options: str) -> Iterator[Path]:
-    where.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", where], check=True)
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", where], check=True)
-
-
 def test_a_full_disk_stops_a_fileset_naming_the_folder_and_changing_nothing(tmp_path):
-    with _mounted(tmp_path / "fs", "size=64k") as folder:
+    with mounted_tmpfs(tmp_path / "fs", "size=64k") as folder:
         (folder / "old").write_bytes(b"old")
         batch = files.FileSet(folder, replace=True)
         batch.add("old", b"new", mode=0o644)
@@ -461,7 +452,7 @@ def test_undo_goes_on_past_a_file_it_cannot_remove(tmp_path):
 
 def test_a_staging_folder_that_cannot_be_made_names_the_parent_and_frees_the_lock(tmp_path):
     # Two inodes: the folder itself and the lock file. The staging folder gets none.
-    with _mounted(tmp_path / "fs", "size=64k,nr_inodes=2") as parent:
+    with mounted_tmpfs(tmp_path / "fs", "size=64k,nr_inodes=2") as parent:
         with pytest.raises(FileSystemError) as caught, files.Staging(parent / "kit", force=False):
             pass
         assert caught.value.path == parent
@@ -472,14 +463,14 @@ def test_leftovers_that_cannot_be_removed_do_not_stop_the_lock_or_the_rollback(t
     target = tmp_path / "kit"
     stale = tmp_path / ".kit.cfwrap-abcd1234"
     stale.mkdir()
-    with _mounted(stale / "busy", "size=64k"):  # a mount point: rmtree cannot remove it
+    with mounted_tmpfs(stale / "busy", "size=64k"):  # a mount point: rmtree cannot remove it
         with files.FolderLock(target) as lock:
             assert _locked_elsewhere(lock.path)
         assert stale.is_dir()
     staging = files.Staging(target, force=False)
     staging.__enter__()
     left = staging.path
-    with _mounted(left / "busy", "size=64k"):
+    with mounted_tmpfs(left / "busy", "size=64k"):
         staging.__exit__(RuntimeError, RuntimeError("killed"), None)  # must not raise
         assert (left / "busy").is_dir()
     with pytest.raises(RuntimeError, match="outside its with block"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -10,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from cryptography.x509.oid import NameOID
 
 from cfwrap.errors import ExitCode
 from tests.conftest import cert_argv, snapshot
-from tests.handmade import copy_kit, wrapped_cfssl
+from tests.handmade import copy_kit, mounted_tmpfs, wrapped_cfssl
 from tests.secretscan import leaks
 
 PYTHON = [sys.executable, "-m", "cfwrap"]
@@ -240,18 +238,8 @@ def test_crlf_pem_is_read_like_lf(cli, tmp_path, kits):
     issued.verify_directly_issued_by(x509.load_pem_x509_certificate((kit / "ca.pem").read_bytes()))
 
 
-@contextlib.contextmanager
-def _tmpfs(where: Path, options: str) -> Iterator[Path]:
-    where.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", where], check=True)
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", where], check=True)
-
-
 def test_full_disk_is_a_clean_filesystem_error(cli, tmp_path):
-    with _tmpfs(tmp_path / "small", "size=24k,mode=0755") as small:
+    with mounted_tmpfs(tmp_path / "small", "size=24k,mode=0755") as small:
         result = cli("quickstart", "--out", small / "kit")
         assert result.code == ExitCode.FILESYSTEM
         assert result.err.startswith("cfwrap: error: ")
@@ -261,7 +249,7 @@ def test_full_disk_is_a_clean_filesystem_error(cli, tmp_path):
 
 
 def test_read_only_folder_is_a_clean_filesystem_error(cli, tmp_path):
-    with _tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
+    with mounted_tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
         result = cli("quickstart", "--out", ro / "kit")
         assert result.code == ExitCode.FILESYSTEM
         assert "Read-only file system" in result.err
