@@ -206,19 +206,6 @@ def write_replace(path: Path, data: bytes, *, mode: int) -> None:
         _fsync_dir(path.parent)
 
 
-def check_absent(paths: list[Path]) -> None:
-    """Refuse before any work starts when an output already exists.
-
-    Raises:
-        ConflictError: the first path that exists.
-    """
-    for path in paths:
-        if path.exists() or path.is_symlink():
-            raise ConflictError(
-                path, "already exists", fix="remove it, or pass --force to replace it"
-            )
-
-
 class FolderLock:
     """An exclusive lock on a folder's name, held by flock(2) so it dies with its process.
 

@@ -161,16 +161,6 @@ def test_write_errors_name_the_path(tmp_path):
     assert _names(tmp_path) == ["dir", "there"]
 
 
-def test_check_absent_refuses_a_dangling_symlink_and_passes_free_names(tmp_path):
-    files.check_absent([tmp_path / "free"])
-    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
-    with pytest.raises(ConflictError) as caught:
-        files.check_absent([tmp_path / "free", tmp_path / "link"])
-    assert str(caught.value) == (
-        f"{tmp_path / 'link'}: already exists; remove it, or pass --force to replace it"
-    )
-
-
 def test_why_not_regular_in_words(tmp_path):
     (tmp_path / "file").write_text("x")
     os.mkfifo(tmp_path / "fifo")

@@ -329,7 +329,7 @@ def diagnose_peer(
     leaf = certs.Leaf(role, region, Path(address), None)
     report.findings += certs.check_certificate(
         leaf,
-        connect.load_der(presented.certificate_der),
+        parsers.load_der_certificate(presented.certificate_der),
         loaded,
         now=options.now,
         warn_within=options.warn_within,

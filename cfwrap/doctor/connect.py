@@ -8,13 +8,10 @@ import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cfwrap import parsers
 from cfwrap.errors import InputError
-
-if TYPE_CHECKING:
-    from cryptography import x509
 
 _TIMEOUT = 10.0
 
@@ -32,7 +29,7 @@ class Presented:
         """Subject, issuer, names and dates of what was presented, for reports."""
         if self.certificate_der is None:
             return {"address": self.address, "verified": False, "error": self.error}
-        facts = parsers.certificate_facts(load_der(self.certificate_der))
+        facts = parsers.certificate_facts(parsers.load_der_certificate(self.certificate_der))
         return {
             "address": self.address,
             "subject": facts.subject,
@@ -43,15 +40,6 @@ class Presented:
             "verified": self.verified,
             "error": self.error,
         }
-
-
-def load_der(data: bytes) -> x509.Certificate:
-    """Load a DER certificate.
-
-    Raises:
-        ParseError: a damaged certificate.
-    """
-    return parsers.load_der_certificate(data)
 
 
 _HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
