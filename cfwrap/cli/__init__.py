@@ -111,13 +111,18 @@ def _redeliver(unraisable: Any) -> None:  # noqa: ANN401 (sys.UnraisableHookArgs
     """
     import signal
     import threading
+    import time
 
     stops = {_Terminated: signal.SIGTERM, KeyboardInterrupt: signal.SIGINT}
     for kind, signum in stops.items():
         if isinstance(unraisable.exc_value, kind):
             # From another thread, so the handler runs after this hook has returned (sent from
             # here, it would run inside the hook, and be dropped again).
-            threading.Thread(target=os.kill, args=(os.getpid(), signum), daemon=True).start()
+            def send(signum: int) -> None:
+                time.sleep(0.05)  # let the hook return: a handler run inside it is dropped too
+                os.kill(os.getpid(), signum)
+
+            threading.Thread(target=send, args=(signum,), daemon=True).start()
             return
     sys.__unraisablehook__(unraisable)
 
