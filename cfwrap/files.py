@@ -621,3 +621,132 @@ def recover(folder: Path) -> bool:
     journal.unlink(missing_ok=True)
     _fsync_dir(folder)
     return True
+
+
+STAGE_PREFIX = ".cfwrap-stage-"
+_STAGE = re.compile(rf"{re.escape(STAGE_PREFIX)}[a-z0-9_]{{8}}")
+
+
+def _syncfs(folder: Path) -> None:
+    """Flush every write on ``folder``'s file system with one call (Linux ``syncfs``)."""
+    import ctypes
+
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.syncfs(fd) != 0:  # pragma: no cover (syncfs fails only on a dying disk)
+            raise OSError(ctypes.get_errno(), "syncfs failed", str(folder))
+    finally:
+        os.close(fd)
+
+
+class TreeStaging:
+    """Many new folders at once (a plan's nodes): written under one private folder in ``root``
+    without a sync each, flushed with one ``syncfs``, then each renamed into its place.
+
+    Each placed folder appears whole or not at all; what was never placed is removed on exit.
+    Use it with ``root`` locked (:class:`FolderLock`); :func:`sweep_stages` removes what a
+    killed run left.
+    """
+
+    def __init__(self, root: Path) -> None:
+        """Prepare a stage inside ``root`` (made on entry)."""
+        self.root = root
+        self._path: Path | None = None
+        self._made: set[Path] = set()
+
+    @property
+    def path(self) -> Path:
+        """The stage folder (only inside the ``with`` block)."""
+        if self._path is None:
+            raise RuntimeError("TreeStaging.path used outside its with block")
+        return self._path
+
+    def __enter__(self) -> TreeStaging:
+        """Make the stage folder (0700)."""
+        with _os_errors(self.root):
+            self._path = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=self.root))
+            self._path.chmod(DIR_MODE)
+        return self
+
+    def write(self, relative: str, data: bytes, *, mode: int) -> None:
+        """Write a new file at ``relative`` inside the stage (its folders are made 0700)."""
+        path = self.path / relative
+        with _os_errors(path):
+            self._folder(path.parent)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+            try:
+                os.fchmod(fd, mode)  # the umask cut the mode at creation
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+
+    def _folder(self, folder: Path) -> None:
+        if folder not in self._made:
+            folder.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            self._made.add(folder)
+
+    def sync(self) -> None:
+        """Flush everything written so far to disk: once, before anything is placed."""
+        with _os_errors(self.path):
+            _syncfs(self.path)
+
+    def place(self, relative: str, target: Path) -> None:
+        """Move the staged folder ``relative`` to ``target``, which must not exist yet.
+
+        Raises:
+            ConflictError: ``target`` exists.
+            FileSystemError: the rename failed.
+        """
+        if target.exists() or target.is_symlink():
+            raise ConflictError(target, "already exists", fix="move it away and run again")
+        with _os_errors(target):
+            for parent in reversed(target.parents):
+                if parent.is_relative_to(self.root) and not parent.exists():
+                    parent.mkdir(mode=DIR_MODE)
+            os.rename(self.path / relative, target)
+
+    def settle(self, *folders: Path) -> None:
+        """Make the renames into ``folders`` durable (one fsync per folder)."""
+        for folder in dict.fromkeys(folders):
+            with _os_errors(folder):
+                _fsync_dir(folder)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Remove the stage and whatever in it was not placed."""
+        if self._path is not None:
+            shutil.rmtree(self._path, ignore_errors=True)
+            self._path = None
+
+
+class StagedFolder:
+    """One folder inside a :class:`TreeStaging`, as a place the manifest writer can write to."""
+
+    def __init__(self, stage: TreeStaging, relative: str) -> None:
+        """Name the folder ``relative`` inside ``stage``."""
+        self.stage = stage
+        self.relative = relative
+
+    @property
+    def path(self) -> Path:
+        """Where the folder is staged now."""
+        return self.stage.path / self.relative
+
+    def place_later(self, name: str, data: bytes, *, mode: int) -> None:
+        """Write ``name`` into the staged folder (as :meth:`FileSet.place_later` does)."""
+        self.stage.write(f"{self.relative}/{name}", data, mode=mode)
+
+
+def sweep_stages(root: Path) -> None:
+    """Remove stages a killed run left in ``root`` (call with ``root`` locked)."""
+    with contextlib.suppress(FileNotFoundError):
+        for entry in root.iterdir():
+            if _STAGE.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)

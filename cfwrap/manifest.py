@@ -23,7 +23,7 @@ from cfwrap.nomad import parse_file_stem, role_of
 if TYPE_CHECKING:
     from cryptography import x509
 
-    from cfwrap.files import FileSet
+    from cfwrap.files import FileSet, StagedFolder
     from cfwrap.tools import Tool
 
 SCHEMA_VERSION: Literal[1] = 1
@@ -140,10 +140,15 @@ class _Read:
         self.pem = parsers.pem_kind(self.data) if path.suffix in (".pem", ".csr") else None
         self.cert: x509.Certificate | None = None
         self.facts: parsers.CertFacts | None = None
+        #: The certificates after the first: a CA bundle's other CAs (during a CA rotation), or
+        #: a leaf's intermediates (Nomad's cert_file may hold the chain).
+        self.more: list[x509.Certificate] = []
         if self.pem == "certificate":
             try:
                 self.cert = parsers.load_certificate(self.data)
                 self.facts = parsers.certificate_facts(self.cert)
+                if self.data.count(b"-----BEGIN CERTIFICATE-----") > 1:
+                    self.more = parsers.load_certificates(self.data)[1:]
             except parsers.ParseError:
                 self.pem = None
 
@@ -177,7 +182,12 @@ def scan(folder: Path) -> list[Artifact]:
         for p in sorted(folder.iterdir())
         if p.is_file() and not p.is_symlink() and p.name != FILE_NAME and not p.name.startswith(".")
     }
-    cas = [r.cert for r in reads.values() if r.cert is not None and r.facts and r.facts.is_ca]
+    cas = [
+        cert
+        for r in reads.values()
+        if r.cert is not None and r.facts and r.facts.is_ca
+        for cert in (r.cert, *r.more)
+    ]
     certs = {_pair_stem(n): r for n, r in reads.items() if r.facts is not None}
     artifacts = []
     for name, read in reads.items():
@@ -236,9 +246,19 @@ def _certificate_info(
         extended_key_usage=list(facts.extended_key_usage),
         is_ca=facts.is_ca,
         fingerprint_sha256=facts.fingerprint_sha256,
-        chain_verified=any(parsers.is_issued_by(read.cert, ca) for ca in cas),
+        chain_verified=_chain_verified(read, cas),
         key_pair_verified=None if key is None else key_hash == facts.key.public_key_sha256,
     )
+
+
+def _chain_verified(read: _Read, cas: list[x509.Certificate]) -> bool:
+    """Signed by a CA of the folder, directly or through the intermediates in its own file."""
+    assert read.cert is not None and read.facts is not None  # noqa: S101 (caller checked)
+    chain = [read.cert] if read.facts.is_ca else [read.cert, *read.more]
+    for child, parent in zip(chain, chain[1:], strict=False):
+        if not parsers.is_issued_by(child, parent):
+            return False
+    return any(parsers.is_issued_by(chain[-1], ca) for ca in cas)
 
 
 def build(folder: Path, tools: list[ToolRecord]) -> Manifest:
@@ -324,11 +344,14 @@ def differences(recorded: Manifest, actual: list[Artifact]) -> list[str]:
     return lines
 
 
-def write(folder: Path, manifest: Manifest, *, into: FileSet | None = None) -> Path:
+def write(
+    folder: Path, manifest: Manifest, *, into: FileSet | StagedFolder | None = None
+) -> Path:
     """Validate and write ``folder``'s manifest atomically; the only place that writes one.
 
     ``into``: a :class:`files.FileSet` that holds the manifest as one of its ``later`` files, so
-    it lands (or is undone) with the files it describes.
+    it lands (or is undone) with the files it describes; or a :class:`files.StagedFolder` of a
+    plan's tree, placed whole later.
 
     Raises:
         VerificationError: the manifest does not satisfy the schema.

@@ -178,6 +178,21 @@ def load_certificate(data: bytes) -> x509.Certificate:
     return _checked(cert)
 
 
+def load_certificates(data: bytes) -> list[x509.Certificate]:
+    """Load every PEM certificate in ``data``, in order (a bundle, or a leaf and its chain).
+
+    Raises:
+        ParseError: no PEM certificate, or a damaged one.
+    """
+    from cryptography import x509
+
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError as e:
+        raise ParseError(f"damaged PEM certificate ({e})") from None
+    return [_checked(cert) for cert in certs]
+
+
 def load_der_certificate(data: bytes) -> x509.Certificate:
     """Load a DER certificate (as a TLS peer presents it).
 
