@@ -19,7 +19,7 @@ import shlex
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -382,8 +382,17 @@ class _Running:
     stderr: _Capture
 
 
-def _start(call: Call, *, upstream: _Running | None = None, piped: bool = False) -> _Running:
-    """Start a call in the background; ``upstream``'s stdout becomes its stdin (a pipe)."""
+def _start(
+    call: Call,
+    *,
+    upstream: _Running | None = None,
+    piped: bool = False,
+    service: bool = False,
+) -> _Running:
+    """Start a call in the background; ``upstream``'s stdout becomes its stdin (a pipe).
+
+    A ``service`` has no timeout, and is killed by the kernel if this process dies.
+    """
     import sh
 
     # sh logs every argv (INFO) and the first bytes of every chunk it reads (DEBUG), unredacted:
@@ -409,6 +418,8 @@ def _start(call: Call, *, upstream: _Running | None = None, piped: bool = False)
         options |= {"_out": stdout, "_out_bufsize": _READ_SIZE}
     if call.cwd is not None:
         options["_cwd"] = str(call.cwd)
+    if service:
+        options["_preexec_fn"] = _die_with_parent()
     running = command(
         *call.argv[1:],
         _in=upstream.command if upstream is not None else call.stdin,
@@ -438,7 +449,8 @@ def _start(call: Call, *, upstream: _Running | None = None, piped: bool = False)
 
     watchdog = threading.Timer(call.timeout, expire)
     watchdog.daemon = True
-    watchdog.start()
+    if not service:  # a service runs until stopped: its timer is never started
+        watchdog.start()
     return _Running(call, running, watchdog, time.monotonic(), timed_out, stdout, stderr)
 
 
@@ -570,6 +582,133 @@ def run_pipeline(calls: Sequence[Call], *, check: bool = True) -> list[Result]:
     if first_error is not None:
         raise first_error
     return results[::-1]
+
+
+#: How long :meth:`Service.stop` waits after SIGTERM before it sends SIGKILL.
+STOP_GRACE = 2.0
+# Linux's prctl option that has the kernel signal a child when its parent thread ends.
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> Callable[[], None]:
+    """A pre-exec step: the kernel SIGKILLs the child when the thread that started it ends.
+
+    So a server cannot outlive a cfwrap killed by SIGKILL, when no handler runs. libc's
+    ``prctl`` is looked up here, in the parent: loading a library in the forked child of a
+    threaded process can deadlock.
+    """
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: stop_all and Service.stop still apply
+        return lambda: None
+    parent = os.getpid()
+
+    def in_child() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return in_child
+
+
+class Service:
+    """A tool running in the background until stopped (a server); see :func:`start_service`.
+
+    Its output is captured with the same caps and redaction as :func:`run`'s. A thread waits
+    for it, so :meth:`alive` and :meth:`wait` never poll.
+    """
+
+    def __init__(self, running: _Running) -> None:
+        """Watch a started call until it exits."""
+        self._running = running
+        self._exited = threading.Event()
+        self._returncode: int | None = None
+        self._result: Result | None = None
+        self._lock = threading.Lock()
+        self._watcher = threading.Thread(
+            target=self._watch, name=f"service-{running.call.tool}", daemon=True
+        )
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        import sh
+
+        try:
+            self._running.command.wait()
+        except sh.ErrorReturnCode:  # SignalException among them: the exit code says which
+            pass
+        finally:
+            _ACTIVE.pop(id(self._running.command), None)
+            self._returncode = self._running.command.process.exit_code
+            self._exited.set()
+
+    @property
+    def call(self) -> Call:
+        """The call that started the service."""
+        return self._running.call
+
+    @property
+    def pid(self) -> int:
+        """The service's process id."""
+        return int(self._running.command.pid)
+
+    @property
+    def returncode(self) -> int | None:
+        """Its exit code once it has exited (negative: the signal that killed it), else None."""
+        return self._returncode if self._exited.is_set() else None
+
+    def alive(self) -> bool:
+        """Whether the service is still running."""
+        return not self._exited.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` seconds for the service to exit; True if it has."""
+        return self._exited.wait(timeout)
+
+    def stderr_tail(self, limit: int = 4096) -> str:
+        """The end of what the service wrote on stderr so far, secrets removed."""
+        return redact(self._running.stderr.value()[-limit:]).decode("utf-8", "replace")
+
+    def failure_reason(self) -> str:
+        """The line of its stderr that says why it stopped (see :func:`failure_reason`)."""
+        return failure_reason(self._running.stderr.value()[-4096:])
+
+    def stop(self, *, grace: float = STOP_GRACE) -> Result:
+        """Stop the service (SIGTERM, then SIGKILL after ``grace`` seconds) and return its result.
+
+        Stopping a service that has exited only collects its result; calling it again returns
+        the same result.
+        """
+        with self._lock:
+            if self._result is not None:
+                return self._result
+            if not self._exited.is_set():
+                with contextlib.suppress(OSError):
+                    os.kill(self.pid, signal.SIGTERM)
+                if not self._exited.wait(grace):
+                    with contextlib.suppress(OSError):
+                        os.kill(self.pid, signal.SIGKILL)
+                    self._exited.wait()
+            self._watcher.join()
+            returncode = self._returncode if self._returncode is not None else -signal.SIGKILL
+            self._result = _result(self._running, returncode)
+            _log_output(self._result)
+            return self._result
+
+
+def start_service(call: Call) -> Service:
+    """Start a long-lived tool (a server) in the background; stop it with :meth:`Service.stop`.
+
+    It has no timeout. Like every tool, it is killed by :func:`stop_all` (cfwrap's SIGTERM and
+    Ctrl-C handlers), and the kernel kills it if this process dies; more exactly, when the
+    thread that started it ends, so start it from the thread that will stop it.
+
+    Raises:
+        ToolMissingError: the binary does not exist or is not executable.
+    """
+    return Service(_start(call, service=True))
 
 
 def stop_all() -> None:

@@ -1,0 +1,658 @@
+"""Signing certificate requests at fleet scale: cfssl's authsign protocol, and a local signer.
+
+One ``cfssl gencert | cfssljson`` per certificate costs about 7 ms; one long-lived ``cfssl serve``
+answers a request in under 1 ms with a few in flight (notes/cfssl.md). :class:`LocalSigner` runs
+that server on loopback for the life of a ``with`` block and signs CSRs made in this process
+(:mod:`cfwrap.keys`): no private key ever leaves the process, only requests go to cfssl.
+
+A loopback server can be reached by every local user while it runs, and cfssl's ``newcert``,
+``sign`` and ``init_ca`` take no authentication. So every endpoint but ``authsign`` and
+``health`` is disabled, and each run has its own random auth key, set on every profile (a
+profile does not inherit the default's: cloudflare/cfssl#581).
+
+:func:`authsign` speaks the protocol to any cfssl server, with TLS for a remote one (issue 12).
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import hashlib
+import hmac
+import http.client
+import json
+import logging
+import secrets
+import shutil
+import socket
+import ssl
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from cfwrap import files, parsers
+from cfwrap.errors import FileSystemError, InputError, ToolFailedError
+from cfwrap.models import SigningConfig
+from cfwrap.runner import Call, Service, remember_private_keys, remember_secret, start_service
+from cfwrap.text import printable
+from cfwrap.tools import Tool
+
+log = logging.getLogger(__name__)
+
+API = "/api/v1/cfssl/"
+AUTHSIGN = API + "authsign"
+HEALTH = API + "health"
+
+#: Every endpoint ``cfssl serve`` 1.6.5 registers (the ``endpoints`` map in cli/serve/serve.go,
+#: tag v1.6.5), except ``authsign`` and ``health``: the local signer disables all of them.
+#: ``"/"`` is the static web UI; ``certadd`` is enabled even without a database.
+DISABLED_ENDPOINTS = (
+    "sign", "info", "crl", "gencrl", "newcert", "bundle", "newkey", "init_ca",
+    "scan", "scaninfo", "certinfo", "ocspsign", "revoke", "/", "certadd",
+)  # fmt: skip
+
+#: How long the local signer may take to answer its health check after it starts.
+READY_WITHIN = 5.0
+# How many times a new port is tried when another process took the one picked first.
+_BIND_ATTEMPTS = 4
+_AUTH_KEY_NAME = "cfwrap-run"
+_CONNECTION_ERRORS = (OSError, http.client.HTTPException)
+_RESTART_FIX = "run again; if it keeps failing, run with --verbose and report cfssl's messages"
+
+
+@dataclass(frozen=True)
+class SignRequest:
+    """One certificate to sign: a PEM CSR, the profile to sign it under, and its SANs.
+
+    cfssl replaces the CSR's SANs with ``hosts`` (an empty tuple gives a certificate without
+    SANs). ``label`` names the request in error messages only; it is not sent (for cfssl a
+    label selects a signer).
+    """
+
+    csr_pem: bytes = field(repr=False)
+    profile: str
+    hosts: tuple[str, ...]
+    label: str = ""
+
+    @property
+    def where(self) -> str:
+        """The request's name for messages."""
+        return printable(self.label) if self.label else f"the {self.profile} certificate request"
+
+
+class Issuer(Protocol):
+    """Something that signs a certificate request and returns the certificate PEM."""
+
+    def sign(self, request: SignRequest) -> bytes:
+        """Sign ``request``; returns one PEM certificate."""
+        ...
+
+
+def _body(auth_key: bytes, request: SignRequest) -> bytes:
+    """The authsign body: the request JSON, and its HMAC-SHA256 under the auth key (base64)."""
+    inner = json.dumps(
+        {
+            "certificate_request": request.csr_pem.decode("ascii"),
+            "profile": request.profile,
+            "hosts": list(request.hosts),
+        }
+    ).encode()
+    token = hmac.new(auth_key, inner, hashlib.sha256).digest()
+    return json.dumps(
+        {"token": base64.b64encode(token).decode(), "request": base64.b64encode(inner).decode()}
+    ).encode()
+
+
+def _auth_key(auth_key_hex: str) -> bytes:
+    try:
+        key = bytes.fromhex(auth_key_hex)
+    except ValueError:
+        raise InputError(
+            "the auth key", "not hexadecimal", fix="give the key as cfssl's auth_keys hold it"
+        ) from None
+    if not key:
+        raise InputError("the auth key", "empty", fix="give the key as cfssl's auth_keys hold it")
+    return key
+
+
+def _csr_public_key(request: SignRequest) -> bytes:
+    """The DER SubjectPublicKeyInfo of the request's CSR; refuses anything but one PEM CSR."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    if parsers.pem_kind(request.csr_pem) != "csr" or request.csr_pem.count(b"-----BEGIN ") != 1:
+        raise InputError(request.where, "not one PEM certificate request")
+    try:
+        csr = x509.load_pem_x509_csr(request.csr_pem)
+        return csr.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    except ValueError as e:
+        raise InputError(request.where, f"damaged certificate request ({e})") from None
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = printable(" ".join(text.split()))
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _refusal(status: int, body: bytes) -> str:
+    """The reason cfssl gave for refusing a request, in one line."""
+    try:
+        data = json.loads(body)
+        errors = data.get("errors") if isinstance(data, dict) else None
+        first = errors[0] if isinstance(errors, list) and errors else None
+    except ValueError:
+        first = None
+    if isinstance(first, dict) and isinstance(first.get("message"), str):
+        return _one_line(f"{first['message']} (code {first.get('code')}, HTTP {status})")
+    text = body.decode("utf-8", "replace").strip() or "no message"
+    return _one_line(f"{text} (HTTP {status})")
+
+
+def _certificate(request: SignRequest, spki: bytes, status: int, body: bytes) -> bytes:
+    """The certificate PEM in an authsign answer: one PEM certificate for the public key ``spki``.
+
+    Raises:
+        ToolFailedError: a refusal (cfssl's message), or an answer that is not one certificate.
+    """
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    result = data.get("result") if isinstance(data, dict) else None
+    if status != 200 or not isinstance(data, dict) or data.get("success") is not True:
+        raise ToolFailedError(
+            "cfssl",
+            f"{request.where}: refused: {_refusal(status, body)}",
+            fix="check the request's profile and names against the signer's policy",
+        )
+    cert = result.get("certificate") if isinstance(result, dict) else None
+    pem = cert.encode().strip() + b"\n" if isinstance(cert, str) else b""
+    if (
+        not pem.startswith(b"-----BEGIN CERTIFICATE-----\n")
+        or not pem.endswith(b"-----END CERTIFICATE-----\n")
+        or pem.count(b"-----BEGIN ") != 1
+    ):
+        raise ToolFailedError(
+            "cfssl",
+            f"{request.where}: the answer holds no certificate, or more than one",
+            fix="check that the server is cfssl 1.6.5",
+        )
+    try:
+        public = parsers.load_certificate(pem).public_key()
+    except parsers.ParseError as e:
+        raise ToolFailedError(
+            "cfssl", f"{request.where}: the certificate is damaged: {e}"
+        ) from None
+    if public.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo) != spki:
+        raise ToolFailedError(
+            "cfssl",
+            f"{request.where}: the certificate is not for the request's key",
+            fix="check that the server is cfssl 1.6.5 and no other server holds its port",
+        )
+    return pem
+
+
+def _connection(
+    url: str, *, ssl_context: ssl.SSLContext | None, timeout: float
+) -> tuple[http.client.HTTPConnection, str]:
+    """A connection to ``url``'s server, and the path to post to (authsign unless it names one)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InputError(
+            f"signer address {url!r}",
+            "not an http:// or https:// address",
+            fix="give one like https://ca.example.com:8888",
+        )
+    path = parts.path if parts.path not in ("", "/") else AUTHSIGN
+    if parts.scheme == "https":
+        context = ssl_context or ssl.create_default_context()
+        return http.client.HTTPSConnection(
+            parts.hostname, parts.port, timeout=timeout, context=context
+        ), path
+    return http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout), path
+
+
+def _post(connection: http.client.HTTPConnection, path: str, body: bytes) -> tuple[int, bytes]:
+    connection.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    return response.status, response.read()
+
+
+def _connection_failure(error: BaseException) -> str:
+    if isinstance(error, TimeoutError):
+        return "no answer in time"
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(error, ConnectionResetError | BrokenPipeError | http.client.RemoteDisconnected):
+        return "connection closed by the server"
+    if isinstance(error, ssl.SSLError):
+        return f"TLS failed ({_one_line(error.reason or str(error))})"
+    return _one_line(f"{type(error).__name__}: {error}")
+
+
+def authsign(
+    url: str,
+    auth_key_hex: str,
+    request: SignRequest,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    timeout: float = 30.0,
+) -> bytes:
+    """Have the cfssl server at ``url`` sign ``request`` through its authsign endpoint.
+
+    ``url`` is the server (``https://host:port``; the authsign path is added) or the full
+    endpoint. The body is ``{"token", "request"}``, both base64: the token is the HMAC-SHA256
+    of the request JSON under the hex auth key.
+
+    Args:
+        url: the server's address.
+        auth_key_hex: the profile's auth key, as cfssl's ``auth_keys`` hold it (hex).
+        request: the CSR, profile and SANs.
+        ssl_context: for https, the context that trusts the server (default: the system's).
+        timeout: seconds to wait for the connection and for the answer.
+
+    Raises:
+        InputError: a bad address or auth key, or a request that is not one PEM CSR.
+        ToolFailedError: the server refused (its message), could not be reached, did not
+            answer in time, or answered with something other than one certificate for the
+            request's key.
+    """
+    key = _auth_key(auth_key_hex)
+    spki = _csr_public_key(request)
+    connection, path = _connection(url, ssl_context=ssl_context, timeout=timeout)
+    try:
+        status, body = _post(connection, path, _body(key, request))
+    except _CONNECTION_ERRORS as e:
+        raise ToolFailedError(
+            "cfssl",
+            f"{request.where}: {_connection_failure(e)} at {url}",
+            fix="check that the signer runs and the address is right",
+        ) from e
+    finally:
+        connection.close()
+    return _certificate(request, spki, status, body)
+
+
+def _free_port() -> int:
+    """A loopback port free right now (the kernel's pick; another process may take it later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _listening_inodes(port: int) -> set[str] | None:
+    """The socket inodes listening on 127.0.0.1:``port`` (None where /proc cannot tell)."""
+    try:
+        table = Path("/proc/net/tcp").read_text()
+    except OSError:
+        return None
+    wanted = f"0100007F:{port:04X}"
+    inodes = set()
+    for line in table.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) > 9 and fields[1] == wanted and fields[3] == "0A":  # 0A: LISTEN
+            inodes.add(fields[9])
+    return inodes
+
+
+def _owns_port(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds the listening socket on 127.0.0.1:``port``.
+
+    The port was free when picked, but another local process may bind it before cfssl does;
+    then cfssl exits, and the health check could be answered by the other process.
+    """
+    inodes = _listening_inodes(port)
+    if inodes is None:
+        return True  # no /proc: the certificate checks in each answer still apply
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            target = str(fd.readlink())
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in inodes:
+            return True
+    return False
+
+
+def _signing_config(config: SigningConfig, key_file: Path) -> bytes:
+    """``config`` with the run's auth key on the default profile and on every named one."""
+    data: dict[str, Any] = config.model_dump(mode="json", exclude_none=True)
+    signing = data["signing"]
+    for profile in [signing["default"], *signing.get("profiles", {}).values()]:
+        profile["auth_key"] = _AUTH_KEY_NAME  # not inherited: cloudflare/cfssl#581
+    data["auth_keys"] = {_AUTH_KEY_NAME: {"type": "standard", "key": f"file:{key_file}"}}
+    return (json.dumps(data, indent=2) + "\n").encode()
+
+
+class _NotReadyError(Exception):
+    """cfssl did not come up; ``retry`` when another process took its port."""
+
+    def __init__(self, error: ToolFailedError, *, retry: bool) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.retry = retry
+
+
+class LocalSigner:
+    """One ``cfssl serve`` on loopback for the life of a ``with`` block, signing by authsign.
+
+    Only CSRs are sent; the CA's key is handed to cfssl in a 0600 file of a 0700 scratch folder
+    that is removed on exit, and the run's auth key is a file too, so neither is in cfssl's
+    argv. Every endpoint but authsign and health is disabled.
+    """
+
+    def __init__(
+        self,
+        cfssl_tool: Tool,
+        *,
+        ca_cert_pem: bytes,
+        ca_key_pem: bytes,
+        config: SigningConfig,
+        workers: int = 4,
+    ) -> None:
+        """Keep what the server needs; nothing starts before ``with``.
+
+        Raises:
+            InputError: ``workers`` below 1.
+        """
+        if workers < 1:
+            raise InputError(f"workers {workers}", "at least one request must be in flight")
+        self.cfssl_tool = cfssl_tool
+        self.config = config
+        self.workers = workers
+        self._ca_cert_pem = ca_cert_pem
+        self._ca_key_pem = ca_key_pem
+        remember_private_keys(ca_key_pem)
+        self._auth_key = b""
+        self._scratch: Path | None = None
+        self._service: Service | None = None
+        self._port = 0
+        self._idle: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        """Name the server, never its keys."""
+        return f"LocalSigner({self.url if self._service else 'not running'})"
+
+    @property
+    def url(self) -> str:
+        """The server's address, ``http://127.0.0.1:PORT``.
+
+        Raises:
+            RuntimeError: the signer is not running (outside its ``with`` block).
+        """
+        if self._service is None:
+            raise RuntimeError("the local signer is not running: use it inside its with block")
+        return f"http://127.0.0.1:{self._port}"
+
+    @property
+    def service(self) -> Service | None:
+        """The running ``cfssl serve`` (None outside the ``with`` block)."""
+        return self._service
+
+    @property
+    def scratch(self) -> Path | None:
+        """The scratch folder cfssl reads its files from (None outside the ``with`` block)."""
+        return self._scratch
+
+    def __enter__(self) -> LocalSigner:
+        """Write the scratch folder, start cfssl on a free loopback port and wait until it answers.
+
+        Raises:
+            ToolMissingError: cfssl does not exist.
+            ToolFailedError: cfssl exited or did not answer (its reason in the message).
+            FileSystemError: the scratch folder could not be written.
+        """
+        if self._service is not None or self._scratch is not None:
+            raise RuntimeError("the local signer is running already: it is not reentrant")
+        try:
+            self._scratch = self._write_scratch()
+            self._start(self._scratch)
+        except BaseException:
+            self._close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Stop cfssl and remove the scratch folder, whatever happened in the block."""
+        self._close()
+
+    def _write_scratch(self) -> Path:
+        try:
+            scratch = Path(tempfile.mkdtemp(prefix="cfwrap-signer-"))  # 0700
+        except OSError as e:
+            raise FileSystemError(Path(tempfile.gettempdir()), e) from e
+        auth_key = secrets.token_hex(32)
+        remember_secret(auth_key)
+        self._auth_key = bytes.fromhex(auth_key)
+        key_file = scratch / "auth-key.hex"
+        files.write_new(key_file, auth_key.encode() + b"\n", mode=files.SECRET_MODE)
+        files.write_new(scratch / "ca.pem", self._ca_cert_pem, mode=files.SECRET_MODE)
+        files.write_new(scratch / "ca-key.pem", self._ca_key_pem, mode=files.SECRET_MODE)
+        files.write_new(
+            scratch / "config.json",
+            _signing_config(self.config, key_file),
+            mode=files.SECRET_MODE,
+        )
+        return scratch
+
+    def _call(self, scratch: Path, port: int) -> Call:
+        argv: list[str | Path] = [
+            self.cfssl_tool.path, "serve",
+            "-address", "127.0.0.1", "-port", str(port),
+            "-ca", scratch / "ca.pem", "-ca-key", scratch / "ca-key.pem",
+            "-config", scratch / "config.json",
+            "-disable", ",".join(DISABLED_ENDPOINTS),
+            "-loglevel", "2",  # warnings and errors: cfssl logs two INFO lines per request
+        ]  # fmt: skip
+        return Call.of(argv, cwd=scratch)
+
+    def _start(self, scratch: Path) -> None:
+        for attempt in range(_BIND_ATTEMPTS):
+            self._port = _free_port()
+            self._service = start_service(self._call(scratch, self._port))
+            try:
+                self._wait_ready(self._service)
+            except _NotReadyError as e:
+                self._service.stop()
+                self._service = None
+                if e.retry and attempt + 1 < _BIND_ATTEMPTS:
+                    log.info("cfssl serve could not bind port %d; trying another", self._port)
+                    continue
+                raise e.error from None
+            log.info("cfssl serve is signing at %s (pid %d)", self.url, self._service.pid)
+            return
+
+    def _wait_ready(self, service: Service) -> None:
+        """Poll health until it answers, then check authsign is up and cfssl owns the port."""
+        deadline = time.monotonic() + READY_WITHIN
+        delay = 0.002
+        while True:
+            if not service.alive():
+                raise self._exited_early(service, port_taken=False)
+            status = self._probe(HEALTH)
+            if status == 200:
+                break
+            if time.monotonic() > deadline:
+                raise _NotReadyError(
+                    ToolFailedError(
+                        "cfssl",
+                        f"cfssl serve did not answer on {self.url} within {READY_WITHIN:.0f}s",
+                        argv=service.call.argv,
+                        stderr=service.stderr_tail(),
+                        fix="check that nothing blocks loopback connections, then run again",
+                    ),
+                    retry=False,
+                )
+            service.wait(delay)
+            delay = min(delay * 2, 0.05)
+        if not _owns_port(service.pid, self._port):
+            service.wait(0.5)  # it lost the port to another process and is exiting
+            raise self._exited_early(service, port_taken=True)
+        if self._probe(AUTHSIGN) != 405:  # GET on a live authsign: "method not allowed"
+            raise _NotReadyError(
+                ToolFailedError(
+                    "cfssl",
+                    f"cfssl serve's signer did not start: {self._signer_reason(service)}",
+                    argv=service.call.argv,
+                    stderr=service.stderr_tail(),
+                    fix="check the CA certificate, its key and the signing config",
+                ),
+                retry=False,
+            )
+
+    def _probe(self, path: str) -> int | None:
+        connection = http.client.HTTPConnection("127.0.0.1", self._port, timeout=1.0)
+        try:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            response.read()
+            return response.status
+        except _CONNECTION_ERRORS:
+            return None
+        finally:
+            connection.close()
+
+    @staticmethod
+    def _signer_reason(service: Service) -> str:
+        for line in service.stderr_tail().splitlines():
+            if "couldn't initialize signer" in line:
+                return _one_line(line.partition("[WARNING] ")[2] or line)
+        return service.failure_reason()
+
+    @staticmethod
+    def _exited_early(service: Service, *, port_taken: bool) -> _NotReadyError:
+        reason = service.failure_reason() if service.wait(0) else "another process holds its port"
+        port_taken = port_taken or "address already in use" in reason
+        error = ToolFailedError(
+            "cfssl",
+            f"cfssl serve stopped before it answered: {reason}"
+            + (f" (exit {service.returncode})" if service.returncode is not None else ""),
+            argv=service.call.argv,
+            returncode=service.returncode,
+            stderr=service.stderr_tail(),
+            fix=_RESTART_FIX,
+        )
+        return _NotReadyError(error, retry=port_taken)
+
+    def _close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
+        if self._service is not None:
+            self._service.stop()
+            self._service = None
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+
+    def _check_profile(self, request: SignRequest) -> None:
+        if request.profile not in self.config.signing.profiles:
+            known = ", ".join(sorted(self.config.signing.profiles)) or "none"
+            raise InputError(
+                f"{request.where}: profile {request.profile!r}",
+                f"not in the signing config (it has: {known})",
+                fix="use one of its profiles; cfssl would silently use the default one instead",
+            )
+
+    def _died(self, request: SignRequest, service: Service) -> ToolFailedError:
+        how = (
+            f"killed by signal {-service.returncode}"
+            if service.returncode is not None and service.returncode < 0
+            else f"exit {service.returncode}"
+        )
+        return ToolFailedError(
+            "cfssl",
+            f"cfssl serve stopped while signing {request.where}: {service.failure_reason()} "
+            f"({how})",
+            argv=service.call.argv,
+            returncode=service.returncode,
+            stderr=service.stderr_tail(),
+            fix=_RESTART_FIX,
+        )
+
+    def sign(self, request: SignRequest) -> bytes:
+        """Sign one request; returns its certificate PEM. Safe to call from several threads.
+
+        Raises:
+            InputError: a profile the signing config does not have, or not one PEM CSR.
+            ToolFailedError: cfssl refused it (its message), stopped, or answered with
+                something other than one certificate for the request's key.
+            RuntimeError: called outside the ``with`` block.
+        """
+        service = self._service
+        if service is None:
+            raise RuntimeError("the local signer is not running: use it inside its with block")
+        self._check_profile(request)
+        spki = _csr_public_key(request)
+        body = _body(self._auth_key, request)
+        for attempt in range(2):
+            with self._lock:
+                connection = self._idle.pop() if self._idle else None
+            reused = connection is not None
+            if connection is None:
+                connection = http.client.HTTPConnection("127.0.0.1", self._port, timeout=30.0)
+            try:
+                status, answer = _post(connection, AUTHSIGN, body)
+            except _CONNECTION_ERRORS as e:
+                connection.close()
+                if service.wait(0.2):  # a reset comes before the exit is seen: wait a moment
+                    raise self._died(request, service) from e
+                if reused and attempt == 0:
+                    continue  # a kept-alive connection the server had closed: once more, new
+                raise ToolFailedError(
+                    "cfssl",
+                    f"{request.where}: {_connection_failure(e)} at {self.url}",
+                    argv=service.call.argv,
+                    fix=_RESTART_FIX,
+                ) from e
+            with self._lock:
+                self._idle.append(connection)
+            return _certificate(request, spki, status, answer)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def sign_all(self, requests: Iterable[SignRequest]) -> Iterator[tuple[SignRequest, bytes]]:
+        """Sign many requests, ``workers`` at a time, yielding each with its certificate in order.
+
+        At most twice ``workers`` requests are pending at once, so memory stays flat however
+        many there are. The first failure (in input order) is raised, and the requests not yet
+        sent are dropped.
+
+        Raises:
+            InputError: see :meth:`sign`.
+            ToolFailedError: see :meth:`sign`.
+        """
+        pending: collections.deque[tuple[SignRequest, Future[bytes]]] = collections.deque()
+        source = iter(requests)
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="cfwrap-sign") as pool:
+            try:
+                for request in source:
+                    pending.append((request, pool.submit(self.sign, request)))
+                    if len(pending) >= 2 * self.workers:
+                        first, future = pending.popleft()
+                        yield first, future.result()
+                while pending:
+                    first, future = pending.popleft()
+                    yield first, future.result()
+            finally:
+                for _, future in pending:
+                    future.cancel()
