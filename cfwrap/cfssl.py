@@ -80,6 +80,53 @@ def gencert(
     return Call.of(argv, stdin=to_cfssl_json(csr))
 
 
+def sign(
+    cfssl: Tool,
+    *,
+    ca_cert: Path,
+    ca_key: Path,
+    config_file: Path,
+    config: SigningConfig,
+    profile: str,
+    csr_pem: bytes,
+) -> Call:
+    """The call that signs a PEM CSR under ``profile`` (``cfssl sign ... -``).
+
+    Raises:
+        InputError: ``profile`` is not in ``config``.
+    """
+    if profile not in config.signing.profiles:
+        raise InputError(f"profile {profile!r}", "not in the signing config")
+    argv: list[str | Path] = [
+        cfssl.path, "sign",
+        "-ca", ca_cert, "-ca-key", ca_key,
+        "-config", config_file, "-profile", profile,
+        "-",
+    ]  # fmt: skip
+    return Call.of(argv, stdin=csr_pem)
+
+
+def parse_signed(result: Result) -> bytes:
+    """Read the ``cert`` PEM from ``cfssl sign``'s JSON output, refusing anything less.
+
+    Raises:
+        ToolFailedError: empty output, not JSON, or no certificate.
+    """
+    try:
+        data = json.loads(result.stdout) if result.stdout.strip() else None
+    except ValueError:
+        data = None
+    cert = data.get("cert") if isinstance(data, dict) else None
+    if not isinstance(cert, str) or not cert.lstrip().startswith(_PEM_LABELS["cert"][0].decode()):
+        raise ToolFailedError(
+            result.call.tool,
+            f"it printed no certificate ({failure_reason(result.stderr)})",
+            argv=result.call.argv,
+            returncode=result.returncode,
+        )
+    return cert.encode().strip() + b"\n"
+
+
 def parse_issued(result: Result) -> Issued:
     """Read ``cert``, ``key`` and ``csr`` from cfssl's JSON output, refusing anything less.
 

@@ -166,6 +166,16 @@ class CSR(BaseModel):
     ca: CAOptions | None = None
 
 
+class CAConstraint(BaseModel):
+    """A profile's ``ca_constraint``: it signs a CA (an intermediate), with this path length."""
+
+    model_config = _FROZEN
+
+    is_ca: bool
+    max_path_len: int = Field(default=0, ge=0, le=MAX_PATH_LENGTH)
+    max_path_len_zero: bool = False
+
+
 class SigningProfile(BaseModel):
     """One signing profile: what a certificate may be used for, and for how long."""
 
@@ -173,6 +183,7 @@ class SigningProfile(BaseModel):
 
     usages: tuple[Usage, ...] = Field(min_length=1)
     expiry: Duration
+    ca_constraint: CAConstraint | None = None
 
 
 class Signing(BaseModel):
