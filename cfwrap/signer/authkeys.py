@@ -1,0 +1,123 @@
+"""The signer's HMAC auth keys: one per role, hex in ``<role>.key`` (0600), never overwritten.
+
+cfssl's authsign token is HMAC-SHA256 over the request with the hex-decoded key
+(``auth/auth.go``). A rotation keeps the old key as ``<role>.prev.key``, which the role's
+profile accepts as ``prev_auth_key`` until the overlap is ended.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import stat
+from pathlib import Path
+
+from cfwrap import files
+from cfwrap.errors import ConflictError, InputError
+from cfwrap.nomad import ROLES, Role
+from cfwrap.runner import remember_secret
+
+#: Bytes of an auth key (HMAC-SHA256 takes 32 bytes without hashing the key first).
+KEY_BYTES = 32
+#: The key no node is given: it locks the default profile (cfssl#581: set one everywhere).
+LOCKED = "default"
+_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def key_path(auth_dir: Path, role: str) -> Path:
+    """Where a role's current key lives."""
+    return auth_dir / f"{role}.key"
+
+
+def prev_path(auth_dir: Path, role: str) -> Path:
+    """Where a role's previous key lives during a rotation's overlap."""
+    return auth_dir / f"{role}.prev.key"
+
+
+def read_key(path: Path, *, what: str | None = None) -> str:
+    """Read an auth key file: 64 lowercase hex digits, readable by its owner only.
+
+    Raises:
+        InputError: missing, unreadable, open to others, or not a 32-byte hex key.
+    """
+    shown = what or str(path)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        text = files.read_input(path, limit=1024).decode("ascii").strip().lower()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = getattr(e, "strerror", None) or "is not a hex key"
+        raise InputError(shown, str(reason), fix="give the role's auth key file") from None
+    if mode & 0o077:
+        raise InputError(
+            shown, f"mode {mode:04o} lets others read an auth key", fix=f"chmod 600 {path}"
+        )
+    if not _HEX.fullmatch(text):
+        raise InputError(
+            shown, f"not an auth key ({KEY_BYTES} bytes as hex)", fix="give a <role>.key file"
+        )
+    remember_secret(text)
+    return text
+
+
+def _new_key(path: Path) -> None:
+    value = secrets.token_hex(KEY_BYTES)
+    remember_secret(value)
+    files.write_new(path, (value + "\n").encode(), mode=files.SECRET_MODE)
+
+
+def ensure_keys(auth_dir: Path) -> list[str]:
+    """Make the auth folder (0700) and each role's key plus the locked default's, if missing.
+
+    Returns the names of the key files made now. Existing keys are checked, never replaced.
+
+    Raises:
+        InputError: an existing key file is not a key or is open to others.
+    """
+    auth_dir.mkdir(mode=files.DIR_MODE, parents=True, exist_ok=True)
+    made = []
+    for name in (*ROLES, LOCKED):
+        path = key_path(auth_dir, name)
+        if not path.exists() and not path.is_symlink():
+            _new_key(path)
+            made.append(path.name)
+        read_key(path)
+    return made
+
+
+def rotate(auth_dir: Path, role: Role) -> Path:
+    """Start a rotation: the current key becomes the previous one, a new key becomes current.
+
+    Raises:
+        ConflictError: an overlap is already running (end it first).
+        InputError: the role has no key yet.
+    """
+    current, prev = key_path(auth_dir, role), prev_path(auth_dir, role)
+    if prev.exists():
+        raise ConflictError(
+            prev,
+            f"a rotation of the {role} key is still in its overlap",
+            fix=f"end it first with `cfwrap signer CA_DIR --end-overlap {role}`",
+        )
+    read_key(current)
+    os.link(current, prev)  # the old key under its second name first: never lost
+    current.unlink()
+    _new_key(current)
+    return current
+
+
+def end_overlap(auth_dir: Path, role: Role) -> Path:
+    """End a rotation's overlap: the previous key is removed, and refused from the next start.
+
+    Raises:
+        InputError: no rotation of this role is in its overlap.
+    """
+    prev = prev_path(auth_dir, role)
+    if not prev.exists():
+        raise InputError(
+            f"--end-overlap {role}",
+            "no rotation of this key is in its overlap",
+            fix=f"start one with --rotate-key {role}",
+        )
+    prev.unlink()
+    return prev

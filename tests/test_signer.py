@@ -1,0 +1,381 @@
+"""``cfwrap signer``: a real multirootca on a loopback port, judged by a raw authsign client.
+
+The client here is written from cfssl's protocol (``auth/auth.go``: token = HMAC-SHA256 of the
+request bytes under the hex-decoded key; body ``{token, request}`` in base64), independently of
+cfwrap's own client, so the signer's refusals are shown for any caller.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import signal
+import ssl
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cfwrap import keys, parsers, verify
+from cfwrap.models import CSR
+from cfwrap.nomad import CertSpec
+from tests.tlspeer import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class RunningSigner:
+    """A ``cfwrap signer`` process and where its files are."""
+
+    process: subprocess.Popen[bytes]
+    ca_dir: Path
+    auth_dir: Path
+    port: int
+    info: dict[str, Any]
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def key(self, role: str) -> str:
+        return (self.auth_dir / f"{role}.key").read_text().strip()
+
+    def stop(self) -> tuple[int, str]:
+        self.process.send_signal(signal.SIGTERM)
+        _, err = self.process.communicate(timeout=20)
+        return self.process.returncode, err.decode()
+
+
+def start_signer(ca_dir: Path, *extra: str) -> RunningSigner:
+    """Start ``cfwrap signer`` for ``ca_dir`` on a free loopback port; wait for signer.json."""
+    port = free_port()
+    argv = [sys.executable, "-m", "cfwrap", "signer", str(ca_dir),
+            "--listen", f"127.0.0.1:{port}", *extra]  # fmt: skip
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    assert process.stdout is not None
+    line = process.stdout.readline().decode().strip()
+    if not line:
+        _, err = process.communicate(timeout=20)
+        raise AssertionError(f"signer did not start: {err.decode()}")
+    info_path = Path(line)
+    return RunningSigner(process, ca_dir, info_path.parent, port, json.loads(info_path.read_text()))
+
+
+def make_ca(tmp: Path) -> Path:
+    out = tmp / "ca"
+    done = subprocess.run(
+        [sys.executable, "-m", "cfwrap", "ca", "--out", str(out)],
+        capture_output=True,
+        check=False,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSigner]:
+    ca_dir = make_ca(tmp_path_factory.mktemp("signer"))
+    signer = start_signer(
+        ca_dir, "--region", "global", "--region", "eu", "--allow-dns", "example.com"
+    )
+    yield signer
+    code, err = signer.stop()
+    assert code == 143, err
+
+
+def csr_for(names: list[str], cn: str) -> bytes:
+    key = keys.new_private_key(CSR(CN=cn).key)
+    return keys.csr_pem(key, CSR(CN=cn, hosts=tuple(names)))
+
+
+def authsign(
+    signer: RunningSigner,
+    key_hex: str | None,
+    *,
+    profile: str,
+    csr: bytes,
+    label: str = "nomad",
+    path: str = "authsign",
+    hosts: list[str] | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """POST one authsign request; returns the HTTP status and the JSON answer."""
+    request: dict[str, Any] = {
+        "certificate_request": csr.decode(),
+        "profile": profile,
+        "label": label,
+    }
+    if hosts is not None:
+        request["hosts"] = hosts
+    raw = json.dumps(request).encode()
+    token = hmac.new(bytes.fromhex(key_hex), raw, hashlib.sha256).digest() if key_hex else b""
+    body = json.dumps(
+        {"token": base64.b64encode(token).decode(), "request": base64.b64encode(raw).decode()}
+    ).encode()
+    ctx = ssl.create_default_context(cafile=str(signer.ca_dir / "ca.pem"))
+    url = f"{signer.url}/api/v1/cfssl/{path}"
+    req = urllib.request.Request(url, data=body, method="POST")  # noqa: S310 (https only)
+    try:
+        with urllib.request.urlopen(req, context=ctx, timeout=10) as answer:  # noqa: S310
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as e:
+        text = e.read()
+        try:
+            return e.code, json.loads(text)
+        except ValueError:
+            return e.code, {"raw": text.decode("utf-8", "replace")}
+
+
+def message(answer: dict[str, Any]) -> str:
+    errors = answer.get("errors") or [{}]
+    return str(errors[0].get("message", answer.get("raw", "")))
+
+
+def spec_names(role: str, region: str = "global") -> tuple[list[str], str]:
+    spec = CertSpec(role=role, region=region)
+    return list(spec.hosts()), spec.common_name
+
+
+@pytest.mark.parametrize("role", ["server", "client", "cli"])
+def test_each_role_is_issued_with_its_own_key_and_passes_nomad_checks(running, role):
+    names, cn = spec_names(role)
+    status, answer = authsign(running, running.key(role), profile=role, csr=csr_for(names, cn))
+    assert status == 200, answer
+    cert = parsers.load_certificate(answer["result"]["certificate"].encode())
+    roots = verify.load_pem_certificates((running.ca_dir / "ca.pem").read_bytes())
+    verify.check_issued(cert, roots=roots, role=role, region="global", now=datetime.now(UTC))
+
+
+def test_another_region_of_the_signer_is_issued(running):
+    names, cn = spec_names("server", "eu")
+    status, answer = authsign(
+        running, running.key("server"), profile="server", csr=csr_for(names, cn)
+    )
+    assert status == 200, answer
+
+
+@pytest.mark.parametrize(
+    ("key_role", "profile"),
+    [("client", "server"), ("cli", "client"), ("server", "cli")],
+)
+def test_another_roles_key_is_refused(running, key_role, profile):
+    names, cn = spec_names(profile)
+    status, answer = authsign(
+        running, running.key(key_role), profile=profile, csr=csr_for(names, cn)
+    )
+    assert status == 400
+    assert message(answer) == "invalid token"
+
+
+def test_wrong_and_missing_keys_are_refused(running):
+    names, cn = spec_names("client")
+    csr = csr_for(names, cn)
+    assert message(authsign(running, "00" * 32, profile="client", csr=csr)[1]) == "invalid token"
+    assert message(authsign(running, None, profile="client", csr=csr)[1]) == "invalid token"
+
+
+@pytest.mark.parametrize(
+    ("names", "cn"),
+    [
+        (["client.global.nomad", "server.global.nomad"], "client.global.nomad"),
+        (["server.global.nomad"], "server.global.nomad"),
+        (["client.global.nomad"], "server.global.nomad"),
+        (["client.global.nomad.evil.com"], "client.global.nomad"),
+        (["client-global-nomad"], "client.global.nomad"),
+        (["xclient.global.nomad"], "client.global.nomad"),
+        (["client.other.nomad"], "client.global.nomad"),
+        (["evil.com"], "client.global.nomad"),
+        (["example.com.evil.org"], "client.global.nomad"),
+        (["CLIENT.global.nomad"], "client.global.nomad"),
+    ],
+)
+def test_names_outside_the_role_are_refused(running, names, cn):
+    status, answer = authsign(
+        running, running.key("client"), profile="client", csr=csr_for(names, cn)
+    )
+    assert status == 400, answer
+    assert "signature failed" in json.dumps(answer) or message(answer) == "bad request"
+    # Names given in the request (cfssl's hosts override) are held to the same rule.
+    if set(names) == {"client.global.nomad"}:
+        return  # only the common name is wrong here
+    ok_csr = csr_for(["client.global.nomad"], "client.global.nomad")
+    status, _ = authsign(running, running.key("client"), profile="client", csr=ok_csr, hosts=names)
+    assert status == 400
+
+
+def test_allowed_domain_names_are_issued(running):
+    names = ["client.global.nomad", "node7.example.com", "example.com", "localhost", "10.0.0.7"]
+    status, answer = authsign(
+        running, running.key("client"), profile="client", csr=csr_for(names, "client.global.nomad")
+    )
+    assert status == 200, answer
+
+
+def test_cli_profile_takes_no_extra_names(running):
+    csr = csr_for(["cli.global.nomad", "localhost"], "cli.global.nomad")
+    status, _ = authsign(running, running.key("cli"), profile="cli", csr=csr)
+    assert status == 400
+
+
+def test_unknown_and_default_profiles_are_refused(running):
+    names, cn = spec_names("server")
+    csr = csr_for(names, cn)
+    status, answer = authsign(running, running.key("server"), profile="admin", csr=csr)
+    assert (status, message(answer)) == (400, "invalid profile")
+    # The default profile (empty name) has a key no node holds.
+    status, answer = authsign(running, running.key("server"), profile="", csr=csr)
+    assert (status, message(answer)) == (400, "invalid token")
+    status, answer = authsign(running, running.key("server"), profile="server", csr=csr, label="x")
+    assert status == 400
+
+
+@pytest.mark.parametrize("path", ["newcert", "init_ca", "sign", "newkey", "certinfo", "scan"])
+def test_other_endpoints_do_not_exist(running, path):
+    names, cn = spec_names("server")
+    status, _ = authsign(
+        running, running.key("server"), profile="server", csr=csr_for(names, cn), path=path
+    )
+    assert status == 404
+
+
+def test_plain_http_is_not_served(running):
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        urllib.request.urlopen(f"http://127.0.0.1:{running.port}/api/v1/cfssl/info", timeout=5)
+
+
+def test_files_modes_and_no_key_in_argv(running):
+    auth = running.auth_dir
+    assert oct(auth.stat().st_mode & 0o777) == "0o700"
+    for name in (
+        "server.key",
+        "client.key",
+        "cli.key",
+        "default.key",
+        "tls-key.pem",
+        "certdb.sqlite",
+    ):
+        assert (auth / name).stat().st_mode & 0o777 == 0o600, name
+    secrets = [running.key(r) for r in ("server", "client", "cli", "default")]
+    config = (auth / "cfssl.json").read_text() + (auth / "multirootca.ini").read_text()
+    info = (auth / "signer.json").read_text()
+    for secret in secrets:
+        assert secret not in config and secret not in info
+    children = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(running.process.pid)], capture_output=True, check=True
+    ).stdout.split()
+    assert children, "multirootca is not running under cfwrap"
+    for pid in children:
+        argv = Path(f"/proc/{int(pid)}/cmdline").read_bytes().decode()
+        assert "multirootca" in argv
+        for secret in secrets:
+            assert secret not in argv
+    assert running.info["roles"]["client"] == {"profile": "client", "auth_key_file": "client.key"}
+    assert running.info["address"] == f"https://127.0.0.1:{running.port}"
+
+
+def test_audit_records_every_issue_with_requester_and_profile(tmp_path):
+    from cfwrap.signer import audit, certdb
+
+    signer = start_signer(make_ca(tmp_path))
+    names, cn = spec_names("server")
+    status, answer = authsign(
+        signer, signer.key("server"), profile="server", csr=csr_for(names, cn)
+    )
+    assert status == 200
+    serial = str(int(parsers.read_certificate(answer["result"]["certificate"].encode()).serial, 16))
+    # certdb is written by multirootca before it answers.
+    assert serial in {r.serial for r in certdb.records(signer.auth_dir)}
+    # The audit log follows multirootca's log as the runner reads it, and at the latest on stop.
+    assert signer.stop()[0] == 143
+    entries = {e["serial"]: e for e in audit.entries(signer.auth_dir / "audit.log")}
+    entry = entries[serial]
+    assert entry["profile"] == "server"
+    assert entry["requester"].startswith("127.0.0.1:")
+    assert entry["common_name"] == "server.global.nomad"
+    assert "server.global.nomad" in entry["dns_names"]
+    assert (signer.auth_dir / "audit.log").stat().st_mode & 0o777 == 0o600
+
+
+def test_second_run_keeps_keys_and_rotation_has_an_overlap(tmp_path, cli):
+    ca_dir = make_ca(tmp_path)
+    first = start_signer(ca_dir)
+    old = first.key("client")
+    tls = (first.auth_dir / "tls.pem").read_bytes()
+    names, cn = spec_names("client")
+    assert authsign(first, old, profile="client", csr=csr_for(names, cn))[0] == 200
+    assert first.stop()[0] == 143
+
+    result = cli("signer", ca_dir, "--rotate-key", "client")
+    assert result.code == 0, result.err
+    again = cli("signer", ca_dir, "--rotate-key", "client")
+    assert again.code == 4 and "--end-overlap client" in again.err
+    overlap = start_signer(ca_dir)
+    new = overlap.key("client")
+    assert new != old
+    assert (overlap.auth_dir / "tls.pem").read_bytes() == tls  # kept, not remade
+    assert overlap.key("server") == first.key("server")
+    for key in (old, new):
+        assert authsign(overlap, key, profile="client", csr=csr_for(names, cn))[0] == 200
+    assert overlap.stop()[0] == 143
+
+    assert cli("signer", ca_dir, "--end-overlap", "client").code == 0
+    after = start_signer(ca_dir)
+    status, answer = authsign(after, old, profile="client", csr=csr_for(names, cn))
+    assert (status, message(answer)) == (400, "invalid token")
+    assert authsign(after, new, profile="client", csr=csr_for(names, cn))[0] == 200
+    assert after.stop()[0] == 143
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "text"),
+    [
+        (["--listen", "nonsense"], 3, "not HOST:PORT"),
+        (["--listen", "127.0.0.1:99999"], 3, "not HOST:PORT"),
+        ([], 2, "--listen HOST:PORT is required"),
+        (["--listen", "127.0.0.1:1", "--allow-dns", "global.nomad"], 3, "role names"),
+        (["--listen", "127.0.0.1:1", "--region", "a.b"], 3, "--region"),
+        (["--end-overlap", "server"], 3, "no rotation"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, cli, argv, code, text):
+    ca_dir = make_ca(tmp_path)
+    before = sorted(p.name for p in ca_dir.iterdir())
+    result = cli("signer", ca_dir, *argv)
+    assert result.code == code, result.err
+    assert text in result.err
+    assert len(result.err.strip().splitlines()) == 1
+    assert "Traceback" not in result.err
+    assert sorted(p.name for p in ca_dir.iterdir()) == before
+
+
+def test_a_busy_port_is_a_clear_error(tmp_path, running):
+    done = subprocess.run(
+        [sys.executable, "-m", "cfwrap", "signer", str(running.ca_dir),
+         "--auth-dir", str(tmp_path / "auth"), "--listen", f"127.0.0.1:{running.port}"],
+        capture_output=True, check=False, cwd=ROOT, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 6, done.stderr
+    assert b"address already in use" in done.stderr
+    assert len(done.stderr.decode().strip().splitlines()) <= 6
+    assert b"Traceback" not in done.stderr
+
+
+def test_an_open_key_file_is_refused(tmp_path, cli):
+    ca_dir = make_ca(tmp_path)
+    auth = ca_dir / "signer"
+    auth.mkdir(mode=0o700)
+    (auth / "server.key").write_text("ab" * 32 + "\n")
+    (auth / "server.key").chmod(0o644)
+    result = cli("signer", ca_dir, "--listen", f"127.0.0.1:{free_port()}")
+    assert result.code == 3
+    assert "chmod 600" in result.err
