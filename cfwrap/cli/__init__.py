@@ -20,7 +20,19 @@ from pathlib import Path
 from typing import Any
 
 from cfwrap import __version__
-from cfwrap.cli import ca, cert, doctor, keygen, manifest, quickstart, replay, signer
+from cfwrap.cli import (
+    apply,
+    ca,
+    cert,
+    doctor,
+    keygen,
+    manifest,
+    plan,
+    quickstart,
+    replay,
+    signer,
+    status,
+)
 from cfwrap.cli.options import EPILOG, Parser, find_cfssl
 from cfwrap.cli.output import drop_stdout, emit, flush_stdout, say
 from cfwrap.errors import CfwrapError, ExitCode, InputError
@@ -28,7 +40,7 @@ from cfwrap.errors import CfwrapError, ExitCode, InputError
 log = logging.getLogger("cfwrap")
 
 #: The commands, in the order ``--help`` lists them.
-COMMANDS = (quickstart, ca, cert, keygen, doctor, replay, manifest, signer)
+COMMANDS = (quickstart, ca, cert, keygen, plan, apply, status, doctor, replay, manifest, signer)
 
 
 def build_parser() -> argparse.ArgumentParser:
