@@ -36,12 +36,15 @@ def load(name: str) -> dict[str, Any]:
 def generated() -> dict[str, dict[str, Any]]:
     """Every schema cfwrap checks in, by file name, generated from the models."""
     from cfwrap import manifest
+    from cfwrap.plan import model, state
     from cfwrap.replay import guide, transcript
 
     makers: dict[str, Callable[[], dict[str, Any]]] = {
         manifest.SCHEMA_FILE: manifest.json_schema,
         guide.SCHEMA_FILE: guide.json_schema,
         transcript.SCHEMA_FILE: transcript.json_schema,
+        model.PLAN_SCHEMA_FILE: model.json_schema,
+        state.SCHEMA_FILE: state.json_schema,
     }
     return {name: make() for name, make in makers.items()}
 

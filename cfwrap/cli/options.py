@@ -16,6 +16,8 @@ from cfwrap.cli.output import emit, say
 from cfwrap.errors import CfwrapError, ExitCode
 
 if TYPE_CHECKING:
+    from datetime import timedelta
+
     from pydantic import BaseModel
 
     from cfwrap.kit import KitResult
@@ -243,3 +245,23 @@ def report(result: KitResult, args: argparse.Namespace) -> int:
         if result.backup:
             say(f"cfwrap: the old {result.folder} is kept as {result.backup}")
     return ExitCode.OK
+
+
+def window(text: str) -> timedelta:
+    """A time window: days (``30d``) or a Go duration (``720h``), more than zero."""
+    from datetime import timedelta
+
+    from cfwrap.models import parse_duration
+
+    try:
+        if text.endswith("d") and text[:-1].isdigit():
+            value = timedelta(days=int(text[:-1]))
+        else:
+            value = parse_duration(text)
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(
+            f"{text[:20]!r} is not a window: give days (30d) or hours (720h)"
+        ) from None
+    if value <= timedelta(0) or value > timedelta(days=36500):
+        raise argparse.ArgumentTypeError(f"{text[:20]!r}: give a window of 1 to 36500 days")
+    return value

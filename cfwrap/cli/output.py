@@ -58,3 +58,35 @@ def drop_stdout() -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
+
+
+class ProgressBar:
+    """A one-line bar on stderr while long work runs, shown only on a terminal.
+
+    Piped or redirected, it prints nothing at all, so logs and scripts see no carriage returns.
+    """
+
+    def __init__(self, what: str) -> None:
+        """Show progress of ``what`` (if stderr is a terminal)."""
+        self.what = what
+        stream = sys.stderr
+        self.shown = stream is not None and stream.isatty()
+        self._last = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        """Redraw at each whole percent."""
+        if not self.shown or total <= 0:
+            return
+        percent = done * 100 // total
+        if percent == self._last and done != total:
+            return
+        self._last = percent
+        width = 30
+        filled = width * done // total
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.write(
+                f"\r{self.what} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+            )
+            if done == total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()

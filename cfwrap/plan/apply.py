@@ -1,0 +1,690 @@
+"""``apply``: compare the plan with the tree, say what will change, then change exactly that.
+
+It reads like a plan a person would make: :func:`diff` reads the tree and lists the changes
+(``--dry-run`` stops there); :func:`apply` carries them out. New folders are built in one stage
+inside the tree, flushed with one sync and renamed into place whole; changed folders are
+updated with :class:`files.FileSet` (all of a folder's files or none); what a change replaces
+or a plan no longer names is moved under ``retired/``, never deleted; the plan manifest is
+written last, and only when its bytes change. An unchanged plan writes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from cfwrap import files, gossip, manifest, parsers, verify
+from cfwrap.errors import ConflictError, InputError, VerificationError
+from cfwrap.nomad import CertSpec, signing_config
+from cfwrap.plan import cas, members, rotation, state
+from cfwrap.plan.members import BUNDLE, Configs, Current, Names
+from cfwrap.plan.model import Member, Plan
+from cfwrap.tools import Tool
+
+if TYPE_CHECKING:
+    from cfwrap.issuer import SignRequest
+    from cfwrap.keys import PrivateKey
+
+log = logging.getLogger(__name__)
+
+GOSSIP_FILE = "gossip.key"
+RETIRED = "retired"
+NODES = "nodes"
+OPERATORS = "operators"
+
+Kind = Literal["create", "reissue", "renew", "update"]
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Change:
+    """One line of the plan: ``+`` create, ``~`` update in place, ``-/+`` reissue, ``-`` retire."""
+
+    symbol: str
+    subject: str
+    reason: str
+
+    def line(self) -> str:
+        """As printed: ``+ global/server-1 (server)``."""
+        return f"{self.symbol:>3} {self.subject}" + (f" ({self.reason})" if self.reason else "")
+
+
+@dataclass
+class Work:
+    """What to do to one member."""
+
+    member: Member
+    spec: CertSpec
+    kind: Kind
+    reason: str
+    current: Current | None = None
+    new_key: bool = True
+
+
+@dataclass
+class Diff:
+    """Everything an apply will do, worked out before anything is written."""
+
+    root: Path
+    plan_sha256: str
+    generations: list[cas.Generation]
+    phase: state.Phase
+    new_phase: state.Phase
+    signing: int
+    trusted: list[int]
+    make_generation: int | None
+    retire_generation: int | None
+    work: list[Work]
+    unchanged: list[tuple[Member, Current]]
+    retire: list[str]
+    make_gossip: bool
+    changes: list[Change] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        """True when the apply would write nothing but (perhaps) the plan manifest."""
+        return not self.changes
+
+    def summary(self) -> str:
+        """Terraform's closing line: counts, or an explicit "No changes."."""
+        if self.empty:
+            return "No changes. The tree matches the plan."
+        add = sum(c.symbol == "+" for c in self.changes)
+        change = sum(c.symbol in ("~", "-/+") for c in self.changes)
+        gone = sum(c.symbol == "-" for c in self.changes)
+        return f"Plan: {add} to add, {change} to change, {gone} to retire."
+
+
+def root_of(plan: Plan, plan_path: Path) -> Path:
+    """The tree's root: ``out`` relative to the plan file's folder."""
+    return (plan_path.parent / plan.out).absolute()
+
+
+def _phase_after(
+    phase: state.Phase, generations: list[int], *, rotate: bool
+) -> tuple[state.Phase, int | None, int | None]:
+    """The phase this apply leaves the tree in, and the generation it makes or retires."""
+    if not generations:
+        return "steady", 1, None
+    if not rotate:
+        return phase, None, None
+    if phase == "steady":
+        return "trust-both", generations[-1] + 1, None
+    if phase == "trust-both":
+        return "new-leaves", None, None
+    return "steady", None, generations[0]
+
+
+def _trust(
+    numbers: list[int], phase: state.Phase, make_gen: int | None, retire_gen: int | None
+) -> tuple[list[int], int]:
+    """The generations every bundle trusts after this apply, and the one that signs."""
+    if make_gen is not None:
+        return [*numbers, make_gen], numbers[-1] if numbers else make_gen
+    if phase == "steady":
+        trusted = [n for n in numbers if n != retire_gen]
+        return trusted, trusted[-1]
+    return numbers, numbers[-1] if phase == "new-leaves" else numbers[0]
+
+
+def _current_phase(recorded: state.PlanManifest | None, numbers: list[int]) -> state.Phase:
+    if len(numbers) <= 1:
+        return "steady"
+    if len(numbers) > 2:
+        raise VerificationError(
+            f"{cas.CA_ROOT}/", f"holds {len(numbers)} CA generations; a rotation has two at most"
+        )
+    if recorded is not None and recorded.phase != "steady":
+        return recorded.phase
+    return "trust-both"  # two CAs and no record of a phase: trust both, sign with the older
+
+
+def diff(
+    plan: Plan,
+    plan_path: Path,
+    *,
+    renew_within: timedelta | None = None,
+    keep_key: bool = False,
+    rotate: bool = False,
+    now: datetime | None = None,
+) -> Diff:
+    """Compare the plan with its tree and list what an apply would do; writes nothing.
+
+    Raises:
+        InputError: a member's names, or a rotation asked for while one cannot start.
+        ConflictError: a member's folder changed on disk since cfwrap wrote it.
+        VerificationError: the tree's CA or plan manifest is damaged.
+    """
+    now = now or datetime.now(UTC)
+    root = root_of(plan, plan_path)
+    plan_sha = members.pem_hash(files.read_input(plan_path))
+    recorded = state.load(root)
+    generations = cas.find(root)
+    numbers = [g.number for g in generations]
+    phase = _current_phase(recorded, numbers)
+    if rotate and not numbers:
+        raise InputError("--rotate-ca", "the tree has no CA yet", fix="run apply without it first")
+    new_phase, make_gen, retire_gen = _phase_after(phase, numbers, rotate=rotate)
+    trusted, signing = _trust(numbers, new_phase, make_gen, retire_gen)
+    result = Diff(
+        root=root,
+        plan_sha256=plan_sha,
+        generations=generations,
+        phase=phase,
+        new_phase=new_phase,
+        signing=signing,
+        trusted=trusted,
+        make_generation=make_gen,
+        retire_generation=retire_gen,
+        work=[],
+        unchanged=[],
+        retire=[],
+        make_gossip=plan.gossip and not (root / GOSSIP_FILE).exists(),
+    )
+    if make_gen is not None:
+        result.changes.append(
+            Change("+", f"ca gen-{make_gen}", "a new CA" if numbers else "the CA")
+        )
+    if retire_gen is not None:
+        result.changes.append(Change("-", f"ca gen-{retire_gen}", "the old CA, after rotation"))
+    if result.make_gossip:
+        result.changes.append(Change("+", GOSSIP_FILE, "the servers' gossip key"))
+    signers = {g.number: g for g in generations}
+    wanted: set[str] = set()
+    changed: list[str] = []
+    bundle = None if make_gen is not None else cas.bundle(generations, trusted)
+    for member in plan.members():
+        spec = members.spec_for(plan, member)
+        wanted.add(member.folder)
+        folder = root / member.folder
+        if not folder.exists():
+            result.work.append(Work(member, spec, "create", member.role))
+            result.changes.append(Change("+", member.label, member.role))
+            continue
+        current = members.read_current(folder, spec)
+        if current.changed:
+            changed.append(f"{member.folder}: {current.changed[0]}")
+            continue
+        work = _member_work(
+            member,
+            spec,
+            current,
+            signer=None if make_gen == signing else signers[signing].signer(member.region),
+            signer_name=f"gen-{signing}",
+            bundle=bundle,
+            renew_within=renew_within,
+            keep_key=keep_key,
+            now=now,
+        )
+        if work is None:
+            result.unchanged.append((member, current))
+        else:
+            result.work.append(work)
+            symbol = "~" if work.kind == "update" else "-/+"
+            result.changes.append(Change(symbol, member.label, work.reason))
+    if changed:
+        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+        raise ConflictError(
+            root / changed[0].partition(":")[0],
+            f"changed on disk since cfwrap wrote it: {changed[0].partition(': ')[2]}{more}",
+            fix="restore it, or move the folder away so that apply issues it anew",
+        )
+    for relative in _existing_members(root):
+        if relative not in wanted:
+            result.retire.append(relative)
+            result.changes.append(
+                Change("-", relative.removeprefix(f"{NODES}/"), "not in the plan")
+            )
+    return result
+
+
+def _member_work(
+    member: Member,
+    spec: CertSpec,
+    current: Current,
+    *,
+    signer: cas.Signer | None,
+    signer_name: str,
+    bundle: bytes | None,
+    renew_within: timedelta | None,
+    keep_key: bool,
+    now: datetime,
+) -> Work | None:
+    """What one existing member needs, if anything."""
+    assert current.facts is not None  # noqa: S101 (read_current refuses a folder without it)
+    if signer is None:  # the signing CA is made by this apply
+        return Work(member, spec, "reissue", "the new CA signs it", current)
+    signer_cert = parsers.load_certificate(signer.cert_pem)
+    reason = members.why_reissue(spec, current, signer=signer_cert, signer_name=signer_name)
+    if reason is not None:
+        return Work(member, spec, "reissue", reason, current)
+    left = current.facts.not_after - now
+    if renew_within is not None and left < renew_within:
+        days = left / timedelta(days=1)
+        why = f"expires in {days:.0f} days" if days >= 0 else f"expired {-days:.0f} days ago"
+        return Work(member, spec, "renew", why, current, new_key=not keep_key)
+    if current.cert_pem is not None and not _chain_matches(current.cert_pem, signer.chain_pem):
+        return Work(member, spec, "renew", "its chain file lacks the intermediate", current, False)
+    if bundle is not None and current.bundle != bundle:
+        return Work(member, spec, "update", "the CA bundle changes", current)
+    return None
+
+
+def _chain_matches(cert_pem: bytes, chain_pem: bytes) -> bool:
+    """The certificate file holds the leaf followed by exactly ``chain_pem``."""
+    marker = b"-----END CERTIFICATE-----"
+    end = cert_pem.find(marker)
+    return cert_pem[end + len(marker) :].strip() == chain_pem.strip()
+
+
+def _existing_members(root: Path) -> Iterator[str]:
+    """Member folders on disk: ``nodes/<region>/<name>`` and ``operators/<name>``."""
+    nodes = root / NODES
+    if nodes.is_dir():
+        for region in sorted(nodes.iterdir()):
+            if region.is_dir() and not region.is_symlink():
+                for node in sorted(region.iterdir()):
+                    if node.is_dir() and not node.is_symlink():
+                        yield f"{NODES}/{region.name}/{node.name}"
+    operators = root / OPERATORS
+    if operators.is_dir():
+        for person in sorted(operators.iterdir()):
+            if person.is_dir() and not person.is_symlink():
+                yield f"{OPERATORS}/{person.name}"
+
+
+# --- carrying it out -------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """What an apply did."""
+
+    diff: Diff
+    steps: list[str]
+    manifest_written: bool
+
+
+def _retired_folder(root: Path, now: datetime) -> str:
+    stamp = now.strftime("%Y%m%dT%H%M%SZ")
+    relative, n = f"{RETIRED}/{stamp}", 1
+    while (root / relative).exists():
+        n += 1
+        relative = f"{RETIRED}/{stamp}-{n}"
+    return relative
+
+
+def apply(
+    plan: Plan,
+    plan_path: Path,
+    *,
+    cfssl_tool: Tool,
+    renew_within: timedelta | None = None,
+    keep_key: bool = False,
+    rotate: bool = False,
+    workers: int = 4,
+    wait: float = 0.0,
+    progress: Progress | None = None,
+) -> Outcome:
+    """Bring the tree in line with the plan (see the module's docstring).
+
+    Raises:
+        InputError, ConflictError, VerificationError: see :func:`diff`.
+        ToolFailedError: cfssl failed.
+        FileSystemError: a write failed.
+    """
+    root = root_of(plan, plan_path)
+    if not root.parent.is_dir():
+        raise InputError(
+            f"out {plan.out!r}", f"{root.parent} is not an existing folder", fix="create it first"
+        )
+    with files.FolderLock(root, wait=wait):
+        if not root.exists():
+            root.mkdir(mode=files.DIR_MODE)
+        files.sweep_stages(root)
+        result = diff(plan, plan_path, renew_within=renew_within, keep_key=keep_key, rotate=rotate)
+        _Run(plan, result, cfssl_tool=cfssl_tool, workers=workers, progress=progress).go()
+        written = state.write(root, _plan_manifest(plan, result, cfssl_tool))
+    return Outcome(result, rotation.steps(plan, result.new_phase, result), written)
+
+
+class _Run:
+    """One apply's actions, in order: CA, gossip key, leaves, placing, retiring."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        result: Diff,
+        *,
+        cfssl_tool: Tool,
+        workers: int,
+        progress: Progress | None,
+    ) -> None:
+        self.plan = plan
+        self.d = result
+        self.root = result.root
+        self.tool = cfssl_tool
+        self.workers = workers
+        self.progress = progress
+        self.now = datetime.now(UTC)
+        self.retired = _retired_folder(self.root, self.now)
+        self.tools = [manifest.tool_record(cfssl_tool)]
+        self.checked: set[tuple[str, str, str]] = set()
+        self._by_label: dict[str, Work] = {}
+        self._kept: list[str] = []
+
+    def go(self) -> None:
+        d = self.d
+        if d.empty:
+            return
+        with files.TreeStaging(self.root) as stage:
+            if d.make_generation is not None:
+                made = cas.make(
+                    self.plan, stage=stage, number=d.make_generation, cfssl_tool=self.tool
+                )
+                stage.sync()
+                stage.place(made, self.root / made)
+                stage.settle(self.root / cas.CA_ROOT)
+                d.generations = cas.find(self.root)
+            if d.make_gossip:
+                files.write_new(
+                    self.root / GOSSIP_FILE,
+                    gossip.generate(gossip.DEFAULT_SIZE).encode() + b"\n",
+                    mode=files.SECRET_MODE,
+                )
+            key = self._gossip_key()
+            self.configs = Configs(self.plan, root=self.root, gossip_key=key)
+            self.bundle = cas.bundle(d.generations, d.trusted)
+            self.signing = {g.number: g for g in d.generations}[d.signing]
+            updates = self._issue(stage)
+            stage.sync()
+            placed: list[Path] = []
+            for work in d.work:
+                if work.kind == "create":
+                    target = self.root / work.member.folder
+                    stage.place(work.member.folder, target)
+                    placed.append(target.parent)
+            for relative in self._kept:
+                stage.place(relative, self.root / relative)
+            for relative in d.retire:
+                self._retire(relative, "removed")
+            stage.settle(*placed)
+        for work, new_files in updates:
+            self._update(work, new_files)
+        if d.retire_generation is not None:
+            self._retire(f"{cas.CA_ROOT}/gen-{d.retire_generation}", "ca")
+
+    def _gossip_key(self) -> str | None:
+        if not self.plan.gossip:
+            return None
+        key = files.read_input_text(self.root / GOSSIP_FILE).strip()
+        try:
+            gossip.check(key)
+        except ValueError as e:
+            raise VerificationError(
+                str(self.root / GOSSIP_FILE),
+                str(e),
+                fix="restore it, or move it away for a new one",
+            ) from None
+        return key
+
+    def _issue(self, stage: files.TreeStaging) -> list[tuple[Work, dict[str, tuple[bytes, int]]]]:
+        """Sign every certificate the work needs; stage new folders, return in-place updates."""
+        from cfwrap.issuer import LocalSigner
+
+        updates: list[tuple[Work, dict[str, tuple[bytes, int]]]] = []
+        by_region: dict[str, list[Work]] = {}
+        for work in self.d.work:
+            if work.kind == "update":
+                updates.append((work, self._files(work, None, None)))
+            else:
+                by_region.setdefault(self._signer_key(work), []).append(work)
+        total = sum(len(w) for w in by_region.values())
+        done = 0
+        config = signing_config(
+            [members.spec_for(self.plan, w.member) for w in _one_per_role(self.d.work)]
+        )
+        for region_key, works in by_region.items():
+            signer = self.signing.signer(region_key)
+            keys: dict[str, tuple[PrivateKey, bytes]] = {}
+            with LocalSigner(
+                self.tool,
+                ca_cert_pem=signer.cert_pem,
+                ca_key_pem=signer.key_pem,
+                config=config,
+                workers=self.workers,
+            ) as local:
+                for request, cert_pem in local.sign_all(self._requests(works, keys)):
+                    work = self._by_label[request.label]
+                    key, key_pem = keys.pop(request.label)
+                    self._check(work, cert_pem, key, signer)
+                    new_files = self._files(work, cert_pem + signer.chain_pem, key_pem)
+                    if work.kind == "create":
+                        self._stage_new(stage, work, new_files)
+                    else:
+                        self._stage_replaced(stage, work, new_files)
+                        updates.append((work, new_files))
+                    done += 1
+                    if self.progress is not None:
+                        self.progress(done, total)
+        return updates
+
+    def _signer_key(self, work: Work) -> str:
+        return work.member.region if self.plan.ca.intermediates else ""
+
+    def _requests(
+        self, works: list[Work], keys: dict[str, tuple[PrivateKey, bytes]]
+    ) -> Iterator[SignRequest]:
+        from cfwrap import keys as keymaker
+        from cfwrap.issuer import SignRequest
+
+        for work in works:
+            if work.new_key or work.current is None or work.current.key_pem is None:
+                key = keymaker.new_private_key(work.spec.key)
+                key_pem = keymaker.private_key_pem(key)
+            else:
+                key_pem = work.current.key_pem
+                key = parsers.load_private_key(key_pem)  # type: ignore[assignment]
+            keys[work.member.folder] = (key, key_pem)
+            self._by_label[work.member.folder] = work
+            yield SignRequest(
+                csr_pem=keymaker.csr_pem(key, work.spec.csr()),
+                profile=work.spec.role,
+                hosts=work.spec.hosts(),
+                label=work.member.folder,
+            )
+
+    def _check(self, work: Work, cert_pem: bytes, key: PrivateKey, signer: cas.Signer) -> None:
+        """Refuse a certificate that is not exactly what the plan asked for.
+
+        Every one is parsed and checked (names, usages, issuer, key); the first of each role and
+        region from each CA also goes through Go's path validation and Nomad's role checks
+        (:mod:`cfwrap.verify`): the rest differ from it only in names, checked here.
+        """
+        from cfwrap.nomad import certificate_problems
+
+        cert = parsers.load_certificate(cert_pem)
+        facts = parsers.certificate_facts(cert)
+        problems = certificate_problems(work.spec, facts)
+        signer_cert = parsers.load_certificate(signer.cert_pem)
+        if not parsers.is_issued_by(cert, signer_cert):
+            problems.append("it is not signed by the plan's CA")
+        if cert.public_key() != key.public_key():
+            problems.append("it is not for the member's key")
+        if problems:
+            raise VerificationError(
+                f"the certificate cfssl issued for {work.member.label}", "; ".join(problems)
+            )
+        once = (work.spec.role, work.spec.region, facts.issuer)
+        if once not in self.checked:
+            try:
+                verify.check_issued(
+                    cert,
+                    roots=[signer_cert],
+                    role=work.spec.role,
+                    region=work.spec.region,
+                    now=self.now,
+                )
+            except verify.VerifyError as e:
+                raise VerificationError(
+                    f"the certificate cfssl issued for {work.member.label}",
+                    f"Go would refuse it ({e.rule}): {e.message} [{e.go_error}]",
+                ) from None
+            self.checked.add(once)
+
+    def _files(
+        self, work: Work, cert_file: bytes | None, key_pem: bytes | None
+    ) -> dict[str, tuple[bytes, int]]:
+        """The member's folder content; for an update, only what changes."""
+        names = Names.of(work.spec)
+        new: dict[str, tuple[bytes, int]] = {BUNDLE: (self.bundle, files.PUBLIC_MODE)}
+        if cert_file is not None:
+            new[names.cert] = (cert_file, files.PUBLIC_MODE)
+        if key_pem is not None:
+            new[names.key] = (key_pem, files.SECRET_MODE)
+        new[names.config] = (self.configs.text(work.member, work.spec), Configs.mode(work.member))
+        if work.current is not None:
+            old = {
+                BUNDLE: work.current.bundle,
+                names.cert: work.current.cert_pem,
+                names.key: work.current.key_pem,
+                names.config: work.current.config,
+            }
+            new = {k: v for k, v in new.items() if old.get(k) != v[0]}
+        return new
+
+    def _stage_new(
+        self, stage: files.TreeStaging, work: Work, new: dict[str, tuple[bytes, int]]
+    ) -> None:
+        relative = work.member.folder
+        for name, (data, mode) in new.items():
+            stage.write(f"{relative}/{name}", data, mode=mode)
+        folder = files.StagedFolder(stage, relative)
+        kit_manifest = manifest.build(folder.path, self.tools)
+        _check_folder(kit_manifest, work.member.label)
+        manifest.write(folder.path, kit_manifest, into=folder)
+
+    def _stage_replaced(
+        self, stage: files.TreeStaging, work: Work, new: dict[str, tuple[bytes, int]]
+    ) -> None:
+        """Keep what a reissue replaces (certificate, and the key when it changes)."""
+        assert work.current is not None  # noqa: S101 (only existing members are replaced)
+        names = Names.of(work.spec)
+        old = {names.cert: work.current.cert_pem, names.key: work.current.key_pem}
+        relative = f"{self.retired}/replaced/{work.member.folder}"
+        kept = False
+        for name, data in old.items():
+            if name in new and data is not None:
+                mode = files.SECRET_MODE if name == names.key else files.PUBLIC_MODE
+                stage.write(f"{relative}/{name}", data, mode=mode)
+                kept = True
+        if kept:
+            self._kept.append(relative)
+
+    def _update(self, work: Work, new: dict[str, tuple[bytes, int]]) -> None:
+        """Replace a member's changed files and its manifest together."""
+        folder = self.root / work.member.folder
+        with files.FolderLock(folder):
+            batch = files.FileSet(folder, replace=True, later=(manifest.FILE_NAME,))
+            for name, (data, mode) in new.items():
+                batch.add(name, data, mode=mode)
+            with batch:
+                batch.apply()
+                kit_manifest = manifest.build(folder, self.tools)
+                _check_folder(kit_manifest, work.member.label)
+                manifest.write(folder, kit_manifest, into=batch)
+
+    def _retire(self, relative: str, why: str) -> None:
+        source = self.root / relative
+        target = self.root / self.retired / why / relative
+        target.parent.mkdir(mode=files.DIR_MODE, parents=True, exist_ok=True)
+        try:
+            source.rename(target)
+        except OSError as e:
+            from cfwrap.errors import FileSystemError
+
+            raise FileSystemError(source, e) from e
+
+
+def _one_per_role(work: list[Work]) -> list[Work]:
+    seen: dict[str, Work] = {}
+    for one in work:
+        seen.setdefault(one.spec.role, one)
+    return list(seen.values())
+
+
+def _check_folder(kit_manifest: manifest.Manifest, label: str) -> None:
+    """Refuse a member's folder whose certificate does not chain to its bundle or fit its key."""
+    for artifact in kit_manifest.artifacts:
+        cert = artifact.certificate
+        if (
+            cert is not None
+            and not cert.is_ca
+            and (not cert.chain_verified or not cert.key_pair_verified)
+        ):
+            raise VerificationError(
+                f"{label}/{artifact.path}",
+                "its chain to the CA bundle or its key pairing did not verify",
+            )
+
+
+def _plan_manifest(plan: Plan, result: Diff, tool: Tool) -> state.PlanManifest:
+    """The plan manifest, from the files on disk now."""
+    root = result.root
+    generations = cas.find(root)
+    records = []
+    for member in plan.members():
+        folder = root / member.folder
+        spec = members.spec_for(plan, member)
+        names = Names.of(spec)
+        hashes = members.recorded_hashes(folder) or {}
+        facts = parsers.read_certificate(files.read_input(folder / names.cert))
+        cert = parsers.load_certificate(files.read_input(folder / names.cert))
+        generation = next((g.number for g in generations if _signed_by(cert, g, member.region)), 0)
+        records.append(
+            state.MemberRecord(
+                folder=member.folder,
+                role=member.role,
+                region=member.region,
+                name=member.node.name,
+                address=member.node.address,
+                serial=facts.serial,
+                fingerprint_sha256=facts.fingerprint_sha256,
+                not_before=facts.not_before,
+                not_after=facts.not_after,
+                ca_generation=max(generation, 1),
+                files=hashes,
+            )
+        )
+    return state.PlanManifest(
+        plan_sha256=result.plan_sha256,
+        phase=result.new_phase,
+        signing_generation=result.signing,
+        trusted_generations=result.trusted,
+        cas=[
+            state.CARecord(
+                generation=g.number,
+                folder=g.relative,
+                subject=g.root.facts.subject,
+                serial=g.root.facts.serial,
+                fingerprint_sha256=g.root.facts.fingerprint_sha256,
+                not_after=g.root.facts.not_after,
+                intermediates={r: ca.facts.fingerprint_sha256 for r, ca in g.intermediates.items()},
+            )
+            for g in generations
+        ],
+        members=records,
+        tools=[manifest.tool_record(tool)],
+    )
+
+
+def _signed_by(cert: object, generation: cas.Generation, region: str) -> bool:
+    try:
+        signer = generation.signer(region)
+    except VerificationError:
+        return False
+    return parsers.is_issued_by(cert, parsers.load_certificate(signer.cert_pem))  # type: ignore[arg-type]

@@ -1,0 +1,213 @@
+"""CA generations in a plan's tree: ``ca/gen-<N>/``, one root each.
+
+With intermediates, ``ca/gen-<N>/<region>/`` holds one intermediate CA per region.
+
+Every leaf of a region is signed by that region's signer: the root itself, or the region's
+intermediate. Every member trusts the roots of the trusted generations (one, or two during a
+rotation), so servers of every region trust the same root and can federate.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cfwrap import cfssl, files, kit, manifest, parsers, runner
+from cfwrap.errors import VerificationError
+from cfwrap.models import CSR, CAConstraint, Signing, SigningConfig, SigningProfile, to_cfssl_json
+from cfwrap.nomad import CASpec
+from cfwrap.plan.model import Plan
+from cfwrap.tools import Tool
+
+CA_ROOT = "ca"
+_GENERATION = re.compile(r"gen-([1-9][0-9]{0,5})")
+_INTERMEDIATE_PROFILE = "intermediate"
+
+
+@dataclass(frozen=True)
+class Signer:
+    """A CA that signs leaves: its certificate and key, and the chain a leaf file carries."""
+
+    cert_pem: bytes
+    key_pem: bytes = field(repr=False)
+    #: What follows a leaf in its certificate file: the intermediate, or nothing.
+    chain_pem: bytes
+    facts: parsers.CertFacts
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One CA generation on disk."""
+
+    number: int
+    folder: Path
+    root: kit.CA
+    intermediates: dict[str, kit.CA]
+
+    @property
+    def relative(self) -> str:
+        """Its folder, relative to the tree's root."""
+        return f"{CA_ROOT}/gen-{self.number}"
+
+    def signer(self, region: str) -> Signer:
+        """The CA that signs ``region``'s leaves.
+
+        Raises:
+            VerificationError: the plan wants intermediates but this generation has none for
+                ``region`` (it was made before the region was added).
+        """
+        if not self.intermediates:
+            return Signer(self.root.cert_pem, self.root.key_pem, b"", self.root.facts)
+        ca = self.intermediates.get(region)
+        if ca is None:
+            raise VerificationError(
+                str(self.folder), f"has no intermediate CA for region {region!r}"
+            )
+        return Signer(ca.cert_pem, ca.key_pem, ca.cert_pem, ca.facts)
+
+
+def find(root: Path) -> list[Generation]:
+    """The CA generations present under ``root/ca``, oldest first, each loaded and checked.
+
+    Raises:
+        InputError: a generation's CA cannot sign (expired, not a CA, key mismatch).
+    """
+    folder = root / CA_ROOT
+    if not folder.is_dir():
+        return []
+    numbers = sorted(
+        int(m[1]) for p in folder.iterdir() if (m := _GENERATION.fullmatch(p.name)) and p.is_dir()
+    )
+    return [_load(folder / f"gen-{n}", n) for n in numbers]
+
+
+def _load(folder: Path, number: int) -> Generation:
+    root = kit.load_ca(folder / "ca.pem", folder / "ca-key.pem")
+    intermediates = {
+        p.name: kit.load_ca(p / "ca.pem", p / "ca-key.pem")
+        for p in sorted(folder.iterdir())
+        if p.is_dir() and (p / "ca.pem").exists()
+    }
+    for region, ca in intermediates.items():
+        cert = parsers.load_certificate(ca.cert_pem)
+        if not parsers.is_issued_by(cert, parsers.load_certificate(root.cert_pem)):
+            raise VerificationError(
+                str(ca.cert_path), f"the intermediate of {region} is not signed by {folder}'s root"
+            )
+    return Generation(number, folder, root, intermediates)
+
+
+def _root_spec(plan: Plan, number: int) -> CASpec:
+    return CASpec(
+        common_name=f"{plan.ca.common_name} {number}",
+        expiry=plan.ca.expiry,
+        key=plan.key,
+        # With intermediates the root signs CAs one level down; without, it signs leaves only.
+        path_length=1 if plan.ca.intermediates else 0,
+    )
+
+
+def _intermediate_config(plan: Plan) -> SigningConfig:
+    profile = SigningProfile(
+        usages=("cert sign", "crl sign"),
+        expiry=plan.ca.intermediate_expiry,
+        ca_constraint=CAConstraint(is_ca=True, max_path_len=0, max_path_len_zero=True),
+    )
+    return SigningConfig(
+        signing=Signing(default=profile, profiles={_INTERMEDIATE_PROFILE: profile})
+    )
+
+
+def make(plan: Plan, *, stage: files.TreeStaging, number: int, cfssl_tool: Tool) -> str:
+    """Make generation ``number`` (root, and intermediates per region) inside ``stage``.
+
+    Returns the generation's folder relative to the tree's root, ready to be placed.
+
+    Raises:
+        ToolFailedError: cfssl failed.
+        VerificationError: what cfssl made is not a CA.
+    """
+    relative = f"{CA_ROOT}/gen-{number}"
+    spec = _root_spec(plan, number)
+    csr = spec.csr()
+    issued = cfssl.parse_issued(runner.run(cfssl.initca(cfssl_tool, csr)))
+    _check_ca(issued.cert, "the root CA cfssl made")
+    stage.write(f"{relative}/ca-csr.json", to_cfssl_json(csr), mode=files.PUBLIC_MODE)
+    stage.write(f"{relative}/ca.pem", issued.cert, mode=files.PUBLIC_MODE)
+    stage.write(f"{relative}/ca-key.pem", issued.key, mode=files.SECRET_MODE)
+    if plan.ca.intermediates:
+        _make_intermediates(plan, stage, relative, issued, cfssl_tool, number)
+    folder = files.StagedFolder(stage, relative)
+    manifest.write(
+        folder.path, manifest.build(folder.path, [manifest.tool_record(cfssl_tool)]), into=folder
+    )
+    return relative
+
+
+def _make_intermediates(  # noqa: PLR0917 (private helper of make, called once)
+    plan: Plan,
+    stage: files.TreeStaging,
+    relative: str,
+    root: cfssl.Issued,
+    cfssl_tool: Tool,
+    number: int,
+) -> None:
+    from cfwrap import keys
+
+    config = _intermediate_config(plan)
+    root_cert = parsers.load_certificate(root.cert)
+    with tempfile.TemporaryDirectory(prefix="cfwrap-") as scratch:
+        Path(scratch).chmod(files.DIR_MODE)
+        ca_file, key_file = Path(scratch) / "ca.pem", Path(scratch) / "ca-key.pem"
+        config_file = Path(scratch) / "cfssl.json"
+        files.write_new(ca_file, root.cert, mode=files.PUBLIC_MODE)
+        files.write_new(key_file, root.key, mode=files.SECRET_MODE)
+        files.write_new(config_file, to_cfssl_json(config), mode=files.PUBLIC_MODE)
+        for region in plan.regions:
+            csr = CSR(CN=f"{plan.ca.common_name} {number} {region}"[:64], key=plan.key)
+            key = keys.new_private_key(plan.key)
+            request = keys.csr_pem(key, csr)
+            call = cfssl.sign(
+                cfssl_tool,
+                ca_cert=ca_file,
+                ca_key=key_file,
+                config_file=config_file,
+                config=config,
+                profile=_INTERMEDIATE_PROFILE,
+                csr_pem=request,
+            )
+            cert = cfssl.parse_signed(runner.run(call))
+            facts = _check_ca(cert, f"the intermediate CA of {region} cfssl made")
+            if facts.path_length != 0 or not parsers.is_issued_by(
+                parsers.load_certificate(cert), root_cert
+            ):
+                raise VerificationError(
+                    f"the intermediate CA of {region}",
+                    "it is not signed by the root, or may sign further CAs",
+                )
+            stage.write(
+                f"{relative}/{region}/ca-csr.json", to_cfssl_json(csr), mode=files.PUBLIC_MODE
+            )
+            stage.write(f"{relative}/{region}/ca.csr", request, mode=files.PUBLIC_MODE)
+            stage.write(f"{relative}/{region}/ca.pem", cert, mode=files.PUBLIC_MODE)
+            stage.write(
+                f"{relative}/{region}/ca-key.pem", keys.private_key_pem(key), mode=files.SECRET_MODE
+            )
+
+
+def _check_ca(cert: bytes, what: str) -> parsers.CertFacts:
+    facts = parsers.read_certificate(cert)
+    if not facts.is_ca or "key_cert_sign" not in facts.key_usage:
+        raise VerificationError(what, "it is not a CA with keyCertSign")
+    if facts.not_after <= datetime.now(UTC):
+        raise VerificationError(what, "it has already expired")
+    return facts
+
+
+def bundle(generations: list[Generation], trusted: list[int]) -> bytes:
+    """The CA bundle every member holds as ``ca.pem``: the trusted roots, oldest first."""
+    by_number = {g.number: g for g in generations}
+    return b"".join(by_number[n].root.cert_pem for n in trusted)

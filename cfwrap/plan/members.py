@@ -1,0 +1,237 @@
+"""A member's folder: what it should hold (from the plan) and what it holds now (from disk).
+
+A member is a server, a client agent or an operator. Its folder holds exactly what it needs:
+the CA bundle (``ca.pem``), its certificate (followed by its intermediate, when the plan has
+intermediates) and key, its agent HCL (servers and clients, with the paths the files will have
+on the node; the gossip key for servers only) or the CLI's environment file (operators), and a
+kit manifest of the folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from cfwrap import files, manifest, nomad, parsers
+from cfwrap.errors import InputError
+from cfwrap.models import parse_duration
+from cfwrap.nomad import CertSpec
+from cfwrap.plan.model import Member, Plan
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+BUNDLE = "ca.pem"
+DEFAULT_ADDRESS = "https://127.0.0.1:4646"
+#: cfssl backdates every certificate by five minutes; lifetimes are compared with this slack.
+_LIFETIME_SLACK = timedelta(hours=1)
+_BACKDATE = timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class Names:
+    """The file names in a member's folder."""
+
+    cert: str
+    key: str
+    config: str
+
+    @classmethod
+    def of(cls, spec: CertSpec) -> Names:
+        """Names as ``nomad tls cert create`` and ``cfwrap quickstart`` use them."""
+        config = (
+            f"{spec.region}-cli.env" if spec.role == "cli" else f"{spec.region}-{spec.role}.hcl"
+        )
+        return cls(f"{spec.stem}.pem", f"{spec.stem}-key.pem", config)
+
+
+def spec_for(plan: Plan, member: Member) -> CertSpec:
+    """The certificate the plan wants for ``member``.
+
+    Raises:
+        InputError: a name the certificate cannot carry (named by the member's folder).
+    """
+    from pydantic import ValidationError
+
+    try:
+        return CertSpec(
+            role=member.role,
+            region=member.region,
+            dns_names=member.node.dns,
+            ip_addresses=member.node.ip,
+            expiry=plan.leaf_expiry,
+            key=plan.key,
+        )
+    except ValidationError as e:
+        message = str(e.errors()[0]["msg"]).removeprefix("Value error, ")
+        raise InputError(member.label, message) from None
+
+
+class Configs:
+    """Renders each member's HCL or environment file.
+
+    Agent files are the same for every node of one role in one region, so each is rendered
+    (and read back) once.
+    """
+
+    def __init__(self, plan: Plan, *, root: Path, gossip_key: str | None) -> None:
+        """Render for ``plan``, whose tree is at ``root`` (absolute), with the gossip key."""
+        self.plan = plan
+        self.root = root
+        self.gossip_key = gossip_key
+        self._agents: dict[tuple[str, str], bytes] = {}
+        self._addresses = {
+            region: next((n.address for n in rp.nodes("server") if n.address is not None), None)
+            for region, rp in plan.regions.items()
+        }
+
+    def text(self, member: Member, spec: CertSpec) -> bytes:
+        """The member's configuration file's content."""
+        names = Names.of(spec)
+        if member.role == "cli":
+            folder = self.root / member.folder
+            address = self._addresses.get(member.region)
+            return nomad.cli_env(
+                address=f"https://{address}" if address else DEFAULT_ADDRESS,
+                ca_file=str(folder / BUNDLE),
+                cert_file=str(folder / names.cert),
+                key_file=str(folder / names.key),
+            ).encode()
+        key = (member.role, member.region)
+        if key not in self._agents:
+            tls_dir = self.plan.node_tls_dir.rstrip("/")
+            role: Literal["server", "client"] = "server" if member.role == "server" else "client"
+            self._agents[key] = nomad.agent_hcl(
+                role,
+                region=member.region,
+                ca_file=f"{tls_dir}/{BUNDLE}",
+                cert_file=f"{tls_dir}/{names.cert}",
+                key_file=f"{tls_dir}/{names.key}",
+                gossip_key=self.gossip_key if member.role == "server" else None,
+            ).encode()
+        return self._agents[key]
+
+    @staticmethod
+    def mode(member: Member) -> int:
+        """A server's HCL holds the gossip key: a secret."""
+        return files.SECRET_MODE if member.role == "server" else files.PUBLIC_MODE
+
+
+@dataclass
+class Current:
+    """What a member's folder holds now."""
+
+    folder: Path
+    cert_pem: bytes | None = None
+    key_pem: bytes | None = field(default=None, repr=False)
+    bundle: bytes | None = None
+    config: bytes | None = None
+    cert: x509.Certificate | None = None
+    facts: parsers.CertFacts | None = None
+    #: Where the files disagree with the folder's own manifest (changed on disk).
+    changed: list[str] = field(default_factory=list)
+    hashes: dict[str, str] = field(default_factory=dict)
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return files.read_input(path)
+    except FileNotFoundError:
+        return None
+
+
+def recorded_hashes(folder: Path) -> dict[str, str] | None:
+    """The file hashes the folder's manifest records; None when it has no readable manifest."""
+    data = _read(folder / manifest.FILE_NAME)
+    if data is None:
+        return None
+    try:
+        recorded = manifest.Manifest.model_validate_json(data)
+    except ValueError:
+        return None
+    return {a.path: a.sha256 for a in recorded.artifacts}
+
+
+def read_current(folder: Path, spec: CertSpec) -> Current:
+    """Read a member's folder and compare it with its manifest (a killed update is undone first)."""
+    if (folder / files.JOURNAL).exists():
+        files.recover(folder)
+    names = Names.of(spec)
+    current = Current(folder)
+    current.cert_pem = _read(folder / names.cert)
+    current.key_pem = _read(folder / names.key)
+    current.bundle = _read(folder / BUNDLE)
+    current.config = _read(folder / names.config)
+    recorded = recorded_hashes(folder)
+    if recorded is None:
+        current.changed.append(f"{manifest.FILE_NAME} is missing or damaged")
+        recorded = {}
+    present = {
+        p.name: hashlib.sha256(files.read_input(p)).hexdigest()
+        for p in sorted(folder.iterdir())
+        if p.is_file() and not p.name.startswith(".") and p.name != manifest.FILE_NAME
+    }
+    current.hashes = present
+    for name in sorted(recorded.keys() | present.keys()):
+        if name not in present:
+            current.changed.append(f"{name} is gone")
+        elif name not in recorded:
+            current.changed.append(f"{name} is not in its manifest")
+        elif present[name] != recorded[name]:
+            current.changed.append(f"{name} changed")
+    if current.cert_pem is not None:
+        try:
+            current.cert = parsers.load_certificate(current.cert_pem)
+            current.facts = parsers.certificate_facts(current.cert)
+        except parsers.ParseError as e:
+            current.changed.append(f"{names.cert}: {e}")
+    else:
+        current.changed.append(f"{names.cert} is gone")
+    return current
+
+
+def why_reissue(
+    spec: CertSpec, current: Current, *, signer: x509.Certificate, signer_name: str
+) -> str | None:
+    """Why the member's certificate no longer fits the plan (None when it does)."""
+    facts, cert = current.facts, current.cert
+    assert facts is not None and cert is not None  # noqa: S101 (caller checked)
+    if not parsers.is_issued_by(cert, signer):
+        return f"signed by {facts.issuer}, the plan signs with {signer_name}"
+    if facts.common_name != spec.common_name:
+        return f"its name is {facts.common_name}, the plan says {spec.common_name}"
+    have = sorted([*facts.dns_names, *facts.ip_addresses])
+    want = sorted(str(h) for h in spec.hosts())
+    if have != want:
+        added = sorted(set(want) - set(have))
+        dropped = sorted(set(have) - set(want))
+        parts = ([f"+{', +'.join(added)}"] if added else []) + (
+            [f"-{', -'.join(dropped)}"] if dropped else []
+        )
+        return f"names changed ({'; '.join(parts)})"
+    if (facts.key.algorithm, facts.key.size) != (spec.key.algo, spec.key.size):
+        have_key = f"{facts.key.algorithm} {facts.key.size}"
+        return f"key is {have_key}, the plan says {spec.key.algo} {spec.key.size}"
+    life = facts.not_after - facts.not_before - _BACKDATE
+    if abs(life - parse_duration(spec.expiry)) > _LIFETIME_SLACK:
+        return f"lifetime changed (the plan says {spec.expiry})"
+    return None
+
+
+def days_left(facts: parsers.CertFacts, now: datetime | None = None) -> float:
+    """Days until the certificate expires (negative once it has)."""
+    return (facts.not_after - (now or datetime.now(UTC))) / timedelta(days=1)
+
+
+def pem_hash(data: bytes) -> str:
+    """SHA-256 of a file's bytes, as the manifests record it."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def dump_hashes(hashes: dict[str, str]) -> str:
+    """A stable one-line form, for debugging."""
+    return json.dumps(hashes, sort_keys=True)

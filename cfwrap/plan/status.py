@@ -1,0 +1,187 @@
+"""``status``: every certificate of a plan's tree, its days left and a state.
+
+With ``--connect`` it also dials each node that has an address and compares what it serves.
+
+States: ``ok``; ``expiring`` (inside the window); ``expired``; ``missing`` (no folder or no
+certificate); ``changed`` (a file differs from the folder's manifest: changed on disk). With
+``--connect``: ``serving-other`` (the agent at the node's address serves another certificate)
+and ``unreachable``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cfwrap import files, parsers
+from cfwrap.errors import VerificationError
+from cfwrap.plan import cas, members, state
+from cfwrap.plan.apply import root_of
+from cfwrap.plan.members import BUNDLE, Names
+from cfwrap.plan.model import Member, Plan
+
+OK_STATES = ("ok",)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One certificate's line in the table."""
+
+    node: str
+    role: str
+    region: str
+    issuer: str
+    days_left: float | None
+    not_after: str | None
+    state: str
+    detail: str = ""
+    served: str | None = None
+
+    @property
+    def needs_action(self) -> bool:
+        """Anything but ``ok`` asks for action."""
+        return self.state not in OK_STATES
+
+    def as_dict(self) -> dict[str, object]:
+        """For ``--json``."""
+        return asdict(self)
+
+
+def _issuer_name(cert: object, generations: list[cas.Generation], region: str) -> str:
+    for g in generations:
+        try:
+            signer = g.signer(region)
+        except VerificationError:  # a generation without this region's intermediate
+            continue
+        if parsers.is_issued_by(cert, parsers.load_certificate(signer.cert_pem)):  # type: ignore[arg-type]
+            return f"gen-{g.number}"
+    return "unknown"
+
+
+def rows(
+    plan: Plan, plan_path: Path, *, within: timedelta, now: datetime | None = None
+) -> list[Row]:
+    """A row for each CA generation and each member of the plan."""
+    now = now or datetime.now(UTC)
+    root = root_of(plan, plan_path)
+    generations = cas.find(root)
+    table: list[Row] = []
+    if not generations:
+        table.append(Row("ca", "ca", "-", "-", None, None, "missing", "no CA yet: run apply"))
+    for g in generations:
+        for region, ca in [("-", g.root), *g.intermediates.items()]:
+            left = (ca.facts.not_after - now) / timedelta(days=1)
+            table.append(
+                Row(
+                    f"ca gen-{g.number}" + (f" {region}" if region != "-" else ""),
+                    "ca",
+                    region,
+                    "gen-" + str(g.number) if region != "-" else "self",
+                    round(left, 1),
+                    ca.facts.not_after.isoformat(),
+                    _dated_state(ca.facts.not_after, now, within),
+                )
+            )
+    for member in plan.members():
+        table.append(_member_row(plan, member, root, generations, within=within, now=now))
+    return table
+
+
+def _dated_state(not_after: datetime, now: datetime, within: timedelta) -> str:
+    if not_after <= now:
+        return "expired"
+    if not_after - now < within:
+        return "expiring"
+    return "ok"
+
+
+def _member_row(
+    plan: Plan,
+    member: Member,
+    root: Path,
+    generations: list[cas.Generation],
+    *,
+    within: timedelta,
+    now: datetime,
+) -> Row:
+    spec = members.spec_for(plan, member)
+    folder = root / member.folder
+    base = {"node": member.label, "role": member.role, "region": member.region}
+    if not folder.is_dir():
+        return Row(**base, issuer="-", days_left=None, not_after=None, state="missing",
+                   detail="not issued yet: run apply")  # fmt: skip
+    current = members.read_current(folder, spec)
+    if current.facts is None or current.cert is None:
+        return Row(**base, issuer="-", days_left=None, not_after=None, state="missing",
+                   detail=current.changed[0] if current.changed else "no certificate")  # fmt: skip
+    facts = current.facts
+    issuer = _issuer_name(current.cert, generations, member.region)
+    left = round(members.days_left(facts, now), 1)
+    row_state = _dated_state(facts.not_after, now, within)
+    detail = ""
+    if current.changed:
+        row_state, detail = "changed", current.changed[0]
+    return Row(**base, issuer=issuer, days_left=left, not_after=facts.not_after.isoformat(),
+               state=row_state, detail=detail)  # fmt: skip
+
+
+def connect(plan: Plan, plan_path: Path, table: list[Row]) -> list[Row]:
+    """Dial every member with an address; compare what it serves with its folder's certificate."""
+    from cfwrap.doctor.connect import connect as dial
+
+    root = root_of(plan, plan_path)
+    by_label = {m.label: m for m in plan.members()}
+    operator = next((m for m in plan.members() if m.role == "cli"), None)
+    cert = key = None
+    if operator is not None:
+        names = Names.of(members.spec_for(plan, operator))
+        cert, key = root / operator.folder / names.cert, root / operator.folder / names.key
+        if not (cert.exists() and key.exists()):
+            cert = key = None
+    out: list[Row] = []
+    for row in table:
+        member = by_label.get(row.node)
+        if member is None or member.node.address is None or row.state == "missing":
+            out.append(row)
+            continue
+        folder = root / member.folder
+        names = Names.of(members.spec_for(plan, member))
+        presented = dial(
+            member.node.address,
+            ca=folder / BUNDLE,
+            cert=cert,
+            key=key,
+            server_name=f"{member.role}.{member.region}.nomad",
+        )
+        mine = parsers.read_certificate(files.read_input(folder / names.cert))
+        if presented.certificate_der is None:
+            out.append(_with(row, "unreachable", presented.error, "-"))
+            continue
+        served = parsers.certificate_facts(parsers.load_der_certificate(presented.certificate_der))
+        if served.fingerprint_sha256 != mine.fingerprint_sha256:
+            out.append(
+                _with(
+                    row,
+                    "serving-other",
+                    f"{member.node.address} serves serial {served.serial[:16]}..., "
+                    f"the tree holds {mine.serial[:16]}...",
+                    "other",
+                )
+            )
+        elif not presented.verified:
+            out.append(_with(row, "serving-other", f"does not verify: {presented.error}", "same"))
+        else:
+            out.append(_with(row, row.state, row.detail, "same"))
+    return out
+
+
+def _with(row: Row, new_state: str, detail: str, served: str) -> Row:
+    return Row(row.node, row.role, row.region, row.issuer, row.days_left, row.not_after,
+               new_state, detail, served)  # fmt: skip
+
+
+def phase(plan: Plan, plan_path: Path) -> str:
+    """The rotation phase the plan manifest records (``steady`` without one)."""
+    recorded = state.load(root_of(plan, plan_path))
+    return recorded.phase if recorded is not None else "steady"
