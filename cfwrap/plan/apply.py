@@ -196,6 +196,7 @@ def diff(
     signers = {g.number: g for g in generations}
     wanted: set[str] = set()
     changed: list[str] = []
+    # A bundle holding a CA made by this apply cannot be known yet; it differs from every one.
     bundle = None if make_gen is not None else cas.bundle(generations, trusted)
     for member in plan.members():
         spec = members.spec_for(plan, member)
@@ -269,7 +270,7 @@ def _member_work(
         return Work(member, spec, "renew", why, current, new_key=not keep_key)
     if current.cert_pem is not None and not _chain_matches(current.cert_pem, signer.chain_pem):
         return Work(member, spec, "renew", "its chain file lacks the intermediate", current, False)
-    if bundle is not None and current.bundle != bundle:
+    if bundle is None or current.bundle != bundle:
         return Work(member, spec, "update", "the CA bundle changes", current)
     return None
 

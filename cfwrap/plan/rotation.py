@@ -30,8 +30,16 @@ def steps(plan: Plan, phase: Phase, d: Diff) -> list[str]:
     """
     tls = plan.node_tls_dir
     reload = "send SIGHUP to its Nomad agent (`systemctl reload nomad`, or `kill -HUP <pid>`)"
-    if d.phase == phase and phase == "steady":
-        return []
+    if d.phase == phase:
+        if phase == "steady":
+            return []
+        number, next_step = (
+            (1, "2 (reissue every leaf)") if phase == "trust-both" else (2, "3 (drop the old CA)")
+        )
+        return [
+            f"A CA rotation is in progress: phase {number} of 3 is done. When every node has "
+            f"its new files and reloaded, run `cfwrap apply PLAN --rotate-ca` for phase {next_step}."
+        ]
     if phase == "trust-both":
         new = d.trusted[-1]
         return [
