@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -378,58 +378,125 @@ def issue_cert(
             f"the certificate would outlive its CA, which expires on {ca.facts.not_after:%Y-%m-%d}",
             fix=f"use at most {int(left / timedelta(hours=1))}h, or make a new CA",
         )
+    config = nomad.signing_config([spec])
+    config_json = to_cfssl_json(config)
+
+    def issue() -> cfssl.Issued:
+        with tempfile.TemporaryDirectory(prefix="cfwrap-") as scratch:
+            # cfssl reads -config and -ca from files; they reach the folder only with the rest.
+            Path(scratch).chmod(files.DIR_MODE)  # mkdtemp's 0700 is cut by the umask (077 -> 000)
+            # The CA's key too: cfssl then signs with exactly the bytes cfwrap checked, whatever
+            # the path given now holds (a file swapped for a FIFO would hang cfssl).
+            scratch_config = Path(scratch) / CONFIG_FILE
+            scratch_ca = Path(scratch) / f"{CA_STEM}.pem"
+            scratch_key = Path(scratch) / f"{CA_STEM}-key.pem"
+            files.write_new(scratch_config, config_json, mode=files.PUBLIC_MODE)
+            files.write_new(scratch_ca, ca.cert_pem, mode=files.PUBLIC_MODE)
+            files.write_new(scratch_key, ca.key_pem, mode=files.SECRET_MODE)
+            (issued,) = _issue_all(
+                cfssl_tool,
+                ca_cert=scratch_ca,
+                ca_key=scratch_key,
+                config_file=scratch_config,
+                config=config,
+                specs=[spec],
+            )
+        return issued
+
+    extra = (
+        (f"{spec.stem}-{CONFIG_FILE}", config_json),
+        (f"{spec.stem}-csr.json", to_cfssl_json(spec.csr())),
+    )
+    return issue_into_folder(
+        out,
+        ca_pem=ca.cert_pem,
+        ca_name=str(ca.cert_path),
+        spec=spec,
+        issue=issue,
+        tools=[manifest.tool_record(cfssl_tool)],
+        extra=extra,
+        force=force,
+        wait=wait,
+    )
+
+
+def issue_into_folder(
+    out: Path,
+    *,
+    ca_pem: bytes,
+    ca_name: str,
+    spec: CertSpec,
+    issue: Callable[[], cfssl.Issued],
+    tools: Sequence[manifest.ToolRecord],
+    extra: Sequence[tuple[str, bytes]] = (),
+    force: bool = False,
+    wait: float = 0.0,
+) -> KitResult:
+    """Land one checked certificate (from ``issue``) and its key in ``out``, all or nothing.
+
+    Used by :func:`issue_cert` (cfssl here) and by remote issuance (a signer elsewhere):
+    every target and the folder's manifest are checked before ``issue`` runs; ``extra`` public
+    files land with the certificate; the manifest is rebuilt last from what is on disk.
+
+    Raises:
+        InputError: the folder holds another CA.
+        ConflictError: an output exists (without ``force``), or the folder is locked.
+        VerificationError: the folder's manifest is damaged, or a written file fails its chain.
+    """
     files.check_target_folder(out, force=True)
+
+    def into(folder: Path, *, replace: bool) -> list[str]:
+        return _issue_into(
+            folder,
+            ca_pem=ca_pem,
+            ca_name=ca_name,
+            spec=spec,
+            issue=issue,
+            tools=tools,
+            extra=extra,
+            force=replace,
+        )
+
     if not out.exists():
         with files.Staging(out, force=False, wait=wait) as staging:
-            written = _issue_into(staging.path, cfssl_tool=cfssl_tool, ca=ca, spec=spec)
+            written = into(staging.path, replace=False)
             staging.commit()
         return KitResult(out, (*written, manifest.FILE_NAME))
     with files.FolderLock(out, wait=wait):
-        written = _issue_into(out, cfssl_tool=cfssl_tool, ca=ca, spec=spec, force=force)
+        written = into(out, replace=force)
     return KitResult(out, (*written, manifest.FILE_NAME))
 
 
 def _issue_into(
-    folder: Path, *, cfssl_tool: Tool, ca: CA, spec: CertSpec, force: bool = False
+    folder: Path,
+    *,
+    ca_pem: bytes,
+    ca_name: str,
+    spec: CertSpec,
+    issue: Callable[[], cfssl.Issued],
+    tools: Sequence[manifest.ToolRecord],
+    extra: Sequence[tuple[str, bytes]],
+    force: bool = False,
 ) -> list[str]:
     """Issue ``spec`` and land its files and the folder's new manifest together."""
-    tools = [manifest.tool_record(cfssl_tool)]
+    known = list(tools)
     if (folder / manifest.FILE_NAME).exists() or (folder / manifest.FILE_NAME).is_symlink():
-        old = manifest.load(folder)  # a damaged manifest stops us here, before cfssl runs
-        tools = list({t.sha256 + t.path: t for t in [*old.tools, *tools]}.values())
+        old = manifest.load(folder)  # a damaged manifest stops us here, before anything is issued
+        known = list({t.sha256 + t.path: t for t in [*old.tools, *known]}.values())
     ca_copy = folder / f"{CA_STEM}.pem"
-    ca_pem = ca.cert_pem
     if ca_copy.exists() and files.read_input(ca_copy) != ca_pem:
         raise InputError(
             str(ca_copy),
-            f"holds another CA than {ca.cert_path}",
+            f"holds another CA than {ca_name}",
             fix="issue into a folder of this CA's kit, or a new folder",
         )
-    config = nomad.signing_config([spec])
-    config_json = to_cfssl_json(config)
     batch = files.FileSet(folder, replace=force, later=(manifest.FILE_NAME,))
-    batch.add(f"{spec.stem}-{CONFIG_FILE}", config_json, mode=files.PUBLIC_MODE)
-    batch.add(f"{spec.stem}-csr.json", to_cfssl_json(spec.csr()), mode=files.PUBLIC_MODE)
-    batch.check()  # before cfssl runs: a refusal costs nothing
-    with tempfile.TemporaryDirectory(prefix="cfwrap-") as scratch:
-        # cfssl reads -config and -ca from files; they reach the folder only with the rest.
-        Path(scratch).chmod(files.DIR_MODE)  # mkdtemp's 0700 is cut by the umask (077 -> 000)
-        # The CA's key too: cfssl then signs with exactly the bytes cfwrap checked, whatever the
-        # path given now holds (a file swapped for a FIFO would hang cfssl).
-        scratch_config = Path(scratch) / CONFIG_FILE
-        scratch_ca = Path(scratch) / f"{CA_STEM}.pem"
-        scratch_key = Path(scratch) / f"{CA_STEM}-key.pem"
-        files.write_new(scratch_config, config_json, mode=files.PUBLIC_MODE)
-        files.write_new(scratch_ca, ca_pem, mode=files.PUBLIC_MODE)
-        files.write_new(scratch_key, ca.key_pem, mode=files.SECRET_MODE)
-        (issued,) = _issue_all(
-            cfssl_tool,
-            ca_cert=scratch_ca,
-            ca_key=scratch_key,
-            config_file=scratch_config,
-            config=config,
-            specs=[spec],
-        )
+    for name, data in extra:
+        batch.add(name, data, mode=files.PUBLIC_MODE)
+    for name, _, mode in _issued_files(spec.stem, cfssl.Issued(b"", b"", b"")):
+        batch.add(name, b"", mode=mode)  # checked now; the real bytes come after issuing
+    batch.check()  # before anything is issued: a refusal costs nothing
+    issued = issue()
     for name, data, mode in _issued_files(spec.stem, issued):
         batch.add(name, data, mode=mode)
     if not ca_copy.exists():
@@ -437,7 +504,7 @@ def _issue_into(
         batch.add(ca_copy.name, ca_pem, mode=files.PUBLIC_MODE)
     with batch:
         batch.apply()
-        folder_manifest = manifest.build(folder, tools)
+        folder_manifest = manifest.build(folder, known)
         _check_kit(folder_manifest, only=batch.names)
         manifest.write(folder, folder_manifest, into=batch)
     return batch.names
