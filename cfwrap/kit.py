@@ -91,6 +91,15 @@ def _check_issued(spec: CertSpec, issued: cfssl.Issued, ca_cert: bytes) -> None:
         )
 
 
+def check_issued(spec: CertSpec, issued: cfssl.Issued, ca_cert: bytes) -> None:
+    """Refuse a certificate from any signer unless it is exactly what ``spec`` asked for.
+
+    Raises:
+        VerificationError: names, usages, chain, key pairing, or Go's and Nomad's checks.
+    """
+    _check_issued(spec, issued, ca_cert)
+
+
 def _check_as_go_would(spec: CertSpec, cert: x509.Certificate, ca_cert: bytes) -> None:
     """Refuse a certificate a Nomad agent would refuse in its role (``verify``, Go's rules)."""
     try:
