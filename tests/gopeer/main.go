@@ -453,7 +453,109 @@ func (j *judge) run() Verdict {
 	return v
 }
 
+// Side is one real agent's files, as its agent configuration names them, and its region.
+type Side struct {
+	CA     string `json:"ca"`
+	Cert   string `json:"cert"`
+	Key    string `json:"key"`
+	Region string `json:"region"`
+}
+
+// Pair is one RPC connection between two real agents: Dialer dials Listener's region.
+type Pair struct {
+	Name     string `json:"name"`
+	Listener Side   `json:"listener"`
+	Dialer   Side   `json:"dialer"`
+}
+
+// PairVerdict is what happened on that connection, as each side saw it.
+type PairVerdict struct {
+	Name        string `json:"name"`
+	OK          bool   `json:"ok"`
+	ServerError string `json:"server_error,omitempty"`
+	ClientError string `json:"client_error,omitempty"`
+	// RaftError is validateRaftTLS on the dialer's verified certificate (empty: it passes).
+	RaftError string `json:"raft_error,omitempty"`
+}
+
+func loadSide(s Side) (tls.Certificate, *x509.CertPool, error) {
+	caPEM, err := os.ReadFile(s.CA)
+	if err != nil {
+		return tls.Certificate{}, nil, err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(caPEM) {
+		return tls.Certificate{}, nil, fmt.Errorf("no certificate in %s", s.CA)
+	}
+	leaf, err := tls.LoadX509KeyPair(s.Cert, s.Key)
+	return leaf, pool, err
+}
+
+// rpcPair runs one connection with no reference peer: the listener is configured as a Nomad
+// server's RPC listener in its region (nomad/server.go getTLSConf: IncomingTLSConfig with
+// VerifyPeerCertificate = rpcNameAndRegionValidator(region) under verify_server_hostname), the
+// dialer as Nomad's outgoing RPC to that region (helper/tlsutil OutgoingTLSWrapper: ServerName
+// server.<target region>.nomad, the configured certificate always presented).
+func rpcPair(p Pair) PairVerdict {
+	v := PairVerdict{Name: p.Name}
+	lLeaf, lPool, err := loadSide(p.Listener)
+	if err != nil {
+		v.ServerError = clean(err)
+		return v
+	}
+	dLeaf, dPool, err := loadSide(p.Dialer)
+	if err != nil {
+		v.ClientError = clean(err)
+		return v
+	}
+	server := &tls.Config{MinVersion: tls.VersionTLS12, CipherSuites: nomadCiphers}
+	server.Certificates = []tls.Certificate{lLeaf}
+	server.ClientAuth = tls.RequireAndVerifyClientCert
+	server.ClientCAs = lPool
+	server.VerifyPeerCertificate = rpcNameAndRegionValidator(p.Listener.Region)
+	client := &tls.Config{MinVersion: tls.VersionTLS12, CipherSuites: nomadCiphers}
+	client.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+		return &dLeaf, nil
+	}
+	client.RootCAs = dPool
+	client.ServerName = "server." + p.Listener.Region + ".nomad"
+	out := handshake(server, client)
+	v.ServerError, v.ClientError = clean(out.serverErr), clean(out.clientErr)
+	v.OK = out.err() == nil
+	if v.OK {
+		chains := out.serverState.VerifiedChains
+		if len(chains) == 0 || len(chains[0]) == 0 {
+			v.RaftError = "missing certificate information"
+		} else {
+			v.RaftError = clean(validateRaftTLS(chains[0][0], p.Listener.Region))
+		}
+	}
+	return v
+}
+
+// pairsMain is `gopeer rpc-pair`: a JSON list of pairs on stdin, a JSON list of verdicts out.
+func pairsMain() {
+	var pairs []Pair
+	if err := json.NewDecoder(os.Stdin).Decode(&pairs); err != nil {
+		fmt.Fprintf(os.Stderr, "gopeer: reading pairs from stdin: %v\n", err)
+		os.Exit(2)
+	}
+	verdicts := make([]PairVerdict, len(pairs))
+	for i, p := range pairs {
+		verdicts[i] = rpcPair(p)
+	}
+	out := json.NewEncoder(os.Stdout)
+	out.SetIndent("", "  ")
+	if err := out.Encode(verdicts); err != nil {
+		os.Exit(1)
+	}
+}
+
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == "rpc-pair" {
+		pairsMain()
+		return
+	}
 	var cases []Case
 	if err := json.NewDecoder(os.Stdin).Decode(&cases); err != nil {
 		fmt.Fprintf(os.Stderr, "gopeer: reading cases from stdin: %v\n", err)
