@@ -8,6 +8,10 @@
 // It reads a JSON list of cases on stdin and prints one JSON verdict per case and role. Each
 // role's connections are made against reference peers from an in-memory CA that the candidate's
 // side also trusts, so only the candidate's certificate is on trial. Standard library only.
+//
+// `gopeer rpc-pair` judges no candidate against reference peers: it connects two real agents'
+// files (a server's RPC listener of one region, and a dialer of any region) and reports what
+// each side saw, so a test can show which cross-region RPC connections Nomad allows.
 package main
 
 import (
