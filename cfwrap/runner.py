@@ -438,6 +438,12 @@ def _start(
         with contextlib.suppress(OSError, AttributeError):
             os.kill(running.pid, signal.SIGKILL)
         raise
+    if service:
+        # Output is read while a service runs (why it stopped, say): each chunk is handed over
+        # as it is read, not once 64 KiB have gathered. The read size stays 64 KiB (sh's
+        # bufsize 0 from the start would read one byte at a time).
+        running.process.change_out_bufsize(0)
+        running.process.change_err_bufsize(0)
     timed_out = threading.Event()
 
     # sh's own _timeout (and wait(timeout=)) polls every 100 ms, which would cost more than a

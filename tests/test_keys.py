@@ -34,7 +34,7 @@ def test_keys_load_with_openssl_in_cfssljson_pem_form(tmp_path, spec):
     assert pem.startswith(LABELS[spec.algo])  # SEC1 / PKCS#1, as cfssljson writes them
     facts = parsers.read_private_key(pem)
     assert (facts.algorithm, facts.size) == (spec.algo, spec.size)
-    path = tmp_path / "key.pem"
+    path = tmp_path / "leaf-key.pem"
     path.write_bytes(pem)
     path.chmod(0o600)
     subprocess.run(["openssl", "pkey", "-in", path, "-noout"], check=True)
