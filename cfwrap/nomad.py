@@ -436,9 +436,67 @@ def _first_block(data: dict[str, Any], name: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+#: One line of the HCL that :func:`agent_hcl` writes: blank, a comment, ``name {``, ``}``, or
+#: ``name = true``, ``false`` or a string whose only escapes are a backslash before ``\`` or ``"``.
+_OWN_HCL_LINE = re.compile(
+    r" *(?:(?P<comment>#.*)"
+    r"|(?P<close>\})"
+    r"|(?P<block>[a-z][a-z_]*) +\{"
+    r"|(?P<name>[a-z][a-z_]*) *= *"
+    r'(?:(?P<bool>true|false)|"(?P<string>(?:[^"\\]|\\["\\])*)")'
+    r")? *"
+)
+_OWN_HCL_ESCAPE = re.compile(r'\\(["\\])')
+
+
+def read_own_hcl(text: str) -> dict[str, Any]:
+    """Read back the HCL that :func:`agent_hcl` writes, shaped as :func:`parse_hcl` returns it.
+
+    python-hcl2 builds its lark parser anew in every process (about 0.2 s, most of a quickstart's
+    run), so cfwrap's own output is read by this reader of exactly the subset it writes (see
+    ``_OWN_HCL_LINE``), one level of blocks deep. Anything else is refused: another escape, a
+    template (``${``, ``%{``), a control character, a repeated attribute, a nested or unclosed
+    block. So whatever it accepts, HCL reads the same way; tests hold it to python-hcl2 on
+    generated texts. Files cfwrap did not write are read by :func:`parse_hcl`.
+
+    Raises:
+        HclSyntaxError: the text is not in that subset; the message gives the line, never text.
+    """
+    from cfwrap.text import first_unsafe
+
+    data: dict[str, Any] = {}
+    block: dict[str, Any] | None = None
+    for number, line in enumerate(text.split("\n"), start=1):
+        match = _OWN_HCL_LINE.fullmatch(line)
+        refused = HclSyntaxError(f"not the HCL cfwrap writes, at line {number}")
+        if match is None or first_unsafe(line):
+            raise refused
+        name, string = match["name"], match["string"]
+        if match["close"]:
+            if block is None:
+                raise refused
+            block = None
+        elif match["block"]:
+            if block is not None or not isinstance(data.get(match["block"], []), list):
+                raise refused
+            block = {}
+            data.setdefault(match["block"], []).append(block)
+        elif name:
+            into = data if block is None else block
+            if name in into or (string is not None and ("${" in string or "%{" in string)):
+                raise refused
+            if string is not None:
+                into[name] = _OWN_HCL_ESCAPE.sub(r"\1", string)
+            else:
+                into[name] = match["bool"] == "true"
+    if block is not None:
+        raise HclSyntaxError("not the HCL cfwrap writes: a block is not closed")
+    return data
+
+
 def _read_back(text: str, *, region: str, files: dict[str, str], gossip_key: str | None) -> None:
-    """Parse rendered HCL and refuse it unless it says what it was rendered from."""
-    data = parse_hcl(text)
+    """Read rendered HCL back and refuse it unless it says what it was rendered from."""
+    data = read_own_hcl(text)
     tls = _first_block(data, "tls")
     said = {
         "region": data.get("region"),
