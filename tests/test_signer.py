@@ -56,9 +56,9 @@ class RunningSigner:
         return self.process.returncode, err.decode()
 
 
-def start_signer(ca_dir: Path, *extra: str) -> RunningSigner:
-    """Start ``cfwrap signer`` for ``ca_dir`` on a free loopback port; wait for signer.json."""
-    port = free_port()
+def start_signer(ca_dir: Path, *extra: str, port: int | None = None) -> RunningSigner:
+    """Start ``cfwrap signer`` for ``ca_dir`` on a (free) loopback port; wait for signer.json."""
+    port = port or free_port()
     argv = [sys.executable, "-m", "cfwrap", "signer", str(ca_dir),
             "--listen", f"127.0.0.1:{port}", *extra]  # fmt: skip
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
