@@ -96,12 +96,15 @@ class _Secrets:
                 if len(der) >= _MIN_SECRET:
                     self.literals.add(der)
 
-    def patterns(self) -> tuple[list[bytes], list[re.Pattern[bytes]]]:
+    def patterns(self, *, numbers: bool = True) -> tuple[list[bytes], list[re.Pattern[bytes]]]:
+        if not numbers:  # the keys' numbers are derived (about 1 ms a key) only when needed
+            with self.lock:
+                return sorted(self.literals, key=len, reverse=True), []
         with self.lock:
             pending, self.pending = self.pending, []
-        numbers = [_hex_pattern(n) for der in pending for n in _private_numbers(der)]
+        found = [_hex_pattern(n) for der in pending for n in _private_numbers(der)]
         with self.lock:
-            self.numbers += [n for n in numbers if n is not None]
+            self.numbers += [n for n in found if n is not None]
             # Longest first, so a value that contains another is removed whole.
             return sorted(self.literals, key=len, reverse=True), list(self.numbers)
 
@@ -179,8 +182,15 @@ def _hex_pattern(number: bytes) -> re.Pattern[bytes] | None:
     return re.compile(rb"[\s:]*".join(b"%02x" % b for b in number), re.I)
 
 
+# The start of any private number's hex form: 16 hex digits, with colons or white space between
+# (a fixed count: a match of a whole megabyte-long run would cost its length in memory). Text
+# without one cannot hold a number, so it skips them: a plan remembers thousands of keys, and
+# each number is a compiled pattern of its own (about 1 ms each, then a scan per redaction).
+_HEX_DIGITS = re.compile(rb"[0-9A-Fa-f](?:[\s:]*[0-9A-Fa-f]){%d}" % (_MIN_SECRET - 1))
+
+
 def _redact_values(data: bytes) -> bytes:
-    literals, numbers = _SECRETS.patterns()
+    literals, numbers = _SECRETS.patterns(numbers=_HEX_DIGITS.search(data) is not None)
     for literal in literals:
         if literal in data:
             data = data.replace(literal, b"[secret removed]")
