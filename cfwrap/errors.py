@@ -23,6 +23,8 @@ class ExitCode(enum.IntEnum):
     VERIFY_FAILED = 7  # a check of what exists on disk failed
     FILESYSTEM = 8  # the operating system refused a read or write
     NEEDS_ACTION = 9  # status: a certificate is expiring, expired, missing or changed on disk
+    RENEWED = 10  # renew: at least one certificate was renewed (0: nothing was due)
+    EXEC_FAILED = 11  # renew: certificates were renewed, but the --exec command failed
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT); the output was rolled back
     BROKEN_PIPE = 141  # standard output was closed by its reader (128 + SIGPIPE), as Unix tools
     TERMINATED = 143  # SIGTERM (128 + SIGTERM); the output was rolled back
