@@ -7,7 +7,9 @@ so ``cfwrap manifest DIR`` can rebuild it and report any disagreement.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import json
 import stat
 from datetime import UTC, datetime
@@ -21,6 +23,7 @@ from cfwrap.errors import VerificationError
 from cfwrap.nomad import parse_file_stem, role_of
 
 if TYPE_CHECKING:
+    import jsonschema
     from cryptography import x509
 
     from cfwrap.files import FileSet, StagedFolder
@@ -128,29 +131,52 @@ def _pair_stem(name: str) -> str:
     return name
 
 
+_Parsed = tuple["x509.Certificate", parsers.CertFacts, tuple["x509.Certificate", ...]]
+
+
+@functools.lru_cache(maxsize=32)
+def _parse_certificates(data: bytes) -> _Parsed:
+    """The first certificate, its facts, and the ones after it.
+
+    Cached by content: a plan's thousands of folders hold the same CA bundle.
+
+    Raises:
+        ParseError: a damaged certificate.
+    """
+    cert = parsers.load_certificate(data)
+    facts = parsers.certificate_facts(cert)
+    more: tuple[x509.Certificate, ...] = ()
+    if data.count(b"-----BEGIN CERTIFICATE-----") > 1:
+        more = tuple(parsers.load_certificates(data)[1:])
+    return cert, facts, more
+
+
 class _Read:
     """One file's bytes and what parsing them found."""
 
-    def __init__(self, path: Path) -> None:
-        from cfwrap.files import read_input
-
+    def __init__(self, path: Path, data: bytes, mode: int) -> None:
+        """Parse ``data``, the content of ``path`` (whose mode is ``mode``)."""
         self.path = path
-        self.data = read_input(path)
-        self.mode = stat.S_IMODE(path.stat().st_mode)
+        self.data = data
+        self.mode = mode
         self.pem = parsers.pem_kind(self.data) if path.suffix in (".pem", ".csr") else None
         self.cert: x509.Certificate | None = None
         self.facts: parsers.CertFacts | None = None
         #: The certificates after the first: a CA bundle's other CAs (during a CA rotation), or
         #: a leaf's intermediates (Nomad's cert_file may hold the chain).
-        self.more: list[x509.Certificate] = []
+        self.more: tuple[x509.Certificate, ...] = ()
         if self.pem == "certificate":
             try:
-                self.cert = parsers.load_certificate(self.data)
-                self.facts = parsers.certificate_facts(self.cert)
-                if self.data.count(b"-----BEGIN CERTIFICATE-----") > 1:
-                    self.more = parsers.load_certificates(self.data)[1:]
+                self.cert, self.facts, self.more = _parse_certificates(self.data)
             except parsers.ParseError:
                 self.pem = None
+
+    @classmethod
+    def from_disk(cls, path: Path) -> _Read:
+        """Read ``path``."""
+        from cfwrap.files import read_input
+
+        return cls(path, read_input(path), stat.S_IMODE(path.stat().st_mode))
 
     def private_key_hash(self) -> str | None:
         """The SHA-256 of the public half of the private key this file holds; None if none.
@@ -178,7 +204,7 @@ def scan(folder: Path) -> list[Artifact]:
         OSError: the folder or a file cannot be read.
     """
     reads = {
-        p.name: _Read(p)
+        p.name: _Read.from_disk(p)
         for p in sorted(folder.iterdir())
         if p.is_file() and not p.is_symlink() and p.name != FILE_NAME and not p.name.startswith(".")
     }
@@ -255,7 +281,7 @@ def _chain_verified(read: _Read, cas: list[x509.Certificate]) -> bool:
     """Signed by a CA of the folder, directly or through the intermediates in its own file."""
     assert read.cert is not None and read.facts is not None  # noqa: S101 (caller checked)
     chain = [read.cert] if read.facts.is_ca else [read.cert, *read.more]
-    for child, parent in zip(chain, chain[1:], strict=False):
+    for child, parent in itertools.pairwise(chain):
         if not parsers.is_issued_by(child, parent):
             return False
     return any(parsers.is_issued_by(chain[-1], ca) for ca in cas)
@@ -272,16 +298,25 @@ def _schema() -> dict[str, Any]:
     return schema_files.load(SCHEMA_FILE)
 
 
-def to_json(manifest: Manifest) -> bytes:
+@functools.cache
+def _validator() -> jsonschema.Draft202012Validator:
+    """The checked-in schema, read and compiled once per process."""
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(_schema())
+
+
+def to_json(manifest: Manifest, *, check_schema: bool = True) -> bytes:
     """Serialise a manifest and validate it against the checked-in schema.
+
+    ``check_schema=False`` skips the schema for a manifest of the same shape as one already
+    checked in this run (a plan's thousands of node folders); the model still validated it.
 
     Raises:
         VerificationError: the manifest does not satisfy ``schemas/manifest.schema.json``.
     """
-    import jsonschema
-
     data = json.loads(manifest.model_dump_json())
-    errors = sorted(jsonschema.Draft202012Validator(_schema()).iter_errors(data), key=str)
+    errors = sorted(_validator().iter_errors(data), key=str) if check_schema else []
     if errors:
         where = "/".join(str(p) for p in errors[0].absolute_path) or "(top)"
         raise VerificationError(
@@ -315,7 +350,7 @@ def load(folder: Path) -> Manifest:
     except ValueError as e:
         raise VerificationError(str(path), f"not valid JSON ({e})", fix=repair) from None
     try:
-        jsonschema.Draft202012Validator(_schema()).validate(data)
+        _validator().validate(data)
     except jsonschema.ValidationError as e:
         where = "/".join(str(p) for p in e.absolute_path) or "(top)"
         raise VerificationError(
@@ -345,7 +380,11 @@ def differences(recorded: Manifest, actual: list[Artifact]) -> list[str]:
 
 
 def write(
-    folder: Path, manifest: Manifest, *, into: FileSet | StagedFolder | None = None
+    folder: Path,
+    manifest: Manifest,
+    *,
+    into: FileSet | StagedFolder | None = None,
+    check_schema: bool = True,
 ) -> Path:
     """Validate and write ``folder``'s manifest atomically; the only place that writes one.
 
@@ -360,8 +399,9 @@ def write(
     from cfwrap.files import PUBLIC_MODE, write_replace
 
     path = folder / FILE_NAME
+    data = to_json(manifest, check_schema=check_schema)
     if into is not None:
-        into.place_later(FILE_NAME, to_json(manifest), mode=PUBLIC_MODE)
+        into.place_later(FILE_NAME, data, mode=PUBLIC_MODE)
     else:
-        write_replace(path, to_json(manifest), mode=PUBLIC_MODE)
+        write_replace(path, data, mode=PUBLIC_MODE)
     return path

@@ -8,6 +8,7 @@ certificate).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
@@ -167,10 +168,17 @@ def load_certificate(data: bytes) -> x509.Certificate:
     Raises:
         ParseError: no PEM certificate, or a damaged one.
     """
-    from cryptography import x509
-
     if pem_kind(data) != "certificate":
         raise ParseError(f"not a PEM certificate (found: {pem_kind(data) or 'no PEM block'})")
+    return _load_pem(bytes(data))
+
+
+# Cached by content (certificates are immutable): a plan's apply reads each new certificate in
+# the signer, the check and the manifest, and thousands of folders hold the same CA bundle.
+@functools.lru_cache(maxsize=64)
+def _load_pem(data: bytes) -> x509.Certificate:
+    from cryptography import x509
+
     try:
         cert = x509.load_pem_x509_certificate(data)
     except ValueError as e:
@@ -231,6 +239,7 @@ def _checked(cert: x509.Certificate) -> x509.Certificate:
     return cert
 
 
+@functools.lru_cache(maxsize=64)  # by the certificate's DER; the facts are frozen
 def certificate_facts(cert: x509.Certificate) -> CertFacts:
     """Turn a loaded certificate into facts."""
     from cryptography import x509

@@ -27,7 +27,6 @@ from cfwrap.tools import Tool
 
 if TYPE_CHECKING:
     from cfwrap.issuer import SignRequest
-    from cfwrap.keys import PrivateKey
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +81,7 @@ class Diff:
     unchanged: list[tuple[Member, Current]]
     retire: list[str]
     make_gossip: bool
+    previously_retired: list[str] = field(default_factory=list)
     changes: list[Change] = field(default_factory=list)
 
     @property
@@ -184,6 +184,7 @@ def diff(
         unchanged=[],
         retire=[],
         make_gossip=plan.gossip and not (root / GOSSIP_FILE).exists(),
+        previously_retired=list(recorded.retired) if recorded is not None else [],
     )
     if make_gen is not None:
         result.changes.append(
@@ -259,8 +260,7 @@ def _member_work(
     assert current.facts is not None  # noqa: S101 (read_current refuses a folder without it)
     if signer is None:  # the signing CA is made by this apply
         return Work(member, spec, "reissue", "the new CA signs it", current)
-    signer_cert = parsers.load_certificate(signer.cert_pem)
-    reason = members.why_reissue(spec, current, signer=signer_cert, signer_name=signer_name)
+    reason = members.why_reissue(spec, current, signer=signer.cert, signer_name=signer_name)
     if reason is not None:
         return Work(member, spec, "reissue", reason, current)
     left = current.facts.not_after - now
@@ -348,9 +348,14 @@ def apply(
             root.mkdir(mode=files.DIR_MODE)
         files.sweep_stages(root)
         result = diff(plan, plan_path, renew_within=renew_within, keep_key=keep_key, rotate=rotate)
-        _Run(plan, result, cfssl_tool=cfssl_tool, workers=workers, progress=progress).go()
-        written = state.write(root, _plan_manifest(plan, result, cfssl_tool))
+        run = _Run(plan, result, cfssl_tool=cfssl_tool, workers=workers, progress=progress)
+        run.go()
+        written = state.write(root, run.plan_manifest())
     return Outcome(result, rotation.steps(plan, result.new_phase, result), written)
+
+
+#: A member's folder updated in place: the work, the files that change, its certificate.
+_Update = tuple[Work, dict[str, tuple[bytes, int]], parsers.CertFacts]
 
 
 class _Run:
@@ -377,6 +382,12 @@ class _Run:
         self.checked: set[tuple[str, str, str]] = set()
         self._by_label: dict[str, Work] = {}
         self._kept: list[str] = []
+        self.schema_checked = False
+        self.retired_now: list[str] = []
+        self.records: dict[str, state.MemberRecord] = {}
+        for member, current in result.unchanged:
+            assert current.facts is not None  # noqa: S101 (read_current refuses it otherwise)
+            self._record(member, current.facts, None)
 
     def go(self) -> None:
         d = self.d
@@ -414,8 +425,8 @@ class _Run:
             for relative in d.retire:
                 self._retire(relative, "removed")
             stage.settle(*placed)
-        for work, new_files in updates:
-            self._update(work, new_files)
+        for work, new_files, facts in updates:
+            self._update(work, new_files, facts)
         if d.retire_generation is not None:
             self._retire(f"{cas.CA_ROOT}/gen-{d.retire_generation}", "ca")
 
@@ -433,15 +444,16 @@ class _Run:
             ) from None
         return key
 
-    def _issue(self, stage: files.TreeStaging) -> list[tuple[Work, dict[str, tuple[bytes, int]]]]:
+    def _issue(self, stage: files.TreeStaging) -> list[_Update]:
         """Sign every certificate the work needs; stage new folders, return in-place updates."""
         from cfwrap.issuer import LocalSigner
 
-        updates: list[tuple[Work, dict[str, tuple[bytes, int]]]] = []
+        updates: list[_Update] = []
         by_region: dict[str, list[Work]] = {}
         for work in self.d.work:
             if work.kind == "update":
-                updates.append((work, self._files(work, None, None)))
+                assert work.current is not None and work.current.facts is not None  # noqa: S101
+                updates.append((work, self._files(work, None, None), work.current.facts))
             else:
                 by_region.setdefault(self._signer_key(work), []).append(work)
         total = sum(len(w) for w in by_region.values())
@@ -451,7 +463,7 @@ class _Run:
         )
         for region_key, works in by_region.items():
             signer = self.signing.signer(region_key)
-            keys: dict[str, tuple[PrivateKey, bytes]] = {}
+            keys: dict[str, bytes] = {}
             with LocalSigner(
                 self.tool,
                 ca_cert_pem=signer.cert_pem,
@@ -461,14 +473,14 @@ class _Run:
             ) as local:
                 for request, cert_pem in local.sign_all(self._requests(works, keys)):
                     work = self._by_label[request.label]
-                    key, key_pem = keys.pop(request.label)
-                    self._check(work, cert_pem, key, signer)
+                    key_pem = keys.pop(request.label)
+                    facts = self._check(work, cert_pem, signer)
                     new_files = self._files(work, cert_pem + signer.chain_pem, key_pem)
                     if work.kind == "create":
-                        self._stage_new(stage, work, new_files)
+                        self._stage_new(stage, work, new_files, facts)
                     else:
                         self._stage_replaced(stage, work, new_files)
-                        updates.append((work, new_files))
+                        updates.append((work, new_files, facts))
                     done += 1
                     if self.progress is not None:
                         self.progress(done, total)
@@ -477,9 +489,7 @@ class _Run:
     def _signer_key(self, work: Work) -> str:
         return work.member.region if self.plan.ca.intermediates else ""
 
-    def _requests(
-        self, works: list[Work], keys: dict[str, tuple[PrivateKey, bytes]]
-    ) -> Iterator[SignRequest]:
+    def _requests(self, works: list[Work], keys: dict[str, bytes]) -> Iterator[SignRequest]:
         from cfwrap import keys as keymaker
         from cfwrap.issuer import SignRequest
 
@@ -490,7 +500,7 @@ class _Run:
             else:
                 key_pem = work.current.key_pem
                 key = parsers.load_private_key(key_pem)  # type: ignore[assignment]
-            keys[work.member.folder] = (key, key_pem)
+            keys[work.member.folder] = key_pem
             self._by_label[work.member.folder] = work
             yield SignRequest(
                 csr_pem=keymaker.csr_pem(key, work.spec.csr()),
@@ -499,23 +509,19 @@ class _Run:
                 label=work.member.folder,
             )
 
-    def _check(self, work: Work, cert_pem: bytes, key: PrivateKey, signer: cas.Signer) -> None:
+    def _check(self, work: Work, cert_pem: bytes, signer: cas.Signer) -> parsers.CertFacts:
         """Refuse a certificate that is not exactly what the plan asked for.
 
-        Every one is parsed and checked (names, usages, issuer, key); the first of each role and
-        region from each CA also goes through Go's path validation and Nomad's role checks
-        (:mod:`cfwrap.verify`): the rest differ from it only in names, checked here.
+        Every one is parsed and its names and usages checked here; its chain to the bundle and
+        its key pairing are checked by the folder's manifest (:func:`_check_folder`). The first
+        of each role and region from each CA also goes through Go's path validation and
+        Nomad's role checks (:mod:`cfwrap.verify`): the rest differ from it only in names.
         """
         from cfwrap.nomad import certificate_problems
 
         cert = parsers.load_certificate(cert_pem)
         facts = parsers.certificate_facts(cert)
         problems = certificate_problems(work.spec, facts)
-        signer_cert = parsers.load_certificate(signer.cert_pem)
-        if not parsers.is_issued_by(cert, signer_cert):
-            problems.append("it is not signed by the plan's CA")
-        if cert.public_key() != key.public_key():
-            problems.append("it is not for the member's key")
         if problems:
             raise VerificationError(
                 f"the certificate cfssl issued for {work.member.label}", "; ".join(problems)
@@ -525,7 +531,7 @@ class _Run:
             try:
                 verify.check_issued(
                     cert,
-                    roots=[signer_cert],
+                    roots=[signer.cert],
                     role=work.spec.role,
                     region=work.spec.region,
                     now=self.now,
@@ -536,6 +542,7 @@ class _Run:
                     f"Go would refuse it ({e.rule}): {e.message} [{e.go_error}]",
                 ) from None
             self.checked.add(once)
+        return facts
 
     def _files(
         self, work: Work, cert_file: bytes | None, key_pem: bytes | None
@@ -559,7 +566,11 @@ class _Run:
         return new
 
     def _stage_new(
-        self, stage: files.TreeStaging, work: Work, new: dict[str, tuple[bytes, int]]
+        self,
+        stage: files.TreeStaging,
+        work: Work,
+        new: dict[str, tuple[bytes, int]],
+        facts: parsers.CertFacts,
     ) -> None:
         relative = work.member.folder
         for name, (data, mode) in new.items():
@@ -567,7 +578,45 @@ class _Run:
         folder = files.StagedFolder(stage, relative)
         kit_manifest = manifest.build(folder.path, self.tools)
         _check_folder(kit_manifest, work.member.label)
-        manifest.write(folder.path, kit_manifest, into=folder)
+        self._write_manifest(folder.path, kit_manifest, into=folder)
+        self._record(work.member, facts, kit_manifest)
+
+    def _write_manifest(
+        self,
+        folder: Path,
+        kit_manifest: manifest.Manifest,
+        *,
+        into: files.FileSet | files.StagedFolder,
+    ) -> None:
+        """Write a member's manifest; the first of the run is checked against the schema.
+
+        Every member's manifest has the same shape and the model validated each; a schema
+        check costs more than the rest of a member's work together.
+        """
+        manifest.write(folder, kit_manifest, into=into, check_schema=not self.schema_checked)
+        self.schema_checked = True
+
+    def _record(
+        self, member: Member, facts: parsers.CertFacts, kit_manifest: manifest.Manifest | None
+    ) -> None:
+        """Index a member for the plan manifest (its files' hashes from its own manifest)."""
+        if kit_manifest is not None:
+            hashes = {a.path: a.sha256 for a in kit_manifest.artifacts}
+        else:
+            hashes = members.recorded_hashes(self.root / member.folder) or {}
+        self.records[member.folder] = state.MemberRecord(
+            folder=member.folder,
+            role=member.role,
+            region=member.region,
+            name=member.node.name,
+            address=member.node.address,
+            serial=facts.serial,
+            fingerprint_sha256=facts.fingerprint_sha256,
+            not_before=facts.not_before,
+            not_after=facts.not_after,
+            ca_generation=self.d.signing,
+            files=hashes,
+        )
 
     def _stage_replaced(
         self, stage: files.TreeStaging, work: Work, new: dict[str, tuple[bytes, int]]
@@ -586,7 +635,9 @@ class _Run:
         if kept:
             self._kept.append(relative)
 
-    def _update(self, work: Work, new: dict[str, tuple[bytes, int]]) -> None:
+    def _update(
+        self, work: Work, new: dict[str, tuple[bytes, int]], facts: parsers.CertFacts
+    ) -> None:
         """Replace a member's changed files and its manifest together."""
         folder = self.root / work.member.folder
         with files.FolderLock(folder):
@@ -597,11 +648,40 @@ class _Run:
                 batch.apply()
                 kit_manifest = manifest.build(folder, self.tools)
                 _check_folder(kit_manifest, work.member.label)
-                manifest.write(folder, kit_manifest, into=batch)
+                self._write_manifest(folder, kit_manifest, into=batch)
+        self._record(work.member, facts, kit_manifest)
+
+    def plan_manifest(self) -> state.PlanManifest:
+        """The plan manifest: the CA generations on disk now, and every member's record."""
+        generations = cas.find(self.root)
+        return state.PlanManifest(
+            plan_sha256=self.d.plan_sha256,
+            phase=self.d.new_phase,
+            signing_generation=self.d.signing,
+            trusted_generations=self.d.trusted,
+            cas=[
+                state.CARecord(
+                    generation=g.number,
+                    folder=g.relative,
+                    subject=g.root.facts.subject,
+                    serial=g.root.facts.serial,
+                    fingerprint_sha256=g.root.facts.fingerprint_sha256,
+                    not_after=g.root.facts.not_after,
+                    intermediates={
+                        r: ca.facts.fingerprint_sha256 for r, ca in g.intermediates.items()
+                    },
+                )
+                for g in generations
+            ],
+            members=[self.records[m.folder] for m in self.plan.members()],
+            retired=[*self.d.previously_retired, *self.retired_now],
+            tools=self.tools,
+        )
 
     def _retire(self, relative: str, why: str) -> None:
         source = self.root / relative
         target = self.root / self.retired / why / relative
+        self.retired_now.append(f"{self.retired}/{why}/{relative}")
         target.parent.mkdir(mode=files.DIR_MODE, parents=True, exist_ok=True)
         try:
             source.rename(target)
@@ -631,61 +711,3 @@ def _check_folder(kit_manifest: manifest.Manifest, label: str) -> None:
                 f"{label}/{artifact.path}",
                 "its chain to the CA bundle or its key pairing did not verify",
             )
-
-
-def _plan_manifest(plan: Plan, result: Diff, tool: Tool) -> state.PlanManifest:
-    """The plan manifest, from the files on disk now."""
-    root = result.root
-    generations = cas.find(root)
-    records = []
-    for member in plan.members():
-        folder = root / member.folder
-        spec = members.spec_for(plan, member)
-        names = Names.of(spec)
-        hashes = members.recorded_hashes(folder) or {}
-        facts = parsers.read_certificate(files.read_input(folder / names.cert))
-        cert = parsers.load_certificate(files.read_input(folder / names.cert))
-        generation = next((g.number for g in generations if _signed_by(cert, g, member.region)), 0)
-        records.append(
-            state.MemberRecord(
-                folder=member.folder,
-                role=member.role,
-                region=member.region,
-                name=member.node.name,
-                address=member.node.address,
-                serial=facts.serial,
-                fingerprint_sha256=facts.fingerprint_sha256,
-                not_before=facts.not_before,
-                not_after=facts.not_after,
-                ca_generation=max(generation, 1),
-                files=hashes,
-            )
-        )
-    return state.PlanManifest(
-        plan_sha256=result.plan_sha256,
-        phase=result.new_phase,
-        signing_generation=result.signing,
-        trusted_generations=result.trusted,
-        cas=[
-            state.CARecord(
-                generation=g.number,
-                folder=g.relative,
-                subject=g.root.facts.subject,
-                serial=g.root.facts.serial,
-                fingerprint_sha256=g.root.facts.fingerprint_sha256,
-                not_after=g.root.facts.not_after,
-                intermediates={r: ca.facts.fingerprint_sha256 for r, ca in g.intermediates.items()},
-            )
-            for g in generations
-        ],
-        members=records,
-        tools=[manifest.tool_record(tool)],
-    )
-
-
-def _signed_by(cert: object, generation: cas.Generation, region: str) -> bool:
-    try:
-        signer = generation.signer(region)
-    except VerificationError:
-        return False
-    return parsers.is_issued_by(cert, parsers.load_certificate(signer.cert_pem))  # type: ignore[arg-type]

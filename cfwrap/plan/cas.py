@@ -9,11 +9,13 @@ rotation), so servers of every region trust the same root and can federate.
 
 from __future__ import annotations
 
+import functools
 import re
 import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cfwrap import cfssl, files, kit, manifest, parsers, runner
 from cfwrap.errors import VerificationError
@@ -21,6 +23,9 @@ from cfwrap.models import CSR, CAConstraint, Signing, SigningConfig, SigningProf
 from cfwrap.nomad import CASpec
 from cfwrap.plan.model import Plan
 from cfwrap.tools import Tool
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 CA_ROOT = "ca"
 _GENERATION = re.compile(r"gen-([1-9][0-9]{0,5})")
@@ -37,6 +42,11 @@ class Signer:
     chain_pem: bytes
     facts: parsers.CertFacts
 
+    @functools.cached_property
+    def cert(self) -> x509.Certificate:
+        """The CA certificate, parsed once."""
+        return parsers.load_certificate(self.cert_pem)
+
 
 @dataclass(frozen=True)
 class Generation:
@@ -46,6 +56,7 @@ class Generation:
     folder: Path
     root: kit.CA
     intermediates: dict[str, kit.CA]
+    _signers: dict[str, Signer] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def relative(self) -> str:
@@ -59,14 +70,18 @@ class Generation:
             VerificationError: the plan wants intermediates but this generation has none for
                 ``region`` (it was made before the region was added).
         """
-        if not self.intermediates:
-            return Signer(self.root.cert_pem, self.root.key_pem, b"", self.root.facts)
-        ca = self.intermediates.get(region)
-        if ca is None:
-            raise VerificationError(
-                str(self.folder), f"has no intermediate CA for region {region!r}"
-            )
-        return Signer(ca.cert_pem, ca.key_pem, ca.cert_pem, ca.facts)
+        key = region if self.intermediates else ""
+        if key not in self._signers:
+            if not self.intermediates:
+                signer = Signer(self.root.cert_pem, self.root.key_pem, b"", self.root.facts)
+            elif (ca := self.intermediates.get(region)) is None:
+                raise VerificationError(
+                    str(self.folder), f"has no intermediate CA for region {region!r}"
+                )
+            else:
+                signer = Signer(ca.cert_pem, ca.key_pem, ca.cert_pem, ca.facts)
+            self._signers[key] = signer
+        return self._signers[key]
 
 
 def find(root: Path) -> list[Generation]:

@@ -38,7 +38,8 @@ def steps(plan: Plan, phase: Phase, d: Diff) -> list[str]:
         )
         return [
             f"A CA rotation is in progress: phase {number} of 3 is done. When every node has "
-            f"its new files and reloaded, run `cfwrap apply PLAN --rotate-ca` for phase {next_step}."
+            f"its new files and reloaded, run `cfwrap apply PLAN --rotate-ca` for phase "
+            f"{next_step}."
         ]
     if phase == "trust-both":
         new = d.trusted[-1]
