@@ -1,0 +1,113 @@
+"""schema_files.conforms, the quick check before jsonschema: whatever it passes, jsonschema passes.
+
+A manifest cfwrap has just made is checked by ``conforms`` first and by jsonschema only when
+``conforms`` doubts it (importing jsonschema costs ~50 ms of a quickstart). That is only as
+strict as before if ``conforms`` never passes what jsonschema refuses: these tests mutate real
+manifests, hostile values included, and compare.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cfwrap import schema_files
+
+SCHEMA = schema_files.load("manifest.schema.json")
+VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
+
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-2, 2**53)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.sampled_from(["", "0644", "0600", "a" * 64, "f" * 64, "ca", "cert", "x\n", "0999"])
+    | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+@pytest.fixture(scope="module")
+def manifest_data(kits: dict[str, Path]) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((kits["global"] / "manifest.json").read_text())
+    return data
+
+
+def test_a_real_manifest_passes_without_jsonschema(manifest_data: dict[str, Any]) -> None:
+    assert not list(VALIDATOR.iter_errors(manifest_data))
+    assert schema_files.conforms(SCHEMA, manifest_data)
+
+
+def _paths(data: object, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every place in a JSON value, the value itself first."""
+    found = [prefix]
+    if isinstance(data, dict):
+        for key, value in data.items():
+            found += _paths(value, (*prefix, key))
+    elif isinstance(data, list):
+        for index, value in enumerate(data):
+            found += _paths(value, (*prefix, index))
+    return found
+
+
+@settings(
+    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_what_conforms_passes_jsonschema_passes(
+    manifest_data: dict[str, Any], data: st.DataObject
+) -> None:
+    mutated: Any = copy.deepcopy(manifest_data)
+    for _ in range(data.draw(st.integers(1, 3))):
+        paths = _paths(mutated)
+        where = data.draw(st.sampled_from(paths))
+        if not where:
+            mutated = data.draw(JSON)
+            continue
+        parent = mutated
+        for step in where[:-1]:
+            parent = parent[step]
+        action = data.draw(st.sampled_from(["replace", "swap", "delete", "add"]))
+        if action == "replace":
+            parent[where[-1]] = data.draw(JSON)
+        elif action == "swap":  # another value of the same manifest: often still valid
+            source: Any = mutated
+            for step in data.draw(st.sampled_from(paths)):
+                source = source[step]
+            parent[where[-1]] = copy.deepcopy(source)
+        elif action == "delete":
+            del parent[where[-1]]
+        elif isinstance(parent, dict):
+            parent[data.draw(st.text(max_size=6))] = data.draw(JSON)
+        else:
+            parent.append(data.draw(JSON))
+    if schema_files.conforms(SCHEMA, mutated):
+        assert not list(VALIDATOR.iter_errors(mutated))
+
+
+@pytest.mark.parametrize(
+    ("schema", "data"),
+    [
+        ({"type": "integer"}, True),  # a bool is no integer to JSON Schema
+        ({"type": "integer"}, 1.0),  # an integer to JSON Schema: doubted, jsonschema decides
+        ({"const": 1}, True),
+        ({"enum": [0]}, False),
+        ({"type": ["string", "null"]}, None),  # a form cfwrap's schemas do not use
+        ({"minLength": 1}, "x"),  # a keyword it does not know
+        ({"$ref": "#/$defs/A/b"}, 1),
+        ({"$ref": "https://example.invalid/s.json"}, 1),
+        ({"items": [{"type": "string"}]}, ["x"]),
+    ],
+)
+def test_conforms_doubts_what_it_does_not_know(schema: dict[str, Any], data: object) -> None:
+    assert not schema_files.conforms(schema, data)
