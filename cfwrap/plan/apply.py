@@ -343,7 +343,9 @@ def apply(
         raise InputError(
             f"out {plan.out!r}", f"{root.parent} is not an existing folder", fix="create it first"
         )
+    _check_root(root)
     with files.FolderLock(root, wait=wait):
+        _check_root(root)
         if not root.exists():
             root.mkdir(mode=files.DIR_MODE)
         files.sweep_stages(root)
@@ -356,6 +358,25 @@ def apply(
 
 #: A member's folder updated in place: the work, the files that change, its certificate.
 _Update = tuple[Work, dict[str, tuple[bytes, int]], parsers.CertFacts]
+
+
+def _check_root(root: Path) -> None:
+    """Refuse to fill a folder that holds something other than a plan's tree.
+
+    Raises:
+        ConflictError: ``root`` is a symlink or a file, or a non-empty folder with neither a
+            plan manifest nor a CA of a plan.
+    """
+    if root.is_symlink() or (root.exists() and not root.is_dir()):
+        raise ConflictError(root, "is not a folder", fix="point the plan's out at a folder")
+    if not root.exists() or (root / state.FILE_NAME).exists() or (root / cas.CA_ROOT).is_dir():
+        return
+    if any(not p.name.startswith(".") for p in root.iterdir()):
+        raise ConflictError(
+            root,
+            "holds files, but no plan's tree (no plan-manifest.json, no ca/)",
+            fix="point the plan's out at a new or empty folder",
+        )
 
 
 class _Run:
