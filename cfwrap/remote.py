@@ -10,6 +10,7 @@ for this key) and lands in the folder as a local ``cfwrap cert`` lands it
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,6 +88,32 @@ def issue(remote: Remote, spec: CertSpec, *, key_pem: bytes | None = None) -> cf
             with something other than one certificate for this key.
         VerificationError: the certificate is not what ``spec`` asked for, or Go would refuse it.
     """
+
+    def sign(request: issuer.SignRequest) -> bytes:
+        return issuer.authsign(
+            remote.url, remote.auth_key, request, ssl_context=remote.context(), timeout=TIMEOUT
+        )
+
+    return issue_with(sign, spec, ca_pem=remote.ca_pem, key_pem=key_pem)
+
+
+def issue_with(
+    sign: Callable[[issuer.SignRequest], bytes],
+    spec: CertSpec,
+    *,
+    ca_pem: bytes,
+    key_pem: bytes | None = None,
+) -> cfssl.Issued:
+    """Make a key (or use ``key_pem``) and its CSR here, have ``sign`` sign it, check the result.
+
+    ``sign`` is any issuer: :func:`cfwrap.issuer.authsign` to a signer, or a loopback
+    :class:`cfwrap.issuer.LocalSigner`. The key never reaches it.
+
+    Raises:
+        InputError: ``key_pem`` is not a key cfwrap can use.
+        ToolFailedError: ``sign`` failed.
+        VerificationError: the certificate is not what ``spec`` asked for, or Go would refuse it.
+    """
     if key_pem is None:
         key = keys.new_private_key(spec.key)
         key_pem = keys.private_key_pem(key)
@@ -99,11 +126,8 @@ def issue(remote: Remote, spec: CertSpec, *, key_pem: bytes | None = None) -> cf
         hosts=spec.hosts(),
         label=f"the {spec.role} certificate",
     )
-    cert_pem = issuer.authsign(
-        remote.url, remote.auth_key, request, ssl_context=remote.context(), timeout=TIMEOUT
-    )
-    issued = cfssl.Issued(cert=cert_pem, key=key_pem, csr=csr_pem)
-    kit.check_issued(spec, issued, remote.ca_pem)
+    issued = cfssl.Issued(cert=sign(request), key=key_pem, csr=csr_pem)
+    kit.check_issued(spec, issued, ca_pem)
     return issued
 
 
