@@ -29,6 +29,7 @@ from cfwrap.cli import (
     manifest,
     plan,
     quickstart,
+    renew,
     replay,
     signer,
     status,
@@ -40,7 +41,9 @@ from cfwrap.errors import CfwrapError, ExitCode, InputError
 log = logging.getLogger("cfwrap")
 
 #: The commands, in the order ``--help`` lists them.
-COMMANDS = (quickstart, ca, cert, keygen, plan, apply, status, doctor, replay, manifest, signer)
+COMMANDS = (
+    quickstart, ca, cert, keygen, plan, apply, status, doctor, replay, manifest, signer, renew,
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
