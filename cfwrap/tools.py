@@ -10,13 +10,15 @@ the version comes from the package the binary belongs to: the ``package.json`` t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cfwrap.errors import ToolMissingError
@@ -32,6 +34,38 @@ _INSTALL_FIX = (
 )
 
 
+def _file_sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+class _Digest:
+    """A file's SHA-256, computed in a thread from the start until someone asks for it.
+
+    cfssl is ~13 MB: hashing it takes 15-50 ms, and hashlib lets go of the GIL while it works, so
+    the hash is done on another core while cfwrap runs cfssl and checks what it made.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._value: str | None = None
+        self._thread = threading.Thread(target=self._run, name="cfwrap-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with contextlib.suppress(OSError):  # result() reads the file again and raises
+            self._value = _file_sha256(self._path)
+
+    def result(self) -> str:
+        """The SHA-256 in hex, waiting for the thread if it is still at work.
+
+        Raises:
+            OSError: the file cannot be read.
+        """
+        self._thread.join()
+        return self._value if self._value is not None else _file_sha256(self._path)
+
+
 @dataclass(frozen=True)
 class Tool:
     """A located binary and what is known of its provenance."""
@@ -40,12 +74,13 @@ class Tool:
     path: Path
     package: str | None
     version: str | None
+    #: The hash under way since the binary was found (None: computed when asked for).
+    digest: _Digest | None = field(default=None, repr=False, compare=False)
 
     @functools.cached_property
     def sha256(self) -> str:
         """SHA-256 of the binary's bytes (``cfssl version`` cannot tell builds apart)."""
-        with self.path.open("rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+        return self.digest.result() if self.digest is not None else _file_sha256(self.path)
 
 
 def _version_tuple(version: str) -> tuple[int, int] | None:
@@ -151,4 +186,4 @@ def _identify(name: str, path: Path) -> Tool:
         raise ToolMissingError(
             name, f"{path} is {origin}; cfwrap needs cfssl 1.6 or newer", fix=_INSTALL_FIX
         )
-    return Tool(name=name, path=path, package=package, version=version)
+    return Tool(name=name, path=path, package=package, version=version, digest=_Digest(path))
