@@ -228,13 +228,10 @@ def diff(
             result.work.append(work)
             symbol = "~" if work.kind == "update" else "-/+"
             result.changes.append(Change(symbol, member.label, work.reason))
-    if changed:
-        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
-        raise ConflictError(
-            root / changed[0].partition(":")[0],
-            f"changed on disk since cfwrap wrote it: {changed[0].partition(': ')[2]}{more}",
-            fix="restore it, or move the folder away so that apply issues it anew",
-        )
+    _refuse_changed(root, changed)
+    issuing = [w for w in result.work if w.kind != "update"]
+    if issuing and make_gen != signing:
+        _check_signer_outlives(plan, signers[signing], issuing, now)
     for relative in _existing_members(root):
         if relative not in wanted:
             result.retire.append(relative)
@@ -242,6 +239,43 @@ def diff(
                 Change("-", relative.removeprefix(f"{NODES}/"), "not in the plan")
             )
     return result
+
+
+def _refuse_changed(root: Path, changed: list[str]) -> None:
+    """Refuse to touch a tree in which a member's folder changed since cfwrap wrote it.
+
+    Raises:
+        ConflictError: naming the first such folder and how many more there are.
+    """
+    if changed:
+        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+        raise ConflictError(
+            root / changed[0].partition(":")[0],
+            f"changed on disk since cfwrap wrote it: {changed[0].partition(': ')[2]}{more}",
+            fix="restore it, or move the folder away so that apply issues it anew",
+        )
+
+
+def _check_signer_outlives(
+    plan: Plan, generation: cas.Generation, work: list[Work], now: datetime
+) -> None:
+    """Refuse to issue leaves that would outlive the CA that signs them (cfssl does not cap).
+
+    Raises:
+        InputError: the signing CA (or a region's intermediate) expires first.
+    """
+    from cfwrap.models import parse_duration
+
+    ends = now + parse_duration(plan.leaf_expiry)
+    for region in dict.fromkeys(w.member.region for w in work):
+        signer = generation.signer(region)
+        if signer.facts.not_after < ends:
+            raise InputError(
+                f"CA gen-{generation.number}" + (f" ({region})" if signer.chain_pem else ""),
+                f"expires on {signer.facts.not_after:%Y-%m-%d}, before certificates issued "
+                f"now would (leaf_expiry {plan.leaf_expiry})",
+                fix="rotate the CA first (cfwrap apply PLAN --rotate-ca), or shorten leaf_expiry",
+            )
 
 
 def _member_work(
