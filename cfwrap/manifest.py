@@ -292,10 +292,22 @@ def build(folder: Path, tools: list[ToolRecord]) -> Manifest:
     return Manifest(created_at=datetime.now(UTC), tools=tools, artifacts=scan(folder))
 
 
+@functools.cache
 def _schema() -> dict[str, Any]:
     from cfwrap import schema_files
 
     return schema_files.load(SCHEMA_FILE)
+
+
+def _surely_valid(data: object) -> bool:
+    """True if ``data`` surely satisfies the schema, found without importing jsonschema.
+
+    Importing jsonschema costs ~50 ms, a fifth of a quickstart; ``schema_files.conforms``
+    passes only what jsonschema passes, and jsonschema decides (and words) the rest.
+    """
+    from cfwrap import schema_files
+
+    return schema_files.conforms(_schema(), data)
 
 
 @functools.cache
@@ -316,7 +328,9 @@ def to_json(manifest: Manifest, *, check_schema: bool = True) -> bytes:
         VerificationError: the manifest does not satisfy ``schemas/manifest.schema.json``.
     """
     data = json.loads(manifest.model_dump_json())
-    errors = sorted(_validator().iter_errors(data), key=str) if check_schema else []
+    errors = []
+    if check_schema and not _surely_valid(data):
+        errors = sorted(_validator().iter_errors(data), key=str)
     if errors:
         where = "/".join(str(p) for p in errors[0].absolute_path) or "(top)"
         raise VerificationError(
@@ -333,8 +347,6 @@ def load(folder: Path) -> Manifest:
     Raises:
         VerificationError: missing, not JSON, or not a valid manifest.
     """
-    import jsonschema
-
     from cfwrap.files import read_input
 
     path = folder / FILE_NAME
@@ -349,6 +361,10 @@ def load(folder: Path) -> Manifest:
         raise VerificationError(str(path), "nested too deeply", fix=repair) from None
     except ValueError as e:
         raise VerificationError(str(path), f"not valid JSON ({e})", fix=repair) from None
+    if _surely_valid(data):
+        return Manifest.model_validate(data)
+    import jsonschema
+
     try:
         _validator().validate(data)
     except jsonschema.ValidationError as e:
