@@ -337,6 +337,17 @@ def _signing_config(config: SigningConfig, key_file: Path) -> bytes:
     return (json.dumps(data, indent=2) + "\n").encode()
 
 
+def _how_it_ended(service: Service) -> str:
+    """How a service that has exited ended: the signal that killed it, or its exit and reason.
+
+    A killed cfssl said nothing about why: its last line (a startup warning) would mislead.
+    """
+    code = service.returncode
+    if code is not None and code < 0:
+        return f"was killed by signal {-code}"
+    return f"exited ({code}: {service.failure_reason()})"
+
+
 class _NotReadyError(Exception):
     """cfssl did not come up; ``retry`` when another process took its port."""
 
@@ -540,12 +551,14 @@ class LocalSigner:
 
     @staticmethod
     def _exited_early(service: Service, *, port_taken: bool) -> _NotReadyError:
-        reason = service.failure_reason() if service.wait(0) else "another process holds its port"
-        port_taken = port_taken or "address already in use" in reason
+        if service.wait(0):
+            how = _how_it_ended(service)
+            port_taken = port_taken or "address already in use" in how
+        else:
+            how = "lost its port to another process"
         error = ToolFailedError(
             "cfssl",
-            f"cfssl serve stopped before it answered: {reason}"
-            + (f" (exit {service.returncode})" if service.returncode is not None else ""),
+            f"cfssl serve {how} before it answered",
             argv=service.call.argv,
             returncode=service.returncode,
             stderr=service.stderr_tail(),
@@ -575,15 +588,9 @@ class LocalSigner:
             )
 
     def _died(self, request: SignRequest, service: Service) -> ToolFailedError:
-        how = (
-            f"killed by signal {-service.returncode}"
-            if service.returncode is not None and service.returncode < 0
-            else f"exit {service.returncode}"
-        )
         return ToolFailedError(
             "cfssl",
-            f"cfssl serve stopped while signing {request.where}: {service.failure_reason()} "
-            f"({how})",
+            f"cfssl serve {_how_it_ended(service)} while signing {request.where}",
             argv=service.call.argv,
             returncode=service.returncode,
             stderr=service.stderr_tail(),
