@@ -1,0 +1,234 @@
+"""`cfwrap status`: healthy, expiring, tampered and missing certificates, and `--connect` against
+loopback TLS peers the test starts."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tests.test_plan import CFWRAP, applied, one_line_error, tree_state, write_plan
+from tests.tlspeer import free_port
+
+PLAN = """\
+out = "tree"
+leaf_expiry = "{expiry}"
+operators = ["alice"]
+
+[regions.eu]
+clients = 1
+
+[[regions.eu.servers]]
+name = "nomad-1"
+address = "127.0.0.1:{port1}"
+
+[[regions.eu.servers]]
+name = "nomad-2"
+address = "127.0.0.1:{port2}"
+
+[[regions.eu.servers]]
+name = "nomad-3"
+address = "127.0.0.1:{port3}"
+"""
+
+NODES = ["eu/nomad-1", "eu/nomad-2", "eu/nomad-3", "eu/client-1", "operators/alice"]
+
+
+def _plan(folder: Path, *, expiry: str = "2160h", ports: tuple[int, int, int] = (1, 2, 3)) -> Path:
+    port1, port2, port3 = ports
+    return write_plan(folder, PLAN.format(expiry=expiry, port1=port1, port2=port2, port3=port3))
+
+
+def _table(out: str) -> dict[str, str]:
+    """NODE -> STATE column of the printed table."""
+    rows = {}
+    for line in out.splitlines()[1:-1]:
+        parts = line.split()
+        node = " ".join(parts[:2]) if parts[0] == "ca" else parts[0]
+        state = line[line.rindex("  ") + 2 :] if "  " in line else parts[-1]
+        rows[node] = state.split(":")[0].strip()
+    return rows
+
+
+def test_healthy_plan_is_all_ok(cli, tmp_path):
+    plan = _plan(tmp_path)
+    applied(cli, plan)
+    result = cli("status", plan)
+    assert result.code == 0, result.out
+    table = _table(result.out)
+    assert table == {"ca gen-1": "ok", **dict.fromkeys(NODES, "ok")}, result.out
+    assert result.out.splitlines()[-1] == "6 ok, 0 need action (phase: steady)"
+    data = json.loads(cli("status", plan, "--json").out)
+    assert data["needs_action"] == 0
+    assert data["phase"] == "steady"
+    rows = {r["node"]: r for r in data["certificates"]}
+    assert {n: r["state"] for n, r in rows.items()} == table
+    assert rows["eu/nomad-1"]["issuer"] == "gen-1"
+    assert rows["eu/nomad-1"]["role"] == "server"
+    assert rows["operators/alice"]["role"] == "cli"
+    assert 89 < rows["eu/client-1"]["days_left"] <= 90
+
+
+def test_expiring_plan_needs_action(cli, tmp_path):
+    plan = _plan(tmp_path, expiry="240h")
+    applied(cli, plan)
+    result = cli("status", plan, "--within", "30d")
+    assert result.code == 9, result.out
+    table = _table(result.out)
+    assert table == {"ca gen-1": "ok", **dict.fromkeys(NODES, "expiring")}, result.out
+    data = json.loads(cli("status", plan, "--within", "30d", "--json").out)
+    assert data["needs_action"] == len(NODES)
+    assert all(9 < r["days_left"] <= 10 for r in data["certificates"] if r["role"] != "ca")
+    # Outside the window, the same tree is healthy.
+    assert cli("status", plan, "--within", "9d").code == 0
+    # And the installed command exits 9 too (cron and monitoring read the code).
+    run = subprocess.run(
+        [CFWRAP, "status", plan, "--within", "30d"], capture_output=True, timeout=60, check=False
+    )
+    assert run.returncode == 9, run.stderr
+
+
+def test_tampered_certificate_or_hcl_is_changed_and_apply_refuses_it(cli, tmp_path):
+    plan = _plan(tmp_path)
+    applied(cli, plan)
+    root = tmp_path / "tree"
+    # nomad-2's certificate replaced by nomad-1's (valid, same names, other bytes); one byte of
+    # client-1's HCL changed.
+    cert = root / "nodes/eu/nomad-2/eu-server-nomad.pem"
+    cert.write_bytes((root / "nodes/eu/nomad-1/eu-server-nomad.pem").read_bytes())
+    hcl = root / "nodes/eu/client-1/eu-client.hcl"
+    text = hcl.read_text()
+    assert "verify_https_client    = true" in text
+    hcl.write_text(text.replace("verify_https_client    = true", "verify_https_client    = True"))
+    result = cli("status", plan)
+    assert result.code == 9
+    table = _table(result.out)
+    assert table["eu/nomad-2"] == "changed", result.out
+    assert table["eu/client-1"] == "changed", result.out
+    assert table["eu/nomad-1"] == table["eu/nomad-3"] == "ok"
+    rows = {r["node"]: r for r in json.loads(cli("status", plan, "--json").out)["certificates"]}
+    assert rows["eu/client-1"]["detail"] == "eu-client.hcl changed"
+    assert rows["eu/nomad-2"]["detail"] == "eu-server-nomad.pem changed"
+    # apply will not overwrite what someone changed by hand: one line, exit 4, nothing written.
+    before = tree_state(root)
+    line = one_line_error(cli("apply", plan), 4)
+    assert "changed on disk" in line
+    assert "nodes/eu/" in line
+    assert tree_state(root) == before
+
+
+def test_a_damaged_certificate_is_changed_not_missing(cli, tmp_path):
+    """One flipped bit in a node's certificate: the file is there, changed on disk.
+
+    ``status`` reports ``missing`` (with the detail "eu-server-nomad.pem changed"): a
+    certificate that no longer parses takes the missing branch of ``status._member_row``.
+    """
+    plan = _plan(tmp_path)
+    applied(cli, plan)
+    cert = tmp_path / "tree/nodes/eu/nomad-2/eu-server-nomad.pem"
+    data = bytearray(cert.read_bytes())
+    data[100] ^= 0x01
+    cert.write_bytes(bytes(data))
+    result = cli("status", plan)
+    assert result.code == 9
+    assert _table(result.out)["eu/nomad-2"] == "changed", result.out
+
+
+def test_planned_node_not_applied_is_missing(cli, tmp_path):
+    plan = _plan(tmp_path)
+    applied(cli, plan)
+    plan.write_text(plan.read_text() + '\n[[regions.eu.servers]]\nname = "nomad-4"\n')
+    result = cli("status", plan)
+    assert result.code == 9
+    assert _table(result.out)["eu/nomad-4"] == "missing", result.out
+    rows = {r["node"]: r for r in json.loads(cli("status", plan, "--json").out)["certificates"]}
+    assert rows["eu/nomad-4"]["days_left"] is None
+    assert rows["eu/nomad-4"]["detail"] == "not issued yet: run apply"
+    assert {n: r["state"] for n, r in rows.items() if n != "eu/nomad-4"} == {
+        "ca gen-1": "ok", **dict.fromkeys(NODES, "ok")
+    }  # fmt: skip
+
+
+def test_status_of_a_plan_never_applied(cli, tmp_path):
+    plan = _plan(tmp_path)
+    result = cli("status", plan)
+    assert result.code == 9
+    assert set(_table(result.out).values()) == {"missing"}
+    assert not (tmp_path / "tree").exists()
+
+
+@contextmanager
+def _tls_server(port: int, cert: Path, key: Path, ca: Path) -> Iterator[None]:
+    """A loopback TLS server that serves ``cert`` to every connection until the block ends."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    ctx.load_verify_locations(ca)
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    listener = socket.create_server(("127.0.0.1", port))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.settimeout(5)
+            try:
+                with ctx.wrap_socket(conn, server_side=True) as tls:
+                    tls.recv(1)
+            except (OSError, ssl.SSLError):
+                pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
+def test_connect_compares_what_each_node_serves(cli, tmp_path):
+    ports = (free_port(), free_port(), free_port())
+    assert len(set(ports)) == 3
+    plan = _plan(tmp_path, ports=ports)
+    applied(cli, plan)
+    root = tmp_path / "tree" / "nodes" / "eu"
+
+    def files(node: str) -> tuple[Path, Path, Path]:
+        folder = root / node
+        return folder / "eu-server-nomad.pem", folder / "eu-server-nomad-key.pem", folder / "ca.pem"
+
+    # nomad-1 serves its own certificate, nomad-2 serves nomad-1's, nomad-3 is not listening.
+    with _tls_server(ports[0], *files("nomad-1")), _tls_server(ports[1], *files("nomad-1")):
+        result = cli("status", plan, "--connect")
+        data = json.loads(cli("status", plan, "--connect", "--json").out)
+    assert result.code == 9, result.out
+    table = _table(result.out)
+    assert table["eu/nomad-1"] == "ok", result.out
+    assert table["eu/nomad-2"] == "serving-other", result.out
+    assert table["eu/nomad-3"] == "unreachable", result.out
+    assert table["eu/client-1"] == "ok"  # no address: not dialled
+    rows = {r["node"]: r for r in data["certificates"]}
+    assert rows["eu/nomad-1"]["served"] == "same"
+    assert rows["eu/nomad-2"]["served"] == "other"
+    assert rows["eu/nomad-3"]["served"] == "-"
+    assert rows["eu/client-1"]["served"] is None
+    assert {n: r["state"] for n, r in rows.items()} == table
+    # With every node serving its own certificate, --connect is all ok.
+    with (
+        _tls_server(ports[0], *files("nomad-1")),
+        _tls_server(ports[1], *files("nomad-2")),
+        _tls_server(ports[2], *files("nomad-3")),
+    ):
+        assert cli("status", plan, "--connect").code == 0
