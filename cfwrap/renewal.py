@@ -153,13 +153,17 @@ def renew(
     within: timedelta,
     keep_key: bool = False,
     force: bool = False,
+    same_lifetime: bool = True,
     now: datetime | None = None,
     wait: float = 0.0,
 ) -> Outcome:
     """Renew every role certificate in ``folder`` with less than ``within`` left.
 
     ``sign_for`` opens an issuer for the due specs (a remote signer, or a local CA). Every
-    certificate is tried; one that fails is reported and the others go on.
+    certificate is tried; one that fails is reported and the others go on. ``same_lifetime``:
+    renewals live as long as the certificates they replace (a local CA), so a window that is not
+    shorter is refused up front; a signer sets its own lifetime, so a renewal that is due at
+    once is reported as failed instead (every run would renew it).
 
     Raises:
         InputError: no role certificate in the folder, or a window not shorter than a
@@ -176,7 +180,7 @@ def renew(
                 "holds no role certificate (<region>-<role>-nomad.pem)",
                 fix="give the folder cfwrap cert or quickstart wrote",
             )
-        for cert in certs:
+        for cert in certs if same_lifetime else ():
             if within >= cert.lifetime:
                 raise InputError(
                     f"--within {_hours(within)}",
@@ -198,7 +202,23 @@ def renew(
                     outcome.failed.append((cert.path, error))
                 else:
                     outcome.renewed.append(cert.path)
+                    problem = _due_at_once(cert.path, within)
+                    if problem is not None:
+                        outcome.failed.append((cert.path, problem))
     return outcome
+
+
+def _due_at_once(path: Path, within: timedelta) -> InputError | None:
+    """An error when the certificate just renewed is itself inside the window."""
+    facts = parsers.read_certificate(files.read_input(path))
+    lifetime = facts.not_after - facts.not_before
+    if facts.not_after - datetime.now(UTC) > within:
+        return None
+    return InputError(
+        f"--within {_hours(within)}",
+        f"not shorter than the lifetime the signer gives ({_hours(lifetime)}): every run renews it",
+        fix="give a window shorter than the lifetime, e.g. a third of it",
+    )
 
 
 def _hours(value: timedelta) -> str:

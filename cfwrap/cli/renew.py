@@ -111,6 +111,7 @@ def execute(args: argparse.Namespace) -> int:
         within=within,
         keep_key=args.keep_key,
         force=args.force_renewal,
+        same_lifetime=args.remote is None,
         wait=args.wait,
     )
     exec_error: CfwrapError | None = None
