@@ -1,9 +1,11 @@
-"""The README's first command on a fresh copy of the checkout, and the installed ``cfwrap``."""
+"""The README's first command on a fresh copy of the checkout, the installed ``cfwrap``, and the
+benchmark scripts at toy sizes."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -99,3 +101,39 @@ def test_installed_command_end_to_end(tmp_path):
     assert bad.returncode == 3
     assert bad.stderr.count("\n") == 1
     assert "Traceback" not in bad.stderr
+
+
+def _bench(script: str, *args: str, tmp_path: Path, **env: str) -> str:
+    """Run a benchmark script at toy sizes (so it cannot rot); its stdout, after checks."""
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "CFWRAP_"))}
+    run = subprocess.run(
+        [ROOT / "scripts" / script, *args],
+        env={**keep, "TMPDIR": str(tmp_path), **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    assert list(tmp_path.iterdir()) == []  # its temporary folder is gone
+    return run.stdout
+
+
+@pytest.mark.slow
+def test_bench_apply_smoke(tmp_path):
+    out = _bench("bench-apply", "2", "1", tmp_path=tmp_path)
+    assert out.count("certs/s") == 2
+    verdict = r"^ratio cfwrap / shell: [\d.]+x +target at most 0\.15x: (PASS|MISS)$"
+    assert re.search(verdict, out, re.M)
+
+
+@pytest.mark.slow
+def test_bench_scale_smoke(tmp_path):
+    # BENCH_TIME empty: the getrusage fallback, the path a machine without GNU time takes.
+    out = _bench("bench-scale", "1,2", tmp_path=tmp_path, BENCH_TIME="")
+    assert "peak RSS from getrusage" in out
+    table = [line.split() for line in out.splitlines() if re.match(r" +\d+ ", line)]
+    assert [row[0] for row in table] == ["1", "2"]
+    assert all(float(cell) > 0 for row in table for cell in row)
+    assert re.search(r"^time grows linearly .*: (PASS|MISS)$", out, re.M)
+    assert re.search(r"^memory stays flat .*: (PASS|MISS)$", out, re.M)
