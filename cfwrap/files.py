@@ -641,12 +641,12 @@ def _syncfs(folder: Path) -> None:
 
 
 class TreeStaging:
-    """Many new folders at once (a plan's nodes): written under one private folder in ``root``
-    without a sync each, flushed with one ``syncfs``, then each renamed into its place.
+    """Many new folders at once (a plan's nodes), each placed whole.
 
-    Each placed folder appears whole or not at all; what was never placed is removed on exit.
-    Use it with ``root`` locked (:class:`FolderLock`); :func:`sweep_stages` removes what a
-    killed run left.
+    They are written under one private folder in ``root`` without a sync each, flushed with one
+    ``syncfs``, then each renamed into its place. Each placed folder appears whole or not at
+    all; what was never placed is removed on exit. Use it with ``root`` locked
+    (:class:`FolderLock`); :func:`sweep_stages` removes what a killed run left.
     """
 
     def __init__(self, root: Path) -> None:
@@ -706,7 +706,7 @@ class TreeStaging:
             for parent in reversed(target.parents):
                 if parent.is_relative_to(self.root) and not parent.exists():
                     parent.mkdir(mode=DIR_MODE)
-            os.rename(self.path / relative, target)
+            (self.path / relative).rename(target)
 
     def settle(self, *folders: Path) -> None:
         """Make the renames into ``folders`` durable (one fsync per folder)."""

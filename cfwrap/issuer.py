@@ -432,6 +432,9 @@ class LocalSigner:
         try:
             self._scratch = self._write_scratch()
             self._start(self._scratch)
+            # cfssl read the CA's key when it started its signer (a ready signer answers
+            # authsign): the copy goes now, so a cfwrap killed later leaves no CA key behind.
+            (self._scratch / "ca-key.pem").unlink()
         except BaseException:
             self._close()
             raise
