@@ -4,13 +4,15 @@ The only package that prints or decides an exit code. One module per command (it
 its handler: ``configure`` and ``execute``), the shared options in ``options``, output in
 ``output``; this module parses, dispatches, and maps every error to its exit code in one place.
 Each command imports only what it needs when it runs, so ``cfwrap keygen`` does not pay for
-cfssl, X.509 or JSON Schema.
+cfssl, X.509, pydantic or JSON Schema; a command's own module is imported only when that
+command is parsed (tests/test_cold_start.py watches both).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -20,30 +22,88 @@ from pathlib import Path
 from typing import Any
 
 from cfwrap import __version__
-from cfwrap.cli import (
-    apply,
-    ca,
-    cert,
-    doctor,
-    keygen,
-    manifest,
-    plan,
-    quickstart,
-    renew,
-    replay,
-    signer,
-    status,
-)
 from cfwrap.cli.options import EPILOG, Parser, find_cfssl
 from cfwrap.cli.output import drop_stdout, emit, flush_stdout, say
 from cfwrap.errors import CfwrapError, ExitCode, InputError
 
 log = logging.getLogger("cfwrap")
 
-#: The commands, in the order ``--help`` lists them.
-COMMANDS = (
-    quickstart, ca, cert, keygen, plan, apply, status, doctor, replay, manifest, signer, renew,
-)  # fmt: skip
+#: The commands, in the order ``--help`` lists them, with the line it shows for each. A command
+#: is its module ``cfwrap.cli.<name>`` (``configure`` and ``execute``), imported only when the
+#: command is parsed, so a run loads no other command's module; a test holds each line here to
+#: the ``help=`` its module gives.
+COMMANDS: dict[str, str] = {
+    "quickstart": "all of a region's kit: CA, server/client/cli certificates, gossip key, configs",
+    "ca": "a new CA in its own folder",
+    "cert": "one role certificate from an existing CA",
+    "keygen": "a gossip encryption key, or check one",
+    "plan": "a cluster plan: every region, node and operator in one file",
+    "apply": "issue, renew and rotate a cluster's certificates from a plan",
+    "status": "days left and state of every certificate of a plan",
+    "doctor": "check certificates, keys and agent config against Nomad's own TLS rules",
+    "replay": "run a published guide's steps for real, record them, say where it goes wrong",
+    "manifest": "rebuild a kit's manifest from disk and compare",
+    "signer": "run a central signer (cfssl multirootca) for a CA",
+    "renew": "renew a folder's certificates that expire soon",
+}
+
+
+class _Command(Parser):
+    """A command's parser, filled in by its module the first time it parses or shows help."""
+
+    def __init__(self, *args: Any, command: str, **kwargs: Any) -> None:  # noqa: ANN401 (argparse's)
+        """A parser for ``command``, empty until :meth:`load`."""
+        super().__init__(*args, **kwargs)
+        self.command = command
+        self.module_help: str | None = None
+        self._loaded = False
+
+    def load(self) -> _Command:
+        """Import the command's module and let it add its arguments (once)."""
+        if not self._loaded:
+            self._loaded = True
+            module = importlib.import_module(f"cfwrap.cli.{self.command}")
+            module.configure(_Filler(self))
+        return self
+
+    def parse_known_args(  # type: ignore[override] # argparse's own signature, loaded first
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        """Parse the command's arguments, its module loaded first."""
+        self.load()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        """The command's full help, its module loaded first."""
+        self.load()
+        return super().format_help()
+
+    def format_usage(self) -> str:
+        """The command's usage line, its module loaded first."""
+        self.load()
+        return super().format_usage()
+
+    def add_subparsers(self, **kwargs: Any) -> Any:  # noqa: ANN401 (argparse's own)
+        """A command's own verbs (``plan init``) are plain parsers, not commands."""
+        kwargs.setdefault("parser_class", Parser)
+        return super().add_subparsers(**kwargs)
+
+
+class _Filler:
+    """What a module's ``configure(sub)`` is handed: ``add_parser`` returns its command's parser."""
+
+    def __init__(self, parser: _Command) -> None:
+        self._parser = parser
+
+    def add_parser(
+        self, name: str, *, help: str, description: str | None = None, epilog: str | None = None
+    ) -> _Command:
+        """The command's parser, with the module's description and epilog."""
+        if name != self._parser.command:
+            raise ValueError(f"cfwrap.cli.{self._parser.command} configures {name!r}")
+        self._parser.module_help = help
+        self._parser.description, self._parser.epilog = description, epilog
+        return self._parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,10 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="folder holding cfssl 1.6.5 (overrides the search)",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-
-    for command in COMMANDS:
-        command.configure(sub)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Command)
+    for name, line in COMMANDS.items():
+        sub.add_parser(name, help=line, command=name)
     return parser
 
 
