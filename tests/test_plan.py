@@ -130,11 +130,6 @@ def test_plan_init_is_valid_as_printed(
     assert f"Plan: {1 + 1 + len(regions) * (servers + clients) + operators} to add" in dry.out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: schemas/plan.schema.json (from cfwrap/plan/model.py Plan.operators) allows only "
-    "tables, but plan init prints operators as strings, which the model's before-validator accepts",
-)
 def test_plan_schema_accepts_what_plan_init_prints(cli):
     """Editors validate plan files with schemas/plan.schema.json: the starter must pass.
 
@@ -227,11 +222,6 @@ def test_bad_plan_names_the_field_on_one_line_and_writes_nothing(cli, tmp_path, 
         assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.toml"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: cfwrap/plan/model.py NodeList = int | tuple[Node, ...] with no discriminator; "
-    "models.parse_model reports pydantic's first error, the int branch's ('servers.int')",
-)
 @pytest.mark.parametrize("case", sorted(_NAMED_NODE_ERRORS))
 def test_plan_error_inside_a_named_node_gives_its_path(cli, tmp_path, case):
     """A list of named nodes with one bad value: the message points into the list.
@@ -381,11 +371,6 @@ def test_a_fresh_dry_run_creates_no_tree(cli, tmp_path):
     assert change_lines(real.out) == change_lines(dry.out)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: cfwrap/plan/apply.py _member_work never compares a member's HCL/env with what "
-    "Configs.text renders now: a new node_tls_dir (or server address) prints 'No changes'",
-)
 def test_changed_node_tls_dir_rewrites_the_agent_files(cli, tmp_path):
     """The HCL names the files by node_tls_dir: a new node_tls_dir must reach every node."""
     path = write_plan(tmp_path, SMALL)

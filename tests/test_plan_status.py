@@ -12,8 +12,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-
 from tests.test_plan import CFWRAP, applied, one_line_error, tree_state, write_plan
 from tests.tlspeer import free_port
 
@@ -124,11 +122,6 @@ def test_tampered_certificate_or_hcl_is_changed_and_apply_refuses_it(cli, tmp_pa
     assert tree_state(root) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: cfwrap/plan/status.py _member_row reports a certificate that no longer parses "
-    "as 'missing' (current.facts is None) although the file is there, changed on disk",
-)
 def test_a_damaged_certificate_is_changed_not_missing(cli, tmp_path):
     """One flipped bit in a node's certificate: the file is there, changed on disk.
 

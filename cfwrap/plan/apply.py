@@ -195,6 +195,7 @@ def diff(
     if result.make_gossip:
         result.changes.append(Change("+", GOSSIP_FILE, "the servers' gossip key"))
     signers = {g.number: g for g in generations}
+    configs = Configs(plan, root=root, gossip_key=_gossip_key(plan, root))
     wanted: set[str] = set()
     changed: list[str] = []
     # A bundle holding a CA made by this apply cannot be known yet; it differs from every one.
@@ -211,6 +212,7 @@ def diff(
         if current.changed:
             changed.append(f"{member.folder}: {current.changed[0]}")
             continue
+        new_gossip = result.make_gossip and member.role == "server"
         work = _member_work(
             member,
             spec,
@@ -218,6 +220,7 @@ def diff(
             signer=None if make_gen == signing else signers[signing].signer(member.region),
             signer_name=f"gen-{signing}",
             bundle=bundle,
+            config=None if new_gossip else configs.text(member, spec),
             renew_within=renew_within,
             keep_key=keep_key,
             now=now,
@@ -239,6 +242,25 @@ def diff(
                 Change("-", relative.removeprefix(f"{NODES}/"), "not in the plan")
             )
     return result
+
+
+def _gossip_key(plan: Plan, root: Path) -> str | None:
+    """The servers' gossip key, when the plan wants one and the tree has it.
+
+    Raises:
+        VerificationError: the key file holds no valid key.
+    """
+    path = root / GOSSIP_FILE
+    if not plan.gossip or not path.exists():
+        return None
+    key = files.read_input_text(path).strip()
+    try:
+        gossip.check(key)
+    except ValueError as e:
+        raise VerificationError(
+            str(path), str(e), fix="restore it, or move it away for a new one"
+        ) from None
+    return key
 
 
 def _refuse_changed(root: Path, changed: list[str]) -> None:
@@ -286,6 +308,7 @@ def _member_work(
     signer: cas.Signer | None,
     signer_name: str,
     bundle: bytes | None,
+    config: bytes | None,
     renew_within: timedelta | None,
     keep_key: bool,
     now: datetime,
@@ -304,8 +327,15 @@ def _member_work(
         return Work(member, spec, "renew", why, current, new_key=not keep_key)
     if current.cert_pem is not None and not _chain_matches(current.cert_pem, signer.chain_pem):
         return Work(member, spec, "renew", "its chain file lacks the intermediate", current, False)
+    changes = []
     if bundle is None or current.bundle != bundle:
-        return Work(member, spec, "update", "the CA bundle changes", current)
+        changes.append("the CA bundle changes")
+    if config is None or current.config != config:
+        changes.append(
+            "its " + ("environment file" if member.role == "cli" else "agent HCL") + " changes"
+        )
+    if changes:
+        return Work(member, spec, "update", "; ".join(changes), current)
     return None
 
 
@@ -463,7 +493,7 @@ class _Run:
                     gossip.generate(gossip.DEFAULT_SIZE).encode() + b"\n",
                     mode=files.SECRET_MODE,
                 )
-            key = self._gossip_key()
+            key = _gossip_key(self.plan, self.root)
             self.configs = Configs(self.plan, root=self.root, gossip_key=key)
             self.bundle = cas.bundle(d.generations, d.trusted)
             self.signing = {g.number: g for g in d.generations}[d.signing]
@@ -484,20 +514,6 @@ class _Run:
             self._update(work, new_files, facts)
         if d.retire_generation is not None:
             self._retire(f"{cas.CA_ROOT}/gen-{d.retire_generation}", "ca")
-
-    def _gossip_key(self) -> str | None:
-        if not self.plan.gossip:
-            return None
-        key = files.read_input_text(self.root / GOSSIP_FILE).strip()
-        try:
-            gossip.check(key)
-        except ValueError as e:
-            raise VerificationError(
-                str(self.root / GOSSIP_FILE),
-                str(e),
-                fix="restore it, or move it away for a new one",
-            ) from None
-        return key
 
     def _issue(self, stage: files.TreeStaging) -> list[_Update]:
         """Sign every certificate the work needs; stage new folders, return in-place updates."""

@@ -14,7 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
 from cfwrap.errors import InputError
 from cfwrap.models import Duration, KeySpec, Text, parse_duration
@@ -69,6 +78,7 @@ class Node(BaseModel):
 
 
 NodeList = int | tuple[Node, ...]
+_NODES: TypeAdapter[tuple[Node, ...]] = TypeAdapter(tuple[Node, ...])
 
 
 class RegionPlan(BaseModel):
@@ -78,6 +88,19 @@ class RegionPlan(BaseModel):
 
     servers: NodeList = Field(default=1, description="a count, or a list of named nodes")
     clients: NodeList = Field(default=0, description="a count, or a list of named nodes")
+
+    @field_validator("servers", "clients", mode="wrap")
+    @classmethod
+    def _by_kind(cls, value: object, handler: ValidatorFunctionWrapHandler) -> NodeList:
+        """A list is named nodes, anything else a count: errors then name the right field.
+
+        Left to pydantic, a bad name inside a list would be reported against the count.
+        """
+        if isinstance(value, list | tuple):
+            nodes: tuple[Node, ...] = _NODES.validate_python(value)
+            return nodes
+        count: NodeList = handler(value)
+        return count
 
     @field_validator("servers", "clients")
     @classmethod
@@ -230,11 +253,20 @@ class Member:
 
 
 def json_schema() -> dict[str, Any]:
-    """The JSON Schema of the plan file, as checked in under ``schemas/``."""
+    """The JSON Schema of the plan file, as checked in under ``schemas/``.
+
+    The model turns an operator given by name alone into a table before validating it; the
+    schema says so, so that an editor accepts ``operators = ["alice"]`` as cfwrap does.
+    """
+    schema = Plan.model_json_schema()
+    operators = schema["properties"]["operators"]
+    operators["items"] = {
+        "anyOf": [operators["items"], {"type": "string", "description": "an operator's name"}]
+    }
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://cfwrap.invalid/schemas/plan.schema.json",
-        **Plan.model_json_schema(),
+        **schema,
     }
 
 

@@ -113,7 +113,10 @@ def _member_row(
                    detail="not issued yet: run apply")  # fmt: skip
     current = members.read_current(folder, spec)
     if current.facts is None or current.cert is None:
-        return Row(**base, issuer="-", days_left=None, not_after=None, state="missing",
+        # A certificate file that no longer parses is there, but changed; none at all is missing.
+        gone = current.cert_pem is None
+        return Row(**base, issuer="-", days_left=None, not_after=None,
+                   state="missing" if gone else "changed",
                    detail=current.changed[0] if current.changed else "no certificate")  # fmt: skip
     facts = current.facts
     issuer = _issuer_name(current.cert, generations, member.region)
