@@ -13,6 +13,8 @@ from cfwrap.errors import ExitCode, InputError
 
 if TYPE_CHECKING:
     from cfwrap.cli.options import Subparsers
+    from cfwrap.plan.cas import RemoteCA
+    from cfwrap.plan.model import Plan
 
 EXAMPLES = """examples:
   cfwrap apply cluster.toml --dry-run       # show what would change, change nothing
@@ -57,6 +59,21 @@ def configure(sub: Subparsers) -> None:
         "--workers", type=int, choices=range(1, 33), default=4, metavar="N",
         help="signing requests in flight (default 4)",
     )  # fmt: skip
+    apply.add_argument(
+        "--remote",
+        metavar="HOST:PORT",
+        help="issue through a central signer (cfwrap signer) instead of the tree's own CA; "
+        "keys are made here and only CSRs are sent",
+    )
+    apply.add_argument(
+        "--auth-dir",
+        type=Path,
+        metavar="DIR",
+        help="with --remote: the folder holding the signer's <role>.key auth keys",
+    )
+    apply.add_argument(
+        "--ca", type=Path, metavar="FILE", help="with --remote: the signer's CA certificate"
+    )
     apply.add_argument("--json", action="store_true", help="print the changes as JSON")
     wait_option(apply)
     apply.set_defaults(handler=execute)
@@ -70,10 +87,11 @@ def execute(args: argparse.Namespace) -> int:
         raise InputError("--keep-key", "only means something with --renew-within",
                          fix="add --renew-within 30d, or drop --keep-key")  # fmt: skip
     plan = model.load(args.plan)
+    remote = _remote(args, plan)
     if args.dry_run:
         result = apply.diff(
             plan, args.plan, renew_within=args.renew_within, keep_key=args.keep_key,
-            rotate=args.rotate_ca,
+            rotate=args.rotate_ca, remote=remote,
         )  # fmt: skip
         steps = rotation.steps(plan, result.new_phase, result) if result.changes else []
     else:
@@ -84,6 +102,7 @@ def execute(args: argparse.Namespace) -> int:
             renew_within=args.renew_within,
             keep_key=args.keep_key,
             rotate=args.rotate_ca,
+            remote=remote,
             workers=args.workers,
             wait=args.wait,
             progress=ProgressBar("cfwrap: issuing"),
@@ -117,3 +136,33 @@ def execute(args: argparse.Namespace) -> int:
         for step in steps:
             emit(step)
     return ExitCode.OK
+
+
+def _remote(args: argparse.Namespace, plan: Plan) -> RemoteCA | None:
+    """The central signer from --remote, --auth-dir and --ca (all three, or none)."""
+    from cfwrap import files, parsers, remote
+    from cfwrap.plan.cas import RemoteCA
+    from cfwrap.signer.authkeys import key_path, read_key
+
+    given = [f for f, v in (("--remote", args.remote), ("--auth-dir", args.auth_dir),
+                            ("--ca", args.ca)) if v is not None]  # fmt: skip
+    if not given:
+        return None
+    if len(given) != 3:
+        raise InputError(
+            " ".join(given),
+            "--remote, --auth-dir and --ca go together",
+            fix="give the signer's HOST:PORT, its auth key folder and its CA certificate",
+        )
+    url = remote.address(args.remote)
+    try:
+        ca_pem = files.read_input(args.ca)
+        facts = parsers.read_certificate(ca_pem)
+    except (OSError, parsers.ParseError) as e:
+        why = getattr(e, "strerror", None) or str(e)
+        raise InputError(f"--ca {args.ca}", why, fix="give the signer's CA (ca.pem)") from None
+    if not facts.is_ca:
+        raise InputError(f"--ca {args.ca}", "not a CA certificate", fix="give the signer's CA")
+    roles: set[str] = {member.role for member in plan.members()}
+    keys = {role: read_key(key_path(args.auth_dir, role)) for role in sorted(roles)}
+    return RemoteCA(url=url, ca_pem=ca_pem, auth_keys=keys)

@@ -11,14 +11,17 @@ written last, and only when its bytes change. An unchanged plan writes nothing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+import ssl
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from types import TracebackType
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from cfwrap import files, gossip, manifest, parsers, verify
 from cfwrap.errors import ConflictError, InputError, VerificationError
+from cfwrap.models import SigningConfig
 from cfwrap.nomad import CertSpec, signing_config
 from cfwrap.plan import cas, members, rotation, state
 from cfwrap.plan.members import BUNDLE, Configs, Current, Names
@@ -36,6 +39,23 @@ NODES = "nodes"
 OPERATORS = "operators"
 
 Kind = Literal["create", "reissue", "renew", "update"]
+
+
+class _Engine(Protocol):
+    """What signs a run's requests: :class:`issuer.LocalSigner` or :class:`issuer.RemoteSigner`."""
+
+    def __enter__(self) -> _Engine: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    def sign_all(self, requests: Iterable[SignRequest]) -> Iterator[tuple[SignRequest, bytes]]: ...
+
+
 Progress = Callable[[int, int], None]
 
 
@@ -82,7 +102,9 @@ class Diff:
     retire: list[str]
     make_gossip: bool
     previously_retired: list[str] = field(default_factory=list)
+    remote: cas.RemoteCA | None = None
     changes: list[Change] = field(default_factory=list)
+    wanted: set[str] = field(default_factory=set)
 
     @property
     def empty(self) -> bool:
@@ -150,12 +172,17 @@ def diff(
     renew_within: timedelta | None = None,
     keep_key: bool = False,
     rotate: bool = False,
+    remote: cas.RemoteCA | None = None,
     now: datetime | None = None,
 ) -> Diff:
     """Compare the plan with its tree and list what an apply would do; writes nothing.
 
+    ``remote``: a central signer issues the leaves; the tree trusts its CA and has none of its
+    own (the plan's ``ca`` settings are the signer's business then).
+
     Raises:
-        InputError: a member's names, or a rotation asked for while one cannot start.
+        InputError: a member's names, a rotation asked for while one cannot start, or a
+            signer for a tree that has its own CA.
         ConflictError: a member's folder changed on disk since cfwrap wrote it.
         VerificationError: the tree's CA or plan manifest is damaged.
     """
@@ -165,6 +192,10 @@ def diff(
     recorded = state.load(root)
     generations = cas.find(root)
     numbers = [g.number for g in generations]
+    if remote is not None:
+        _remote_fits(generations, rotate=rotate)
+        generations = [remote.generation(root)]
+        numbers = [cas.SIGNER_GENERATION]
     phase = _current_phase(recorded, numbers)
     if rotate and not numbers:
         raise InputError("--rotate-ca", "the tree has no CA yet", fix="run apply without it first")
@@ -185,6 +216,7 @@ def diff(
         retire=[],
         make_gossip=plan.gossip and not (root / GOSSIP_FILE).exists(),
         previously_retired=list(recorded.retired) if recorded is not None else [],
+        remote=remote,
     )
     if make_gen is not None:
         result.changes.append(
@@ -194,15 +226,43 @@ def diff(
         result.changes.append(Change("-", f"ca gen-{retire_gen}", "the old CA, after rotation"))
     if result.make_gossip:
         result.changes.append(Change("+", GOSSIP_FILE, "the servers' gossip key"))
-    signers = {g.number: g for g in generations}
+    _diff_members(plan, result, renew_within=renew_within, keep_key=keep_key, now=now)
+    issuing = [w for w in result.work if w.kind != "update"]
+    if issuing and make_gen != signing and remote is None:
+        by_number = {g.number: g for g in generations}
+        _check_signer_outlives(plan, by_number[signing], issuing, now)
+    for relative in _existing_members(root):
+        if relative not in result.wanted:
+            result.retire.append(relative)
+            result.changes.append(
+                Change("-", relative.removeprefix(f"{NODES}/"), "not in the plan")
+            )
+    return result
+
+
+def _diff_members(
+    plan: Plan,
+    result: Diff,
+    *,
+    renew_within: timedelta | None,
+    keep_key: bool,
+    now: datetime,
+) -> None:
+    """Add each member's work (or its place among the unchanged) to ``result``.
+
+    Raises:
+        ConflictError: a member's folder changed on disk since cfwrap wrote it.
+    """
+    root, signing, remote = result.root, result.signing, result.remote
+    make_gen = result.make_generation
+    signers = {g.number: g for g in result.generations}
     configs = Configs(plan, root=root, gossip_key=_gossip_key(plan, root))
-    wanted: set[str] = set()
     changed: list[str] = []
     # A bundle holding a CA made by this apply cannot be known yet; it differs from every one.
-    bundle = None if make_gen is not None else cas.bundle(generations, trusted)
+    bundle = None if make_gen is not None else cas.bundle(result.generations, result.trusted)
     for member in plan.members():
         spec = members.spec_for(plan, member)
-        wanted.add(member.folder)
+        result.wanted.add(member.folder)
         folder = root / member.folder
         if not folder.exists():
             result.work.append(Work(member, spec, "create", member.role))
@@ -221,6 +281,8 @@ def diff(
             signer_name=f"gen-{signing}",
             bundle=bundle,
             config=None if new_gossip else configs.text(member, spec),
+            # A signer sets the lifetime itself (its --expiry), whatever the plan says.
+            lifetime=remote is None,
             renew_within=renew_within,
             keep_key=keep_key,
             now=now,
@@ -232,16 +294,27 @@ def diff(
             symbol = "~" if work.kind == "update" else "-/+"
             result.changes.append(Change(symbol, member.label, work.reason))
     _refuse_changed(root, changed)
-    issuing = [w for w in result.work if w.kind != "update"]
-    if issuing and make_gen != signing:
-        _check_signer_outlives(plan, signers[signing], issuing, now)
-    for relative in _existing_members(root):
-        if relative not in wanted:
-            result.retire.append(relative)
-            result.changes.append(
-                Change("-", relative.removeprefix(f"{NODES}/"), "not in the plan")
-            )
-    return result
+
+
+def _remote_fits(generations: list[cas.Generation], *, rotate: bool) -> None:
+    """Refuse a signer where the tree has its own CA, and a rotation of the signer's CA.
+
+    Raises:
+        InputError: either.
+    """
+    if rotate:
+        raise InputError(
+            "--rotate-ca with --remote",
+            "a central signer's CA is rotated at the signer, not by a plan",
+            fix="drop --rotate-ca",
+        )
+    if generations:
+        raise InputError(
+            "--remote",
+            f"this tree has its own CA ({generations[0].relative}); a tree is issued by its "
+            "own CA or by a signer, not both",
+            fix="give the plan a new out for the signer's tree",
+        )
 
 
 def _gossip_key(plan: Plan, root: Path) -> str | None:
@@ -309,6 +382,7 @@ def _member_work(
     signer_name: str,
     bundle: bytes | None,
     config: bytes | None,
+    lifetime: bool,
     renew_within: timedelta | None,
     keep_key: bool,
     now: datetime,
@@ -317,7 +391,9 @@ def _member_work(
     assert current.facts is not None  # noqa: S101 (read_current refuses a folder without it)
     if signer is None:  # the signing CA is made by this apply
         return Work(member, spec, "reissue", "the new CA signs it", current)
-    reason = members.why_reissue(spec, current, signer=signer.cert, signer_name=signer_name)
+    reason = members.why_reissue(
+        spec, current, signer=signer.cert, signer_name=signer_name, lifetime=lifetime
+    )
     if reason is not None:
         return Work(member, spec, "reissue", reason, current)
     left = current.facts.not_after - now
@@ -391,6 +467,7 @@ def apply(
     renew_within: timedelta | None = None,
     keep_key: bool = False,
     rotate: bool = False,
+    remote: cas.RemoteCA | None = None,
     workers: int = 4,
     wait: float = 0.0,
     progress: Progress | None = None,
@@ -410,10 +487,17 @@ def apply(
     _check_root(root)
     with files.FolderLock(root, wait=wait):
         _check_root(root)
-        if not root.exists():
-            root.mkdir(mode=files.DIR_MODE)
         files.sweep_stages(root)
-        result = diff(plan, plan_path, renew_within=renew_within, keep_key=keep_key, rotate=rotate)
+        result = diff(
+            plan,
+            plan_path,
+            renew_within=renew_within,
+            keep_key=keep_key,
+            rotate=rotate,
+            remote=remote,
+        )
+        if not root.exists():  # only now: a refused plan leaves no trace
+            root.mkdir(mode=files.DIR_MODE)
         run = _Run(plan, result, cfssl_tool=cfssl_tool, workers=workers, progress=progress)
         run.go()
         written = state.write(root, run.plan_manifest())
@@ -487,6 +571,8 @@ class _Run:
                 stage.place(made, self.root / made)
                 stage.settle(self.root / cas.CA_ROOT)
                 d.generations = cas.find(self.root)
+            if d.remote is not None:
+                self._keep_signer_ca(d.remote)
             if d.make_gossip:
                 files.write_new(
                     self.root / GOSSIP_FILE,
@@ -517,8 +603,6 @@ class _Run:
 
     def _issue(self, stage: files.TreeStaging) -> list[_Update]:
         """Sign every certificate the work needs; stage new folders, return in-place updates."""
-        from cfwrap.issuer import LocalSigner
-
         updates: list[_Update] = []
         by_region: dict[str, list[Work]] = {}
         for work in self.d.work:
@@ -535,14 +619,8 @@ class _Run:
         for region_key, works in by_region.items():
             signer = self.signing.signer(region_key)
             keys: dict[str, bytes] = {}
-            with LocalSigner(
-                self.tool,
-                ca_cert_pem=signer.cert_pem,
-                ca_key_pem=signer.key_pem,
-                config=config,
-                workers=self.workers,
-            ) as local:
-                for request, cert_pem in local.sign_all(self._requests(works, keys)):
+            with self._engine(signer, config) as engine:
+                for request, cert_pem in engine.sign_all(self._requests(works, keys)):
                     work = self._by_label[request.label]
                     key_pem = keys.pop(request.label)
                     facts = self._check(work, cert_pem, signer)
@@ -557,8 +635,39 @@ class _Run:
                         self.progress(done, total)
         return updates
 
+    def _engine(self, signer: cas.Signer, config: SigningConfig) -> _Engine:
+        """What signs: a loopback ``cfssl serve`` for the tree's CA, or the central signer."""
+        from cfwrap import issuer
+
+        remote = self.d.remote
+        if remote is None:
+            return issuer.LocalSigner(
+                self.tool,
+                ca_cert_pem=signer.cert_pem,
+                ca_key_pem=signer.key_pem,
+                config=config,
+                workers=self.workers,
+            )
+        context = ssl.create_default_context(cadata=remote.ca_pem.decode("ascii"))
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        return issuer.RemoteSigner(
+            remote.url, auth_keys=remote.auth_keys, ssl_context=context, workers=self.workers
+        )
+
+    def _keep_signer_ca(self, remote: cas.RemoteCA) -> None:
+        """Keep the signer's CA in the tree (``ca/signer/ca.pem``), for ``status``."""
+        path = self.root / cas.CA_ROOT / cas.SIGNER_FOLDER / "ca.pem"
+        path.parent.mkdir(mode=files.DIR_MODE, parents=True, exist_ok=True)
+        try:
+            if files.read_input(path) == remote.ca_pem:
+                return
+        except FileNotFoundError:
+            pass
+        files.write_replace(path, remote.ca_pem, mode=files.PUBLIC_MODE)
+
     def _signer_key(self, work: Work) -> str:
-        return work.member.region if self.plan.ca.intermediates else ""
+        intermediates = self.plan.ca.intermediates and self.d.remote is None
+        return work.member.region if intermediates else ""
 
     def _requests(self, works: list[Work], keys: dict[str, bytes]) -> Iterator[SignRequest]:
         from cfwrap import keys as keymaker
@@ -724,10 +833,12 @@ class _Run:
 
     def plan_manifest(self) -> state.PlanManifest:
         """The plan manifest: the CA generations on disk now, and every member's record."""
-        generations = cas.find(self.root)
+        remote = self.d.remote
+        generations = cas.find(self.root) if remote is None else self.d.generations
         return state.PlanManifest(
             plan_sha256=self.d.plan_sha256,
             phase=self.d.new_phase,
+            signer=remote.url if remote is not None else None,
             signing_generation=self.d.signing,
             trusted_generations=self.d.trusted,
             cas=[

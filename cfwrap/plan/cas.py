@@ -28,6 +28,10 @@ if TYPE_CHECKING:
     from cryptography import x509
 
 CA_ROOT = "ca"
+#: ``ca/signer/ca.pem``: the CA of a central signer that issues the tree (``apply --remote``);
+#: cfwrap holds no key for it. It counts as generation 0.
+SIGNER_FOLDER = "signer"
+SIGNER_GENERATION = 0
 _GENERATION = re.compile(r"gen-([1-9][0-9]{0,5})")
 _INTERMEDIATE_PROFILE = "intermediate"
 
@@ -61,6 +65,8 @@ class Generation:
     @property
     def relative(self) -> str:
         """Its folder, relative to the tree's root."""
+        if self.number == SIGNER_GENERATION:
+            return f"{CA_ROOT}/{SIGNER_FOLDER}"
         return f"{CA_ROOT}/gen-{self.number}"
 
     def signer(self, region: str) -> Signer:
@@ -82,6 +88,39 @@ class Generation:
                 signer = Signer(ca.cert_pem, ca.key_pem, ca.cert_pem, ca.facts)
             self._signers[key] = signer
         return self._signers[key]
+
+
+@dataclass(frozen=True)
+class RemoteCA:
+    """A central signer (``cfwrap signer``) that signs a plan's leaves instead of its own CA."""
+
+    url: str
+    ca_pem: bytes
+    auth_keys: dict[str, str] = field(repr=False)
+
+    def generation(self, root: Path) -> Generation:
+        """The signer's CA as the tree's only generation (0, without a key)."""
+        folder = root / CA_ROOT / SIGNER_FOLDER
+        facts = parsers.read_certificate(self.ca_pem)
+        ca = kit.CA(folder / "ca.pem", folder / "ca-key.pem", facts, self.ca_pem, b"")
+        return Generation(SIGNER_GENERATION, folder, ca, {})
+
+
+def signer_generation(root: Path) -> Generation | None:
+    """The CA of the central signer that issued the tree, if one did.
+
+    Raises:
+        VerificationError: the file is damaged.
+    """
+    path = root / CA_ROOT / SIGNER_FOLDER / "ca.pem"
+    if not path.is_file():
+        return None
+    try:
+        pem = files.read_input(path)
+        parsers.read_certificate(pem)
+    except (OSError, parsers.ParseError) as e:
+        raise VerificationError(str(path), f"not the signer's CA certificate ({e})") from None
+    return RemoteCA("", pem, {}).generation(root)
 
 
 def find(root: Path) -> list[Generation]:

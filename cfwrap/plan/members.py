@@ -195,7 +195,12 @@ def read_current(folder: Path, spec: CertSpec) -> Current:
 
 
 def why_reissue(
-    spec: CertSpec, current: Current, *, signer: x509.Certificate, signer_name: str
+    spec: CertSpec,
+    current: Current,
+    *,
+    signer: x509.Certificate,
+    signer_name: str,
+    lifetime: bool = True,
 ) -> str | None:
     """Why the member's certificate no longer fits the plan (None when it does)."""
     facts, cert = current.facts, current.cert
@@ -217,7 +222,7 @@ def why_reissue(
         have_key = f"{facts.key.algorithm} {facts.key.size}"
         return f"key is {have_key}, the plan says {spec.key.algo} {spec.key.size}"
     life = facts.not_after - facts.not_before - _BACKDATE
-    if abs(life - parse_duration(spec.expiry)) > _LIFETIME_SLACK:
+    if lifetime and abs(life - parse_duration(spec.expiry)) > _LIFETIME_SLACK:
         return f"lifetime changed (the plan says {spec.expiry})"
     return None
 

@@ -38,7 +38,7 @@ class CARecord(BaseModel):
 
     model_config = _FROZEN
 
-    generation: int = Field(ge=1)
+    generation: int = Field(ge=0, description="0: a central signer's CA (no key here)")
     folder: str
     subject: str
     serial: str
@@ -63,7 +63,7 @@ class MemberRecord(BaseModel):
     fingerprint_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     not_before: datetime
     not_after: datetime
-    ca_generation: int = Field(ge=1)
+    ca_generation: int = Field(ge=0)
     files: dict[str, str] = Field(description="file name -> SHA-256 of its content")
 
 
@@ -75,7 +75,10 @@ class PlanManifest(BaseModel):
     schema_version: Literal[1] = SCHEMA_VERSION
     plan_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     phase: Phase
-    signing_generation: int = Field(ge=1)
+    signer: str | None = Field(
+        default=None, description="the central signer that issues the tree (apply --remote)"
+    )
+    signing_generation: int = Field(ge=0)
     trusted_generations: list[int] = Field(min_length=1)
     cas: list[CARecord]
     members: list[MemberRecord]

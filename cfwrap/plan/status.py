@@ -54,8 +54,8 @@ def _issuer_name(cert: object, generations: list[cas.Generation], region: str) -
             signer = g.signer(region)
         except VerificationError:  # a generation without this region's intermediate
             continue
-        if parsers.is_issued_by(cert, parsers.load_certificate(signer.cert_pem)):  # type: ignore[arg-type]
-            return f"gen-{g.number}"
+        if parsers.is_issued_by(cert, parsers.load_certificate(signer.cert_pem)):
+            return "signer" if g.number == cas.SIGNER_GENERATION else f"gen-{g.number}"
     return "unknown"
 
 
@@ -66,15 +66,18 @@ def rows(
     now = now or datetime.now(UTC)
     root = root_of(plan, plan_path)
     generations = cas.find(root)
+    if not generations and (signer := cas.signer_generation(root)) is not None:
+        generations = [signer]  # a central signer issues this tree
     table: list[Row] = []
     if not generations:
         table.append(Row("ca", "ca", "-", "-", None, None, "missing", "no CA yet: run apply"))
     for g in generations:
+        name = "ca signer" if g.number == cas.SIGNER_GENERATION else f"ca gen-{g.number}"
         for region, ca in [("-", g.root), *g.intermediates.items()]:
             left = (ca.facts.not_after - now) / timedelta(days=1)
             table.append(
                 Row(
-                    f"ca gen-{g.number}" + (f" {region}" if region != "-" else ""),
+                    name + (f" {region}" if region != "-" else ""),
                     "ca",
                     region,
                     "gen-" + str(g.number) if region != "-" else "self",

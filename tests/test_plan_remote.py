@@ -1,0 +1,164 @@
+"""Plans through a central signer (``apply --remote``): a real ``cfwrap signer`` (multirootca)
+on a loopback port issues every member's certificate; keys stay in the tree.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from tests.test_signer import ROOT, RunningSigner, make_ca, start_signer
+
+PLAN = """\
+out = "tree"
+operators = ["alice"]
+
+[regions.global]
+servers = [{ name = "nomad-1", dns = ["nomad-1.example.com"], ip = ["10.0.0.11"] }]
+clients = 1
+
+[regions.eu]
+servers = 1
+clients = 1
+"""
+
+
+@pytest.fixture(scope="module")
+def signer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSigner]:
+    ca_dir = make_ca(tmp_path_factory.mktemp("plan-signer"))
+    running = start_signer(
+        ca_dir, "--region", "global", "--region", "eu", "--allow-dns", "example.com"
+    )
+    yield running
+    code, err = running.stop()
+    assert code == 143, err
+
+
+def cfwrap(*argv: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The installed command, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "cfwrap", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def remote_args(signer: RunningSigner) -> list[str]:
+    return [
+        "--remote", f"127.0.0.1:{signer.port}",
+        "--auth-dir", str(signer.auth_dir),
+        "--ca", str(signer.ca_dir / "ca.pem"),
+    ]  # fmt: skip
+
+
+def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file's bytes and mtime, and every folder's mtime."""
+    seen: dict[str, tuple[bytes, int]] = {}
+    for path in sorted(root.rglob("*")):
+        data = path.read_bytes() if path.is_file() else b""
+        seen[str(path.relative_to(root))] = (data, path.stat().st_mtime_ns)
+    return seen
+
+
+def test_a_plan_is_issued_by_the_signer_and_keys_stay_here(tmp_path, signer):
+    (tmp_path / "c.toml").write_text(PLAN)
+    done = cfwrap("apply", "c.toml", *remote_args(signer), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "Plan: 6 to add" in done.stdout
+    tree = tmp_path / "tree"
+    assert not list((tree / "ca").glob("gen-*")), "a signer's tree has no CA of its own"
+    ca_pem = (signer.ca_dir / "ca.pem").read_bytes()
+    ca = x509.load_pem_x509_certificate(ca_pem)
+    assert (tree / "ca" / "signer" / "ca.pem").read_bytes() == ca_pem
+    folders = {
+        "nodes/global/nomad-1": ("server", "global"),
+        "nodes/global/client-1": ("client", "global"),
+        "nodes/eu/server-1": ("server", "eu"),
+        "nodes/eu/client-1": ("client", "eu"),
+        "operators/alice": ("cli", "global"),
+    }
+    for folder, (role, region) in folders.items():
+        here = tree / folder
+        assert (here / "ca.pem").read_bytes() == ca_pem
+        cert = x509.load_pem_x509_certificate((here / f"{region}-{role}-nomad.pem").read_bytes())
+        cert.verify_directly_issued_by(ca)
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert f"{role}.{region}.nomad" in names.get_values_for_type(x509.DNSName)
+        ekus = set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+        want = {ExtendedKeyUsageOID.CLIENT_AUTH}
+        if role != "cli":
+            want.add(ExtendedKeyUsageOID.SERVER_AUTH)
+        assert ekus == want, folder
+        key = here / f"{region}-{role}-nomad-key.pem"
+        assert key.stat().st_mode & 0o777 == 0o600
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+        assert load_pem_private_key(key.read_bytes(), None).public_key() == cert.public_key()
+    extra = x509.load_pem_x509_certificate(
+        (tree / "nodes/global/nomad-1/global-server-nomad.pem").read_bytes()
+    )
+    sans = extra.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "nomad-1.example.com" in sans.get_values_for_type(x509.DNSName)
+
+    status = cfwrap("status", "c.toml", "--json", cwd=tmp_path)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert '"issuer": "signer"' in status.stdout
+
+    before = snapshot(tree)
+    again = cfwrap("apply", "c.toml", *remote_args(signer), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "No changes" in again.stdout
+    assert snapshot(tree) == before
+
+
+def test_remote_refusals_are_one_line_and_write_nothing(tmp_path, signer):
+    (tmp_path / "c.toml").write_text(PLAN)
+    rotate = cfwrap("apply", "c.toml", "--rotate-ca", *remote_args(signer), cwd=tmp_path)
+    assert rotate.returncode == 3
+    assert "rotated at the signer" in rotate.stderr
+    half = cfwrap("apply", "c.toml", "--remote", f"127.0.0.1:{signer.port}", cwd=tmp_path)
+    assert half.returncode == 3 and "go together" in half.stderr
+    keys = tmp_path / "keys"
+    shutil.copytree(signer.auth_dir, keys)
+    (keys / "cli.key").unlink()
+    args = remote_args(signer)
+    args[3] = str(keys)
+    missing = cfwrap("apply", "c.toml", *args, cwd=tmp_path)
+    assert missing.returncode == 3 and "cli.key" in missing.stderr
+    for result in (rotate, half, missing):
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "tree").exists()
+
+
+def test_a_name_the_signer_refuses_leaves_the_tree_as_it_was(tmp_path, signer):
+    (tmp_path / "c.toml").write_text(PLAN)
+    assert cfwrap("apply", "c.toml", *remote_args(signer), cwd=tmp_path).returncode == 0
+    tree = tmp_path / "tree"
+    before = snapshot(tree)
+    (tmp_path / "c.toml").write_text(
+        PLAN.replace('"nomad-1.example.com"', '"nomad-1.example.org"')
+    )
+    refused = cfwrap("apply", "c.toml", *remote_args(signer), cwd=tmp_path)
+    assert refused.returncode == 6, refused.stdout + refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert snapshot(tree) == before
+
+
+def test_a_tree_with_its_own_ca_is_not_issued_by_a_signer(tmp_path, signer):
+    (tmp_path / "c.toml").write_text(PLAN)
+    assert cfwrap("apply", "c.toml", cwd=tmp_path).returncode == 0
+    mixed = cfwrap("apply", "c.toml", *remote_args(signer), cwd=tmp_path)
+    assert mixed.returncode == 3
+    assert "has its own CA" in mixed.stderr
