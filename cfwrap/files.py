@@ -653,7 +653,7 @@ class TreeStaging:
         """Prepare a stage inside ``root`` (made on entry)."""
         self.root = root
         self._path: Path | None = None
-        self._made: set[Path] = set()
+        self._made: set[str] = set()
 
     @property
     def path(self) -> Path:
@@ -671,9 +671,10 @@ class TreeStaging:
 
     def write(self, relative: str, data: bytes, *, mode: int) -> None:
         """Write a new file at ``relative`` inside the stage (its folders are made 0700)."""
-        path = self.path / relative
-        with _os_errors(path):
-            self._folder(path.parent)
+        # Plain strings, not Path objects: a plan writes tens of thousands of these.
+        path = f"{self.path}/{relative}"
+        with _os_errors(Path(path)):
+            self._folder(path.rpartition("/")[0])
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
             try:
                 os.fchmod(fd, mode)  # the umask cut the mode at creation
@@ -683,9 +684,9 @@ class TreeStaging:
             finally:
                 os.close(fd)
 
-    def _folder(self, folder: Path) -> None:
+    def _folder(self, folder: str) -> None:
         if folder not in self._made:
-            folder.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            os.makedirs(folder, mode=DIR_MODE, exist_ok=True)  # noqa: PTH103 (strings, as above)
             self._made.add(folder)
 
     def sync(self) -> None:

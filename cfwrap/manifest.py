@@ -327,9 +327,12 @@ def to_json(manifest: Manifest, *, check_schema: bool = True) -> bytes:
     Raises:
         VerificationError: the manifest does not satisfy ``schemas/manifest.schema.json``.
     """
+    if not check_schema:
+        # The same JSON, written by pydantic directly (non-ASCII characters as themselves).
+        return (manifest.model_dump_json(indent=2) + "\n").encode()
     data = json.loads(manifest.model_dump_json())
     errors = []
-    if check_schema and not _surely_valid(data):
+    if not _surely_valid(data):
         errors = sorted(_validator().iter_errors(data), key=str)
     if errors:
         where = "/".join(str(p) for p in errors[0].absolute_path) or "(top)"

@@ -340,6 +340,7 @@ def read_csr(data: bytes) -> CSRFacts:
     )
 
 
+@functools.lru_cache(maxsize=64)  # by both certificates' DER: a bundle checks itself per folder
 def is_issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     """True when ``issuer``'s key signed ``cert`` and the issuer names match."""
     from cryptography.exceptions import InvalidSignature
