@@ -58,17 +58,19 @@ def new_private_key(spec: KeySpec) -> PrivateKey:
     )
 
 
-def private_key_pem(key: PrivateKey) -> bytes:
+def private_key_pem(key: PrivateKey, *, remember: bool = True) -> bytes:
     """Encode ``key`` as cfssljson writes it (SEC1 ``EC PRIVATE KEY`` or PKCS#1 ``RSA ...``).
 
-    The PEM is remembered by the runner as a secret, so it is removed from anything logged.
+    The PEM is remembered by the runner as a secret, so it is removed from anything logged
+    (unless ``remember`` is false: a caller that only ever writes it to its file).
     """
     pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.TraditionalOpenSSL,  # SEC1 for EC, PKCS#1 for RSA
         serialization.NoEncryption(),
     )
-    remember_private_keys(pem)
+    if remember:
+        remember_private_keys(pem)
     return pem
 
 

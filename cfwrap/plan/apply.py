@@ -98,7 +98,9 @@ class Diff:
     make_generation: int | None
     retire_generation: int | None
     work: list[Work]
-    unchanged: list[tuple[Member, Current]]
+    #: The plan manifest's records of the members that stay as they are (no file contents:
+    #: memory stays flat however large the plan).
+    unchanged: list[state.MemberRecord]
     retire: list[str]
     make_gossip: bool
     previously_retired: list[str] = field(default_factory=list)
@@ -288,7 +290,10 @@ def _diff_members(
             now=now,
         )
         if work is None:
-            result.unchanged.append((member, current))
+            assert current.facts is not None  # noqa: S101 (read_current refuses it otherwise)
+            result.unchanged.append(
+                members.record(member, current.facts, current.hashes, generation=signing)
+            )
         else:
             result.work.append(work)
             symbol = "~" if work.kind == "update" else "-/+"
@@ -554,9 +559,8 @@ class _Run:
         self.schema_checked = False
         self.retired_now: list[str] = []
         self.records: dict[str, state.MemberRecord] = {}
-        for member, current in result.unchanged:
-            assert current.facts is not None  # noqa: S101 (read_current refuses it otherwise)
-            self._record(member, current.facts, None)
+        for unchanged in result.unchanged:
+            self.records[unchanged.folder] = unchanged
 
     def go(self) -> None:
         d = self.d
@@ -621,7 +625,7 @@ class _Run:
             keys: dict[str, bytes] = {}
             with self._engine(signer, config) as engine:
                 for request, cert_pem in engine.sign_all(self._requests(works, keys)):
-                    work = self._by_label[request.label]
+                    work = self._by_label.pop(request.label)
                     key_pem = keys.pop(request.label)
                     facts = self._check(work, cert_pem, signer)
                     new_files = self._files(work, cert_pem + signer.chain_pem, key_pem)
@@ -676,7 +680,9 @@ class _Run:
         for work in works:
             if work.new_key or work.current is None or work.current.key_pem is None:
                 key = keymaker.new_private_key(work.spec.key)
-                key_pem = keymaker.private_key_pem(key)
+                # Not remembered as a secret to redact: a key made here only ever goes into its
+                # file (cfssl sees the CSR), and 10,000 remembered keys cost memory and time.
+                key_pem = keymaker.private_key_pem(key, remember=False)
             else:
                 key_pem = work.current.key_pem
                 key = parsers.load_private_key(key_pem)  # type: ignore[assignment]
@@ -777,25 +783,12 @@ class _Run:
         self.schema_checked = True
 
     def _record(
-        self, member: Member, facts: parsers.CertFacts, kit_manifest: manifest.Manifest | None
+        self, member: Member, facts: parsers.CertFacts, kit_manifest: manifest.Manifest
     ) -> None:
         """Index a member for the plan manifest (its files' hashes from its own manifest)."""
-        if kit_manifest is not None:
-            hashes = {a.path: a.sha256 for a in kit_manifest.artifacts}
-        else:
-            hashes = members.recorded_hashes(self.root / member.folder) or {}
-        self.records[member.folder] = state.MemberRecord(
-            folder=member.folder,
-            role=member.role,
-            region=member.region,
-            name=member.node.name,
-            address=member.node.address,
-            serial=facts.serial,
-            fingerprint_sha256=facts.fingerprint_sha256,
-            not_before=facts.not_before,
-            not_after=facts.not_after,
-            ca_generation=self.d.signing,
-            files=hashes,
+        hashes = {a.path: a.sha256 for a in kit_manifest.artifacts}
+        self.records[member.folder] = members.record(
+            member, facts, hashes, generation=self.d.signing
         )
 
     def _stage_replaced(

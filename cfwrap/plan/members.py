@@ -10,7 +10,6 @@ kit manifest of the folder.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,6 +19,7 @@ from cfwrap import files, manifest, nomad, parsers
 from cfwrap.errors import InputError
 from cfwrap.models import parse_duration
 from cfwrap.nomad import CertSpec
+from cfwrap.plan import state
 from cfwrap.plan.model import Member, Plan
 
 if TYPE_CHECKING:
@@ -237,6 +237,20 @@ def pem_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def dump_hashes(hashes: dict[str, str]) -> str:
-    """A stable one-line form, for debugging."""
-    return json.dumps(hashes, sort_keys=True)
+def record(
+    member: Member, facts: parsers.CertFacts, hashes: dict[str, str], *, generation: int
+) -> state.MemberRecord:
+    """A member's line in the plan manifest."""
+    return state.MemberRecord(
+        folder=member.folder,
+        role=member.role,
+        region=member.region,
+        name=member.node.name,
+        address=member.node.address,
+        serial=facts.serial,
+        fingerprint_sha256=facts.fingerprint_sha256,
+        not_before=facts.not_before,
+        not_after=facts.not_after,
+        ca_generation=generation,
+        files=hashes,
+    )
