@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -102,3 +103,40 @@ def test_every_command_module_is_in_the_table_with_its_own_help_line() -> None:
         command = sub.choices[name]
         assert isinstance(command, cli._Command)
         assert command.load().module_help == line, name
+
+
+def test_quickstart_runs_without_gc_pauses_and_turns_the_collector_back_on(tmp_path: Path) -> None:
+    import gc
+    from unittest import mock
+
+    from cfwrap import kit
+
+    seen: list[bool] = []
+    real = kit.quickstart
+
+    def record(**kwargs: Any) -> kit.KitResult:
+        seen.append(gc.isenabled())
+        return real(**kwargs)
+
+    with mock.patch.object(kit, "quickstart", autospec=True, side_effect=record):
+        assert cli.main(["quickstart", "--out", str(tmp_path / "kit")]) == 0
+        assert cli.main(["quickstart", "--out", str(tmp_path / "kit")]) != 0  # exists: refused
+    assert seen == [False, False]
+    assert gc.isenabled()
+
+
+def test_no_gc_pauses_leaves_a_collector_that_was_off_off() -> None:
+    import gc
+
+    from cfwrap.cli.options import no_gc_pauses
+
+    gc.disable()
+    try:
+        with no_gc_pauses():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(KeyboardInterrupt), no_gc_pauses():
+        raise KeyboardInterrupt
+    assert gc.isenabled()

@@ -7,8 +7,9 @@ and ``execute(args) -> int``, which runs it; the options several commands take a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -81,6 +82,26 @@ class Parser(argparse.ArgumentParser):
 if TYPE_CHECKING:
     # The type of add_subparsers()'s result (argparse names it privately).
     Subparsers = argparse._SubParsersAction[Parser]
+
+
+@contextlib.contextmanager
+def no_gc_pauses() -> Iterator[None]:
+    """Python's cyclic garbage collector off for a command that makes one kit, on again after.
+
+    Importing pydantic, cryptography and cfwrap's models runs the collector ~80 times, 40-50 ms
+    of a quickstart (issue 11). One kit leaves little cyclic garbage, and the run ends right
+    after; commands that run long (signer, apply) keep the collector.
+    """
+    import gc
+
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def key_options(parser: argparse.ArgumentParser, *, default_expiry: str) -> None:

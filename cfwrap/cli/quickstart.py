@@ -11,6 +11,7 @@ from cfwrap.cli.options import (
     find_cfssl,
     key_options,
     name_options,
+    no_gc_pauses,
     out_folder,
     output_options,
     report,
@@ -57,6 +58,7 @@ def configure(sub: Subparsers) -> None:
     quick.set_defaults(handler=execute)
 
 
+@no_gc_pauses()
 def execute(args: argparse.Namespace) -> int:
     """Run the command; returns its exit code."""
     from cfwrap import kit
