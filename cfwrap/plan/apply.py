@@ -10,7 +10,9 @@ written last, and only when its bytes change. An unchanged plan writes nothing.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import ssl
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -23,7 +25,7 @@ from cfwrap import files, gossip, manifest, parsers, verify
 from cfwrap.errors import ConflictError, InputError, VerificationError
 from cfwrap.models import SigningConfig
 from cfwrap.nomad import CertSpec, signing_config
-from cfwrap.plan import cas, members, rotation, state
+from cfwrap.plan import cas, members, rotation, shards, state
 from cfwrap.plan.members import BUNDLE, Configs, Current, Names
 from cfwrap.plan.model import Member, Plan
 from cfwrap.tools import Tool
@@ -616,27 +618,86 @@ class _Run:
             else:
                 by_region.setdefault(self._signer_key(work), []).append(work)
         total = sum(len(w) for w in by_region.values())
-        done = 0
         config = signing_config(
             [members.spec_for(self.plan, w.member) for w in _one_per_role(self.d.work)]
         )
+        self._done, self._total = 0, total
         for region_key, works in by_region.items():
             signer = self.signing.signer(region_key)
-            keys: dict[str, bytes] = {}
-            with self._engine(signer, config) as engine:
-                for request, cert_pem in engine.sign_all(self._requests(works, keys)):
-                    work = self._by_label.pop(request.label)
-                    key_pem = keys.pop(request.label)
-                    facts = self._check(work, cert_pem, signer)
-                    new_files = self._files(work, cert_pem + signer.chain_pem, key_pem)
-                    if work.kind == "create":
-                        self._stage_new(stage, work, new_files, facts)
-                    else:
-                        self._stage_replaced(stage, work, new_files)
-                        updates.append((work, new_files, facts))
-                    done += 1
-                    if self.progress is not None:
-                        self.progress(done, total)
+            share = self._share(works)
+            helper = shards.fork(self._child(stage, signer, config, share)) if share else None
+            try:
+                chosen = {id(w) for w in share}
+                mine = [w for w in works if id(w) not in chosen]
+                updates += self._sign(stage, signer, config, mine, helper=helper)
+                if helper is not None:
+                    for line in helper.join(on_wait=functools.partial(self._tick, helper)):
+                        record = state.MemberRecord.model_validate_json(line)
+                        self.records[record.folder] = record
+                    self._done += helper.done()
+            finally:
+                if helper is not None:
+                    helper.stop()
+        return updates
+
+    def _share(self, works: list[Work]) -> list[Work]:
+        """The new members a second process signs and stages: half of them, for a large plan.
+
+        One Python process is the bottleneck of a fleet's issuance (keys, requests, checks,
+        files); a second one, with a cfssl of its own, uses the machine's other core. Only
+        new members: they land in the shared stage, placed by this process afterwards.
+        """
+        if self.d.remote is not None or (os.cpu_count() or 1) < 2:
+            return []
+        creates = [w for w in works if w.kind == "create"]
+        return creates[1::2] if len(creates) >= shards.MIN_SHARE else []
+
+    def _child(
+        self, stage: files.TreeStaging, signer: cas.Signer, config: SigningConfig, share: list[Work]
+    ) -> Callable[[shards.Report], list[str]]:
+        """What the second process runs: sign and stage ``share``; its records, as JSON lines."""
+
+        def run(report: shards.Report) -> list[str]:
+            self.progress = None
+            self.records = {}
+            self._done = 0
+            self._sign(stage, signer, config, share, helper=None, report=report)
+            return [record.model_dump_json() for record in self.records.values()]
+
+        return run
+
+    def _tick(self, helper: shards.Helper | None) -> None:
+        if self.progress is not None:
+            self.progress(self._done + (helper.done() if helper else 0), self._total)
+
+    def _sign(
+        self,
+        stage: files.TreeStaging,
+        signer: cas.Signer,
+        config: SigningConfig,
+        works: list[Work],
+        *,
+        helper: shards.Helper | None,
+        report: shards.Report | None = None,
+    ) -> list[_Update]:
+        """Sign ``works`` through one engine; stage new folders, return in-place updates."""
+        updates: list[_Update] = []
+        keys: dict[str, bytes] = {}
+        with self._engine(signer, config) as engine:
+            for request, cert_pem in engine.sign_all(self._requests(works, keys)):
+                work = self._by_label.pop(request.label)
+                key_pem = keys.pop(request.label)
+                facts = self._check(work, cert_pem, signer)
+                new_files = self._files(work, cert_pem + signer.chain_pem, key_pem)
+                if work.kind == "create":
+                    self._stage_new(stage, work, new_files, facts)
+                else:
+                    self._stage_replaced(stage, work, new_files)
+                    updates.append((work, new_files, facts))
+                self._done += 1
+                if report is not None:
+                    report(self._done)
+                self._tick(helper)
         return updates
 
     def _engine(self, signer: cas.Signer, config: SigningConfig) -> _Engine:

@@ -1,0 +1,157 @@
+"""A second process for a large apply: forked, watched, and stopped with its parent.
+
+A fleet's issuance is bound by one Python process (keys, requests, checks, files: the GIL),
+while the machine has a second core. :func:`fork` runs part of the work in a child process that
+shares the stage folder; the child reports how far it got through a shared counter, hands its
+results back as lines in a shared temporary file, and dies with its parent (SIGTERM through
+Linux's parent-death signal, then the usual handler stops its cfssl).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import mmap
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Callable
+from typing import IO
+
+from cfwrap.errors import CfwrapError, ExitCode
+
+#: Below this many new members a second process costs more (its own cfssl start, the fork)
+#: than it saves.
+MIN_SHARE = 300
+
+Report = Callable[[int], None]
+_OK = "ok"
+
+
+class HelperFailedError(CfwrapError):
+    """The second process failed; its own one-line message and exit code."""
+
+    def __init__(self, message: str, *, code: int) -> None:
+        """Carry the child's message and exit code."""
+        super().__init__(message)
+        try:
+            self.exit_code = ExitCode(code)
+        except ValueError:
+            self.exit_code = ExitCode.TOOL_FAILED
+
+
+class Helper:
+    """A forked child at work."""
+
+    def __init__(self, pid: int, result: IO[bytes], counter: mmap.mmap) -> None:
+        """Watch the child ``pid``, which writes to ``result`` and counts in ``counter``."""
+        self.pid = pid
+        self.result = result
+        self.counter = counter
+        self._status: int | None = None
+
+    def done(self) -> int:
+        """How many items the child has finished."""
+        return int.from_bytes(self.counter[:8], "little")
+
+    def join(self, *, on_wait: Callable[[], None]) -> list[str]:
+        """Wait for the child (calling ``on_wait`` now and then); its result lines.
+
+        Raises:
+            HelperFailedError: the child failed (its message and exit code).
+        """
+        while self._status is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid == self.pid:
+                self._status = status
+                break
+            on_wait()
+            time.sleep(0.05)
+        on_wait()
+        self.result.seek(0)
+        text = self.result.read().decode("utf-8")
+        head, _, rest = text.partition("\n")
+        if os.waitstatus_to_exitcode(self._status) == 0 and head == _OK:
+            return [line for line in rest.split("\n") if line]
+        try:
+            failure = json.loads(head)
+            raise HelperFailedError(str(failure["error"]), code=int(failure["code"]))
+        except (ValueError, KeyError, TypeError):
+            raise HelperFailedError(
+                f"the second apply process ended with status {self._status} and no report",
+                code=ExitCode.TOOL_FAILED,
+            ) from None
+
+    def stop(self) -> None:
+        """End the child if it still runs (an error or a stop in the parent); free its files."""
+        if self._status is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+            with contextlib.suppress(ChildProcessError):
+                _, self._status = os.waitpid(self.pid, 0)
+        self.result.close()
+        self.counter.close()
+
+
+def fork(run: Callable[[Report], list[str]]) -> Helper:
+    """Run ``run`` in a forked child; ``run`` gets a function to report its progress with.
+
+    Call it before this process starts threads of its own (a signer's workers): a fork copies
+    only the calling thread.
+    """
+    counter = mmap.mmap(-1, 8)
+    result = tempfile.TemporaryFile(prefix="cfwrap-shard-")  # noqa: SIM115 (Helper.stop closes it)
+    die_with_parent = _die_with_parent()
+    pid = os.fork()
+    if pid != 0:
+        return Helper(pid, result, counter)
+    status = 1
+    try:  # the child: never return into the parent's code (its with blocks would clean up)
+        die_with_parent()
+
+        def report(done: int) -> None:
+            counter[:8] = done.to_bytes(8, "little")
+
+        lines = run(report)
+        result.write("\n".join([_OK, *lines]).encode("utf-8") + b"\n")
+        status = 0
+    except BaseException as e:  # reported to the parent, which raises it
+        code = e.exit_code if isinstance(e, CfwrapError) else _code_of(e)
+        message = str(e) if isinstance(e, CfwrapError) else f"{type(e).__name__}: {e}"
+        result.write(json.dumps({"error": message, "code": int(code)}).encode("utf-8"))
+    finally:
+        with contextlib.suppress(BaseException):
+            result.flush()
+        os._exit(status)
+
+
+def _code_of(error: BaseException) -> int:
+    if isinstance(error, KeyboardInterrupt):
+        return ExitCode.INTERRUPTED
+    if type(error).__name__ == "_Terminated":
+        return ExitCode.TERMINATED
+    if isinstance(error, OSError):
+        return ExitCode.FILESYSTEM
+    return ExitCode.TOOL_FAILED
+
+
+def _die_with_parent() -> Callable[[], None]:
+    """A step for the child: the kernel sends it SIGTERM when its parent ends.
+
+    libc is looked up here, before the fork.
+    """
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return lambda: None
+    parent = os.getpid()
+
+    def in_child() -> None:
+        prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return in_child
