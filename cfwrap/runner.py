@@ -40,6 +40,9 @@ OUTPUT_CAP = 1024 * 1024
 # How much sh reads at a time. A fixed size, not sh's default line buffering: a stream without
 # newlines (``head -c 100000000 /dev/zero``) would otherwise be gathered whole before the cap.
 _READ_SIZE = 64 * 1024
+#: The longest line a service hands to its ``on_line`` consumer; a longer one is cut into pieces
+#: of this size (memory stays bounded for a stream without newlines).
+LINE_CAP = 64 * 1024
 
 _PEM_PRIVATE = re.compile(
     rb"-----BEGIN ([A-Za-z0-9 ]*)PRIVATE KEY-----.*?(?:-----END \1PRIVATE KEY-----|$)", re.S
@@ -255,8 +258,8 @@ class _Capture:
     What came between is counted and dropped; the end stays because that is where a tool says
     why it failed.
 
-    sh calls :meth:`write` from its reader thread with each chunk as it is read, so memory stays
-    at the cap however much the tool prints.
+    A reader thread (sh's, or a service's) calls :meth:`write` with each chunk as it is read, so
+    memory stays at the cap however much the tool prints; :meth:`value` may be called meanwhile.
     """
 
     def __init__(self, cap: int) -> None:
@@ -265,26 +268,29 @@ class _Capture:
         self.head = bytearray()
         self.tail = bytearray()
         self.dropped = 0
+        self.lock = threading.Lock()
 
     def write(self, chunk: bytes | str) -> None:
         if isinstance(chunk, str):  # sh passes bytes to a file-like object; be safe anyway
             chunk = chunk.encode("utf-8", "surrogateescape")
-        room = self.cap - self.tail_cap - len(self.head)
-        if room > 0:
-            self.head += chunk[:room]
-            chunk = chunk[room:]
-        self.tail += chunk
-        if len(self.tail) > self.tail_cap:
-            excess = len(self.tail) - self.tail_cap
-            del self.tail[:excess]
-            self.dropped += excess
+        with self.lock:
+            room = self.cap - self.tail_cap - len(self.head)
+            if room > 0:
+                self.head += chunk[:room]
+                chunk = chunk[room:]
+            self.tail += chunk
+            if len(self.tail) > self.tail_cap:
+                excess = len(self.tail) - self.tail_cap
+                del self.tail[:excess]
+                self.dropped += excess
 
     def value(self) -> bytes:
         """What was kept, with a line saying how much was cut where it was cut, if anything."""
-        if not self.dropped:
-            return bytes(self.head + self.tail)
-        note = cut_note(self.cap, self.dropped).encode()
-        return bytes(self.head) + note + b"\n" + bytes(self.tail)
+        with self.lock:
+            if not self.dropped:
+                return bytes(self.head + self.tail)
+            note = cut_note(self.cap, self.dropped).encode()
+            return bytes(self.head) + note + b"\n" + bytes(self.tail)
 
 
 def cut_note(cap: int, dropped: int) -> str:
@@ -390,6 +396,23 @@ class _Running:
     timed_out: threading.Event
     stdout: _Capture
     stderr: _Capture
+    stderr_fd: int | None = None  # a service's: its stderr pipe, read by the service, not sh
+
+
+def _options(
+    call: Call, *, stdout: _Capture, stderr: _Capture | int, piped: bool
+) -> dict[str, Any]:
+    """The options that tell sh where output goes (the captures, or a pipe's fd) and the folder."""
+    options: dict[str, Any] = {"_err": stderr}
+    if isinstance(stderr, _Capture):
+        options["_err_bufsize"] = _READ_SIZE
+    if piped:
+        options["_piped"] = True  # stdout goes straight to the next stage's stdin, unread
+    else:
+        options |= {"_out": stdout, "_out_bufsize": _READ_SIZE}
+    if call.cwd is not None:
+        options["_cwd"] = str(call.cwd)
+    return options
 
 
 def _start(
@@ -401,7 +424,9 @@ def _start(
 ) -> _Running:
     """Start a call in the background; ``upstream``'s stdout becomes its stdin (a pipe).
 
-    A ``service`` has no timeout, and is killed by the kernel if this process dies.
+    A ``service`` has no timeout, and is killed by the kernel if this process dies. Its stderr
+    is a pipe of its own, read by :class:`Service` (sh would hold back the lines it read
+    before it was told not to buffer).
     """
     import sh
 
@@ -421,25 +446,30 @@ def _start(
             fix="run ./scripts/install-cfssl or point --cfssl-dir at cfssl 1.6.5",
         ) from e
     stdout, stderr = _Capture(OUTPUT_CAP), _Capture(OUTPUT_CAP)
-    options: dict[str, Any] = {"_err": stderr, "_err_bufsize": _READ_SIZE}
-    if piped:
-        options["_piped"] = True  # stdout goes straight to the next stage's stdin, unread
-    else:
-        options |= {"_out": stdout, "_out_bufsize": _READ_SIZE}
-    if call.cwd is not None:
-        options["_cwd"] = str(call.cwd)
+    stderr_pipe = os.pipe() if service else None  # both ends close-on-exec; sh dups the child's
+    options = _options(
+        call, stdout=stdout, stderr=stderr_pipe[1] if stderr_pipe else stderr, piped=piped
+    )
     if service:
         options["_preexec_fn"] = _die_with_parent()
-    running = command(
-        *call.argv[1:],
-        _in=upstream.command if upstream is not None else call.stdin,
-        _tty_in=False,
-        _tty_out=False,
-        _bg=True,
-        _bg_exc=False,
-        _return_cmd=True,
-        **options,
-    )
+    try:
+        running = command(
+            *call.argv[1:],
+            _in=upstream.command if upstream is not None else call.stdin,
+            _tty_in=False,
+            _tty_out=False,
+            _bg=True,
+            _bg_exc=False,
+            _return_cmd=True,
+            **options,
+        )
+    except BaseException:
+        if stderr_pipe:
+            os.close(stderr_pipe[0])
+        raise
+    finally:
+        if stderr_pipe:
+            os.close(stderr_pipe[1])  # the child's copy is the only writer left: EOF when it ends
     try:
         # Registered first of all: a SIGTERM from here on finds it in stop_all, and one that
         # lands before the registration is caught below and the tool killed all the same.
@@ -447,13 +477,14 @@ def _start(
     except BaseException:
         with contextlib.suppress(OSError, AttributeError):
             os.kill(running.pid, signal.SIGKILL)
+        if stderr_pipe:
+            os.close(stderr_pipe[0])
         raise
     if service:
-        # Output is read while a service runs (why it stopped, say): each chunk is handed over
-        # as it is read, not once 64 KiB have gathered. The read size stays 64 KiB (sh's
-        # bufsize 0 from the start would read one byte at a time).
+        # A service's stdout is read while it runs: each chunk is handed over as it is read, not
+        # once 64 KiB have gathered. The read size stays 64 KiB (sh's bufsize 0 from the start
+        # would read one byte at a time). Its stderr is the Service's own pipe.
         running.process.change_out_bufsize(0)
-        running.process.change_err_bufsize(0)
     timed_out = threading.Event()
 
     # sh's own _timeout (and wait(timeout=)) polls every 100 ms, which would cost more than a
@@ -467,7 +498,16 @@ def _start(
     watchdog.daemon = True
     if not service:  # a service runs until stopped: its timer is never started
         watchdog.start()
-    return _Running(call, running, watchdog, time.monotonic(), timed_out, stdout, stderr)
+    return _Running(
+        call,
+        running,
+        watchdog,
+        time.monotonic(),
+        timed_out,
+        stdout,
+        stderr,
+        stderr_pipe[0] if stderr_pipe else None,
+    )
 
 
 def _finish(running: _Running, *, check: bool = True) -> Result:
@@ -629,24 +669,93 @@ def _die_with_parent() -> Callable[[], None]:
     return in_child
 
 
+#: How long :meth:`Service.stop` waits, once the service has exited, for the last of its stderr
+#: (a child it left behind may hold the pipe open).
+DRAIN_WITHIN = 2.0
+
+
+class _Lines:
+    """A stream cut into lines for a consumer: secrets removed, none over :data:`LINE_CAP`.
+
+    A consumer that raises gets no more lines (the stream is still read and captured, so the
+    service is never blocked on a full pipe); the error is kept and logged.
+    """
+
+    def __init__(self, consumer: Callable[[str], None], *, tool: str) -> None:
+        self.consumer = consumer
+        self.tool = tool
+        self.partial = bytearray()
+        self.error: Exception | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        self.partial += chunk
+        while True:
+            end = self.partial.find(b"\n")
+            if end < 0:
+                if len(self.partial) < LINE_CAP:
+                    return
+                end = LINE_CAP - 1  # no newline yet: hand over a piece of the cap's size
+            line = bytes(self.partial[: end + 1])
+            del self.partial[: end + 1]
+            self._deliver(line)
+
+    def end(self) -> None:
+        if self.partial:
+            line, self.partial = bytes(self.partial), bytearray()
+            self._deliver(line)
+
+    def _deliver(self, line: bytes) -> None:
+        if self.error is not None:
+            return
+        text = redact(line.rstrip(b"\r\n")).decode("utf-8", "replace")
+        try:
+            self.consumer(text)
+        except Exception as e:  # the reader must go on: see the class docstring
+            self.error = e
+            log.error("%s: its output consumer failed; no more lines go to it", self.tool,
+                      exc_info=True)  # fmt: skip
+
+
 class Service:
     """A tool running in the background until stopped (a server); see :func:`start_service`.
 
     Its output is captured with the same caps and redaction as :func:`run`'s. A thread waits
-    for it, so :meth:`alive` and :meth:`wait` never poll.
+    for it, so :meth:`alive` and :meth:`wait` never poll. Its stderr is read by a thread of its
+    own as the tool writes it, and each line goes to ``on_line`` at once.
     """
 
-    def __init__(self, running: _Running) -> None:
-        """Watch a started call until it exits."""
+    def __init__(self, running: _Running, *, on_line: Callable[[str], None] | None = None) -> None:
+        """Watch a started call until it exits, and read its stderr as it is written."""
         self._running = running
         self._exited = threading.Event()
         self._returncode: int | None = None
         self._result: Result | None = None
         self._lock = threading.Lock()
-        self._watcher = threading.Thread(
-            target=self._watch, name=f"service-{running.call.tool}", daemon=True
-        )
+        tool = running.call.tool
+        self._lines = _Lines(on_line, tool=tool) if on_line is not None else None
+        self._reader: threading.Thread | None = None
+        if running.stderr_fd is not None:
+            self._reader = threading.Thread(
+                target=self._read_stderr, args=(running.stderr_fd,), name=f"service-{tool}-stderr"
+            )
+            self._reader.daemon = True
+            self._reader.start()
+        self._watcher = threading.Thread(target=self._watch, name=f"service-{tool}", daemon=True)
         self._watcher.start()
+
+    def _read_stderr(self, fd: int) -> None:
+        """Read the tool's stderr until it closes: into the capture, and line by line."""
+        try:
+            while chunk := os.read(fd, _READ_SIZE):
+                self._running.stderr.write(chunk)
+                if self._lines is not None:
+                    self._lines.feed(chunk)
+        except OSError:
+            pass  # the pipe broke: nothing more to read
+        finally:
+            if self._lines is not None:
+                self._lines.end()
+            os.close(fd)
 
     def _watch(self) -> None:
         import sh
@@ -691,6 +800,11 @@ class Service:
         """The line of its stderr that says why it stopped (see :func:`failure_reason`)."""
         return failure_reason(self._running.stderr.value()[-4096:])
 
+    @property
+    def line_error(self) -> Exception | None:
+        """What the ``on_line`` consumer raised, if it did (it then got no more lines)."""
+        return self._lines.error if self._lines is not None else None
+
     def stop(self, *, grace: float = STOP_GRACE) -> Result:
         """Stop the service (SIGTERM, then SIGKILL after ``grace`` seconds) and return its result.
 
@@ -708,23 +822,32 @@ class Service:
                         os.kill(self.pid, signal.SIGKILL)
                     self._exited.wait()
             self._watcher.join()
+            if self._reader is not None:
+                self._reader.join(DRAIN_WITHIN)  # every line written before the exit is read
             returncode = self._returncode if self._returncode is not None else -signal.SIGKILL
             self._result = _result(self._running, returncode)
             _log_output(self._result)
             return self._result
 
 
-def start_service(call: Call) -> Service:
+def start_service(call: Call, *, on_line: Callable[[str], None] | None = None) -> Service:
     """Start a long-lived tool (a server) in the background; stop it with :meth:`Service.stop`.
 
     It has no timeout. Like every tool, it is killed by :func:`stop_all` (cfwrap's SIGTERM and
     Ctrl-C handlers), and the kernel kills it if this process dies; more exactly, when the
     thread that started it ends, so start it from the thread that will stop it.
 
+    Args:
+        call: the tool and its arguments.
+        on_line: called with each line of the tool's stderr (secrets removed, no newline) as
+            soon as it is written, in order, from the service's reader thread; the last ones
+            before :meth:`Service.stop` returns. Keep it quick (a queue's ``put``): the tool's
+            output waits while it runs.
+
     Raises:
         ToolMissingError: the binary does not exist or is not executable.
     """
-    return Service(_start(call, service=True))
+    return Service(_start(call, service=True), on_line=on_line)
 
 
 def stop_all() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import queue
 import re
 import shutil
 import subprocess
@@ -291,18 +292,116 @@ def test_sigterm_still_stops_the_running_tool_and_rolls_back(tmp_path):
         stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 30
+    step: list[int] = []
     while time.monotonic() < deadline:  # wait for the step's sleep to start
         ps = subprocess.run(
-            ["ps", "-o", "args=", "--ppid", str(proc.pid)], capture_output=True, check=False
+            ["ps", "-o", "pid=,args=", "--ppid", str(proc.pid)], capture_output=True, check=False
         )
-        if b"sleep 60" in ps.stdout or b"sh -c" in ps.stdout:
+        step = [int(line.split()[0]) for line in ps.stdout.splitlines() if b"sleep 60" in line
+                or b"sh -c" in line]  # fmt: skip
+        if step:
             break
         time.sleep(0.1)
+    assert step, "the step never started"
     time.sleep(0.5)
     proc.terminate()
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == 143, err
     assert err.decode().strip() == "cfwrap: stopped; nothing was left half-written"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["slow.toml"]
-    left = subprocess.run(["ps", "-eo", "args="], capture_output=True, text=True, check=False)
-    assert "sleep 60" not in left.stdout.splitlines()
+    # The step's own process (its sh became the sleep), not any "sleep 60" on the machine: other
+    # test runs may be sleeping at the same time.
+    for pid in step:
+        assert _gone(pid), f"the step's process {pid} outlived cfwrap"
+
+
+def _gone(pid: int, seconds: float = 5) -> bool:
+    """Whether a process has exited (a zombie counts), waiting up to ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except OSError:
+            return True
+        if state in ("Z", "X"):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+# --- a service's output, line by line as it is written ----------------------------------------
+
+
+def test_a_services_stderr_reaches_its_consumer_line_by_line_while_it_runs():
+    lines: queue.SimpleQueue[str] = queue.SimpleQueue()
+    script = "echo first >&2; sleep 0.5; printf 'second\\r\\nthird' >&2; sleep 0.5; echo ' end' >&2"
+    service = runner.start_service(
+        Call.of([SH, "-c", f"{script}; exec sleep 30"]), on_line=lines.put
+    )
+    try:
+        # The first line comes without any output after it (sh would hold it back: it was read
+        # before sh was told not to buffer) and long before the service ends.
+        assert lines.get(timeout=5) == "first"
+        started = time.monotonic()
+        assert lines.get(timeout=5) == "second"
+        assert lines.get(timeout=5) == "third end"  # a line written in two pieces is one line
+        assert time.monotonic() - started >= 0.3  # handed over as written, not earlier
+        assert service.alive()
+        assert service.stderr_tail() == "first\nsecond\r\nthird end\n"
+    finally:
+        result = service.stop()
+    assert result.stderr == b"first\nsecond\r\nthird end\n"
+    assert lines.empty()
+
+
+def test_service_lines_are_capped_and_the_last_piece_comes_at_stop():
+    lines: queue.SimpleQueue[str] = queue.SimpleQueue()
+    size = 2 * runner.LINE_CAP + 100
+    script = f"head -c {size} /dev/zero | tr '\\0' x >&2; exec sleep 30"
+    service = runner.start_service(Call.of([SH, "-c", script]), on_line=lines.put)
+    assert lines.get(timeout=10) == "x" * runner.LINE_CAP
+    assert lines.get(timeout=10) == "x" * runner.LINE_CAP
+    assert lines.empty()  # 100 bytes without a newline wait for more
+    service.stop()
+    assert lines.get_nowait() == "x" * 100
+    assert lines.empty()
+
+
+def test_service_lines_have_secrets_removed():
+    secret = "f00dfeed" * 8
+    runner.remember_secret(secret)
+    lines: queue.SimpleQueue[str] = queue.SimpleQueue()
+    service = runner.start_service(
+        Call.of([SH, "-c", f"echo key={secret} >&2; exec sleep 30"]), on_line=lines.put
+    )
+    try:
+        assert lines.get(timeout=5) == "key=[secret removed]"
+    finally:
+        service.stop()
+
+
+def test_a_failing_consumer_never_blocks_the_service(tmp_path, caplog):
+    seen: list[str] = []
+
+    def consumer(line: str) -> None:
+        seen.append(line)
+        raise RuntimeError("the consumer broke")
+
+    # 3 MB after the first line: more than a pipe holds, so the service blocks unless read on.
+    marker = tmp_path / "wrote-it-all"
+    script = f"echo one >&2; head -c 3000000 /dev/zero | tr '\\0' 'y' >&2; touch {marker}"
+    service = runner.start_service(
+        Call.of([SH, "-c", f"{script}; exec sleep 30"]), on_line=consumer
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not marker.exists():
+            assert time.monotonic() < deadline, "the service was blocked on its stderr"
+            time.sleep(0.05)
+    finally:
+        result = service.stop()
+    assert seen == ["one"]
+    assert isinstance(service.line_error, RuntimeError)
+    assert result.stderr_dropped > 0
+    assert "its output consumer failed" in caplog.text

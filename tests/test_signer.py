@@ -12,14 +12,16 @@ import hashlib
 import hmac
 import json
 import signal
+import sqlite3
 import ssl
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ import pytest
 from cfwrap import keys, parsers, verify
 from cfwrap.models import CSR
 from cfwrap.nomad import CertSpec
-from tests.tlspeer import free_port
+from tests.tlspeer import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,12 +110,15 @@ def authsign(
     label: str = "nomad",
     path: str = "authsign",
     hosts: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
+    url: str | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """POST one authsign request; returns the HTTP status and the JSON answer."""
     request: dict[str, Any] = {
         "certificate_request": csr.decode(),
         "profile": profile,
         "label": label,
+        **(extra or {}),
     }
     if hosts is not None:
         request["hosts"] = hosts
@@ -123,7 +128,7 @@ def authsign(
         {"token": base64.b64encode(token).decode(), "request": base64.b64encode(raw).decode()}
     ).encode()
     ctx = ssl.create_default_context(cafile=str(signer.ca_dir / "ca.pem"))
-    url = f"{signer.url}/api/v1/cfssl/{path}"
+    url = f"{url or signer.url}/api/v1/cfssl/{path}"
     req = urllib.request.Request(url, data=body, method="POST")  # noqa: S310 (https only)
     try:
         with urllib.request.urlopen(req, context=ctx, timeout=10) as answer:  # noqa: S310
@@ -295,15 +300,44 @@ def test_audit_records_every_issue_with_requester_and_profile(tmp_path):
     serial = str(int(parsers.read_certificate(answer["result"]["certificate"].encode()).serial, 16))
     # certdb is written by multirootca before it answers.
     assert serial in {r.serial for r in certdb.records(signer.auth_dir)}
-    # The audit log follows multirootca's log as the runner reads it, and at the latest on stop.
-    assert signer.stop()[0] == 143
-    entries = {e["serial"]: e for e in audit.entries(signer.auth_dir / "audit.log")}
-    entry = entries[serial]
+    # The audit log follows multirootca's log line by line as it is written: the entry is there
+    # within moments, while the signer still runs (not in 64 KiB chunks, nor at stop).
+    entry = wait_for_entry(signer, serial)
+    assert signer.process.poll() is None
     assert entry["profile"] == "server"
     assert entry["requester"].startswith("127.0.0.1:")
     assert entry["common_name"] == "server.global.nomad"
     assert "server.global.nomad" in entry["dns_names"]
+    assert entry["validity"] == "policy"
     assert (signer.auth_dir / "audit.log").stat().st_mode & 0o777 == 0o600
+    # A second issue is recorded as soon, and each issue once.
+    status, answer = authsign(
+        signer, signer.key("client"), profile="client", csr=csr_for(*spec_names("client"))
+    )
+    second = str(int(parsers.read_certificate(answer["result"]["certificate"].encode()).serial, 16))
+    assert wait_for_entry(signer, second)["profile"] == "client"
+    assert signer.stop()[0] == 143
+    serials = [e["serial"] for e in audit.entries(signer.auth_dir / "audit.log")]
+    assert serials == [serial, second]
+    # certdb runs in WAL mode (one fsync a commit) and is readable once the signer has stopped.
+    with sqlite3.connect(signer.auth_dir / "certdb.sqlite") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    db.close()
+    assert len(certdb.records(signer.auth_dir)) == 2
+
+
+def wait_for_entry(signer: RunningSigner, serial: str, seconds: float = 3.0) -> dict[str, Any]:
+    """The audit entry for ``serial``, waiting up to ``seconds`` for it to appear."""
+    from cfwrap.signer import audit
+
+    deadline = time.monotonic() + seconds
+    while True:
+        found = [e for e in audit.entries(signer.auth_dir / "audit.log") if e["serial"] == serial]
+        if found:
+            assert len(found) == 1
+            return found[0]
+        assert time.monotonic() < deadline, f"no audit entry for {serial} after {seconds}s"
+        time.sleep(0.02)
 
 
 def test_second_run_keeps_keys_and_rotation_has_an_overlap(tmp_path, cli):
@@ -379,3 +413,122 @@ def test_an_open_key_file_is_refused(tmp_path, cli):
     result = cli("signer", ca_dir, "--listen", f"127.0.0.1:{free_port()}")
     assert result.code == 3
     assert "chmod 600" in result.err
+
+
+# --- validity a requester chooses: a cfssl 1.6.5 limit, shown and watched ----------------------
+
+CHOSEN = {"NotBefore": "2020-01-01T00:00:00Z", "NotAfter": "2099-01-01T00:00:00Z"}
+
+
+def serial_of(answer: dict[str, Any]) -> str:
+    return str(int(parsers.read_certificate(answer["result"]["certificate"].encode()).serial, 16))
+
+
+def test_a_requester_chooses_its_validity_the_audit_flags_it_and_the_ca_caps_it(tmp_path):
+    """cfssl honours ``NotBefore``/``NotAfter`` in a sign request over the profile's expiry.
+
+    ``signer.SignRequest`` (signer/signer.go, v1.6.5) has no JSON tags on the two fields, so Go
+    matches ``NotBefore``/``notbefore``/... (not ``not_before``), and ``signer.FillTemplate``
+    takes them before the profile's. A role key holder gets the lifetime it asks for. What caps
+    it is the CA: a verifier (Go, openssl) refuses the chain once the CA has expired.
+    """
+    ca_dir = make_ca(tmp_path)
+    signer = start_signer(ca_dir, "--expiry", "48h")
+    names, cn = spec_names("client")
+    try:
+        status, chosen = authsign(
+            signer, signer.key("client"), profile="client", csr=csr_for(names, cn), extra=CHOSEN
+        )
+        assert status == 200, chosen
+        snake = {"not_before": CHOSEN["NotBefore"], "not_after": CHOSEN["NotAfter"]}
+        status, ignored = authsign(
+            signer, signer.key("client"), profile="client", csr=csr_for(names, cn), extra=snake
+        )
+        assert status == 200, ignored
+        flagged = wait_for_entry(signer, serial_of(chosen))
+        plain = wait_for_entry(signer, serial_of(ignored))
+    finally:
+        code, err = signer.stop()
+    assert code == 143, err
+    leaf_pem = chosen["result"]["certificate"].encode()
+    leaf = parsers.read_certificate(leaf_pem)
+    assert (leaf.not_before, leaf.not_after) == (
+        datetime(2020, 1, 1, tzinfo=UTC),
+        datetime(2099, 1, 1, tzinfo=UTC),
+    )
+    other = parsers.read_certificate(ignored["result"]["certificate"].encode())
+    assert other.not_after - other.not_before == timedelta(hours=48)  # snake case is ignored
+    # The signer cannot refuse it; it records and reports it.
+    assert flagged["validity"] == "requested"
+    assert flagged["not_before"].startswith("2020-01-01") and flagged["expiry"].startswith("2099")
+    assert plain["validity"] == "policy"
+    assert f"serial {serial_of(chosen)} (profile client" in err
+    assert "has a validity its requester chose" in err
+    # The cap that applies: the CA's own end. The leaf outlives the CA by decades, but no chain
+    # to the CA verifies once the CA has expired (Go's rules, and openssl independently).
+    ca_end = parsers.read_certificate((ca_dir / "ca.pem").read_bytes()).not_after
+    assert leaf.not_after - ca_end > timedelta(days=365 * 60)
+    roots = verify.load_pem_certificates((ca_dir / "ca.pem").read_bytes())
+    cert = parsers.load_certificate(leaf_pem)
+    verify.verify(cert, roots=roots, now=ca_end - timedelta(days=1), usage="clientAuth")
+    with pytest.raises(verify.VerifyError, match="expired"):
+        verify.verify(cert, roots=roots, now=ca_end + timedelta(minutes=1), usage="clientAuth")
+    (tmp_path / "leaf.pem").write_bytes(leaf_pem)
+    for when, ok in ((ca_end - timedelta(days=1), True), (ca_end + timedelta(minutes=1), False)):
+        done = subprocess.run(
+            ["openssl", "verify", "-attime", str(int(when.timestamp())),
+             "-CAfile", str(ca_dir / "ca.pem"), str(tmp_path / "leaf.pem")],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert (done.returncode == 0) == ok, done.stdout + done.stderr
+        assert ok or "certificate has expired" in done.stdout + done.stderr
+
+
+def test_no_profile_setting_pins_the_validity_against_a_request(tmp_path):
+    """A profile's ``not_before``/``not_after`` (the only dates cfssl's config has) lose too.
+
+    multirootca with a profile pinned to 2030: a request without dates gets 2030, a request
+    with ``NotAfter`` gets its own. So no signing config can refuse a requester's dates.
+    """
+    ca_dir = make_ca(tmp_path)
+    key = "ab" * 32
+    (tmp_path / "k.hex").write_text(key + "\n")
+    (tmp_path / "k.hex").chmod(0o600)
+    pinned = {"not_before": "2030-01-01T00:00:00Z", "not_after": "2030-06-01T00:00:00Z"}
+    profile = {"usages": ["digital signature", "client auth"], "expiry": "48h",
+               "auth_key": "k", **pinned}  # fmt: skip
+    config = {
+        "signing": {"default": profile, "profiles": {"client": profile}},
+        "auth_keys": {"k": {"type": "standard", "key": f"file:{tmp_path / 'k.hex'}"}},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "roots.ini").write_text(
+        f"[nomad]\nprivate = {(ca_dir / 'ca-key.pem').as_uri()}\n"
+        f"certificate = {ca_dir / 'ca.pem'}\nconfig = {tmp_path / 'config.json'}\n"
+    )
+    port = free_port()
+    multirootca = subprocess.Popen(
+        [str(ROOT / ".tools" / "cfssl" / "bin" / "multirootca"), "-a", f"127.0.0.1:{port}",
+         "-roots", str(tmp_path / "roots.ini"), "-l", "nomad"],
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for_port(port)
+        plain = RunningSigner(multirootca, ca_dir, tmp_path, port, {})
+        names, cn = spec_names("client")
+        url = f"http://127.0.0.1:{port}"
+        found = []
+        for extra in ({}, {"NotAfter": CHOSEN["NotAfter"]}):
+            status, answer = authsign(
+                plain, key, profile="client", csr=csr_for(names, cn), extra=extra, url=url
+            )
+            assert status == 200, answer
+            found.append(parsers.read_certificate(answer["result"]["certificate"].encode()))
+    finally:
+        multirootca.terminate()
+        multirootca.wait(10)
+    assert (found[0].not_before, found[0].not_after) == (
+        datetime(2030, 1, 1, tzinfo=UTC),
+        datetime(2030, 6, 1, tzinfo=UTC),
+    )
+    assert found[1].not_after == datetime(2099, 1, 1, tzinfo=UTC)  # the request wins

@@ -2,47 +2,67 @@
 
 multirootca logs one line per issue (``cmd/multirootca/api.go``: ``signature: requester=ADDR,
 label=L, profile=P, serialno=N``) and certdb stores the certificate under that serial but not the
-requester or profile. cfwrap reads those lines from the running signer and appends one JSON
-line per issue to ``audit.log`` (0600, append-only, fsynced), joined with certdb's record: time,
-profile, requester, serial, common name, DNS names, expiry.
+requester or profile. cfwrap hands each line of the running signer's log over as it is written
+(:func:`cfwrap.runner.start_service`) and appends one JSON line per issue to ``audit.log`` (0600,
+append-only, fsynced), joined with certdb's record: time, profile, requester, serial, common
+name, DNS names, validity.
+
+A requester chooses its certificate's validity by putting ``NotBefore``/``NotAfter`` in its sign
+request: cfssl 1.6.5 honours them over the profile's ``expiry`` (``signer.SignRequest`` has no
+JSON tags on them and ``signer.FillTemplate`` takes them first), and multirootca has no setting
+that refuses them. Each entry says whether the dates are the signer's (``"validity":
+"policy"``) or the requester's (``"requested"``, also logged as a warning).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from cfwrap.signer import certdb
 
+log = logging.getLogger(__name__)
+
 _ISSUED = re.compile(
     r"signature: requester=(?P<requester>\S*), label=(?P<label>\S*), "
     r"profile=(?P<profile>\S*), serialno=(?P<serial>\d+)"
 )
+# cfssl backdates a certificate by 5 minutes from the minute nearest its issue
+# (signer.FillTemplate); certdb's issued_at is a moment later.
+_BACKDATE = (timedelta(minutes=4), timedelta(minutes=6))
 
 
 @dataclass
 class AuditLog:
-    """Appends each issue the signer logged, once, to the audit log."""
+    """Appends each issue the signer logged to the audit log, joined with certdb's record.
+
+    ``lifetime`` is the signer's ``--expiry``: a certificate that does not live exactly that
+    long, from the signer's backdated start, had its dates chosen by its requester.
+    """
 
     path: Path
     db_folder: Path
-    seen: set[str] = field(default_factory=set)
+    lifetime: timedelta | None = None
 
     def record(self, log_text: str) -> int:
-        """Append an entry for every issue in ``log_text`` not recorded yet; returns how many."""
+        """Append an entry for every issue in ``log_text`` (lines of the signer's log).
+
+        Each line is given once: the signer's log is read as it is written. Returns how many
+        entries were appended (one fsync for all of them).
+        """
         found = [m.groupdict() for m in _ISSUED.finditer(log_text)]
-        new = [f for f in found if f["serial"] not in self.seen]
-        if not new:
+        if not found:
             return 0
-        by_serial = {r.serial: r for r in certdb.records(self.db_folder)}
+        serials = [entry["serial"] for entry in found]
+        by_serial = {r.serial: r for r in certdb.records_of(self.db_folder, serials)}
         lines = []
-        for entry in new:
-            self.seen.add(entry["serial"])
+        for entry in found:
             record = by_serial.get(entry["serial"])
             line: dict[str, Any] = {
                 "time": record.issued_at if record else datetime.now(UTC).isoformat(),
@@ -52,11 +72,38 @@ class AuditLog:
                 "serial": entry["serial"],
                 "common_name": record.common_name if record else None,
                 "dns_names": list(record.sans) if record else None,
+                "not_before": record.not_before if record else None,
                 "expiry": record.expiry if record else None,
+                "validity": self._validity(record) if record else None,
             }
+            if line["validity"] == "requested":
+                log.warning(
+                    "serial %s (profile %s, requester %s) has a validity its requester chose: "
+                    "%s to %s (cfssl honours NotBefore/NotAfter in a sign request)",
+                    entry["serial"],
+                    entry["profile"],
+                    entry["requester"],
+                    line["not_before"],
+                    line["expiry"],
+                )
             lines.append(json.dumps(line, sort_keys=True) + "\n")
         _append(self.path, "".join(lines).encode())
-        return len(new)
+        return len(lines)
+
+    def _validity(self, record: certdb.Record) -> str | None:
+        """``policy`` for the signer's own dates, ``requested`` for others, None if unknown."""
+        if self.lifetime is None:
+            return None
+        try:
+            issued = datetime.fromisoformat(record.issued_at)
+            start = datetime.fromisoformat(record.not_before)
+            end = datetime.fromisoformat(record.expiry)
+        except ValueError:
+            return None
+        backdated = issued - start
+        if end - start == self.lifetime and _BACKDATE[0] <= backdated <= _BACKDATE[1]:
+            return "policy"
+        return "requested"
 
 
 def _append(path: Path, data: bytes) -> None:

@@ -1,12 +1,16 @@
 """The signer's foreground run: start multirootca, wait until it answers, keep the audit, stop.
 
 multirootca is started through the runner (the one door to outside tools), so cfwrap's SIGTERM
-and Ctrl-C handlers kill it, and the kernel kills it if cfwrap itself dies.
+and Ctrl-C handlers kill it, and the kernel kills it if cfwrap itself dies. Each line it logs
+is handed over as it is written (a queue the foreground loop waits on), so an issue reaches
+``audit.log`` within moments of being signed, and lines that come together are appended with
+one fsync.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import socket
 import time
 from collections.abc import Callable
@@ -24,10 +28,11 @@ log = logging.getLogger(__name__)
 
 #: How long multirootca may take to start answering.
 READY_TIMEOUT = 15.0
-#: How often the audit log catches up with the signer's log while it runs.
+#: How often the foreground loop checks that multirootca still runs (and calls ``on_tick``);
+#: issues are recorded as soon as they are logged, not on this beat.
 AUDIT_EVERY = 0.5
-#: How much of the signer's log is read back each time (its recent lines).
-_TAIL = 256 * 1024
+#: The most log lines recorded with one fsync (the rest wait for the next round).
+_BATCH = 1000
 _DER = Encoding.DER
 
 
@@ -79,19 +84,31 @@ def _answers(listen: Listen, prepared: Prepared) -> bool:
 
 @dataclass
 class Signer:
-    """A started multirootca, with the audit log that follows it."""
+    """A started multirootca, the lines of its log not recorded yet, and the audit log."""
 
     service: runner.Service
     audit: AuditLog
+    lines: queue.SimpleQueue[str]
 
-    def catch_up(self) -> None:
-        """Record every issue logged so far in the audit log."""
-        self.audit.record(self.service.stderr_tail(_TAIL))
+    def catch_up(self, *, wait: float = 0.0) -> int:
+        """Record the issues logged since the last call; wait up to ``wait`` s for a first line.
+
+        Returns how many were recorded.
+        """
+        batch: list[str] = []
+        try:
+            batch.append(self.lines.get(timeout=wait) if wait > 0 else self.lines.get_nowait())
+            while len(batch) < _BATCH:
+                batch.append(self.lines.get_nowait())
+        except queue.Empty:
+            pass
+        return self.audit.record("\n".join(batch)) if batch else 0
 
     def stop(self) -> None:
         """Stop multirootca and record its last issues."""
-        result = self.service.stop()
-        self.audit.record(result.stderr[-_TAIL:].decode("utf-8", "replace"))
+        self.service.stop()  # its last lines are queued before this returns
+        while self.catch_up():
+            pass
 
 
 def start(multirootca: Tool, prepared: Prepared, listen: Listen) -> Signer:
@@ -100,9 +117,13 @@ def start(multirootca: Tool, prepared: Prepared, listen: Listen) -> Signer:
     Raises:
         ToolFailedError: it exited, or did not answer within :data:`READY_TIMEOUT` seconds.
     """
+    from cfwrap.models import parse_duration
+
     call = runner.Call.of(argv(multirootca, prepared, listen))
-    service = runner.start_service(call)
-    signer = Signer(service, AuditLog(prepared.audit_log, prepared.auth_dir))
+    lines: queue.SimpleQueue[str] = queue.SimpleQueue()
+    service = runner.start_service(call, on_line=lines.put)
+    audit = AuditLog(prepared.audit_log, prepared.auth_dir, parse_duration(prepared.expiry))
+    signer = Signer(service, audit, lines)
     deadline = time.monotonic() + READY_TIMEOUT
     while not _answers(listen, prepared):
         if not service.alive():
@@ -130,9 +151,11 @@ def serve(signer: Signer, *, on_tick: Callable[[], None] | None = None) -> int:
         ToolFailedError: multirootca exited on its own.
     """
     try:
-        while not signer.service.wait(AUDIT_EVERY):
-            signer.catch_up()
-            if on_tick is not None:
+        tick = time.monotonic() + AUDIT_EVERY
+        while signer.service.alive():
+            signer.catch_up(wait=AUDIT_EVERY)
+            if on_tick is not None and time.monotonic() >= tick:
+                tick = time.monotonic() + AUDIT_EVERY
                 on_tick()
     finally:
         signer.stop()

@@ -81,6 +81,7 @@ class Prepared:
     info: Path
     audit_log: Path
     made: tuple[str, ...]
+    expiry: str = "2160h"  # the lifetime the signer gives (its --expiry)
 
 
 def _tls_names(listen: Listen, names: Sequence[str]) -> tuple[str, ...]:
@@ -221,4 +222,5 @@ def prepare(
         info=info_path,
         audit_log=auth_dir / AUDIT_LOG,
         made=tuple(made),
+        expiry=expiry,
     )
