@@ -10,7 +10,10 @@ A loopback server can be reached by every local user while it runs, and cfssl's 
 ``health`` is disabled, and each run has its own random auth key, set on every profile (a
 profile does not inherit the default's: cloudflare/cfssl#581).
 
-:func:`authsign` speaks the protocol to any cfssl server, with TLS for a remote one (issue 12).
+:class:`RemoteSigner` speaks the protocol to any cfssl server (``cfwrap signer``'s multirootca,
+``cfssl serve``), over TLS checked against the signer's CA and name, with one kept-alive
+connection per thread: a TLS handshake costs more than a signature. :func:`authsign` is its
+one-shot form (issue 12).
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ import http.client
 import json
 import logging
 import secrets
+import select
 import shutil
 import socket
 import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,15 +114,15 @@ def _body(auth_key: bytes, request: SignRequest) -> bytes:
     ).encode()
 
 
-def _auth_key(auth_key_hex: str) -> bytes:
+def _auth_key(auth_key_hex: str, *, what: str = "the auth key") -> bytes:
     try:
         key = bytes.fromhex(auth_key_hex)
     except ValueError:
         raise InputError(
-            "the auth key", "not hexadecimal", fix="give the key as cfssl's auth_keys hold it"
+            what, "not hexadecimal", fix="give the key as cfssl's auth_keys hold it"
         ) from None
     if not key:
-        raise InputError("the auth key", "empty", fix="give the key as cfssl's auth_keys hold it")
+        raise InputError(what, "empty", fix="give the key as cfssl's auth_keys hold it")
     return key
 
 
@@ -201,24 +205,53 @@ def _certificate(request: SignRequest, spki: bytes, status: int, body: bytes) ->
     return pem
 
 
-def _connection(
-    url: str, *, ssl_context: ssl.SSLContext | None, timeout: float
-) -> tuple[http.client.HTTPConnection, str]:
-    """A connection to ``url``'s server, and the path to post to (authsign unless it names one)."""
+@dataclass(frozen=True)
+class _Target:
+    """Where a signer's authsign endpoint is: scheme, host, port, path, and the TLS to use."""
+
+    url: str
+    host: str
+    port: int | None
+    path: str
+    context: ssl.SSLContext | None  # None: plain http
+
+    def connection(self, timeout: float) -> http.client.HTTPConnection:
+        """A new (unconnected) connection to the signer; http.client sets TCP_NODELAY on it."""
+        if self.context is not None:
+            return http.client.HTTPSConnection(
+                self.host, self.port, timeout=timeout, context=self.context
+            )
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+
+
+def _target(url: str, ssl_context: ssl.SSLContext | None) -> _Target:
+    """Parse a signer's address: the server (authsign is added) or the full endpoint.
+
+    Raises:
+        InputError: not an http(s) address, or a TLS context that does not check the signer.
+    """
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
         raise InputError(
             f"signer address {url!r}",
             "not an http:// or https:// address",
             fix="give one like https://ca.example.com:8888",
         )
     path = parts.path if parts.path not in ("", "/") else AUTHSIGN
-    if parts.scheme == "https":
-        context = ssl_context or ssl.create_default_context()
-        return http.client.HTTPSConnection(
-            parts.hostname, parts.port, timeout=timeout, context=context
-        ), path
-    return http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout), path
+    if parts.scheme == "http":
+        return _Target(url, parts.hostname, port, path, None)
+    context = ssl_context or ssl.create_default_context()
+    if context.verify_mode != ssl.CERT_REQUIRED or not context.check_hostname:
+        raise InputError(
+            "the TLS context for the signer",
+            "does not verify the signer's certificate and name",
+            fix="use ssl.create_default_context(cadata=<the signer's CA>)",
+        )
+    return _Target(url, parts.hostname, port, path, context)
 
 
 def _post(connection: http.client.HTTPConnection, path: str, body: bytes) -> tuple[int, bytes]:
@@ -227,16 +260,232 @@ def _post(connection: http.client.HTTPConnection, path: str, body: bytes) -> tup
     return response.status, response.read()
 
 
+# What a kept-alive connection the server has closed raises on its next request (EOF before the
+# status line, a reset, a broken pipe, or TLS's own end of stream): one retry on a new one.
+_CLOSED_BY_PEER = (
+    ConnectionResetError,  # http.client.RemoteDisconnected among them
+    BrokenPipeError,
+    ConnectionAbortedError,
+    ssl.SSLEOFError,
+    ssl.SSLZeroReturnError,
+)
+
+
 def _connection_failure(error: BaseException) -> str:
     if isinstance(error, TimeoutError):
         return "no answer in time"
     if isinstance(error, ConnectionRefusedError):
         return "connection refused"
-    if isinstance(error, ConnectionResetError | BrokenPipeError | http.client.RemoteDisconnected):
+    if isinstance(error, _CLOSED_BY_PEER):
         return "connection closed by the server"
     if isinstance(error, ssl.SSLError):
         return f"TLS failed ({_one_line(error.reason or str(error))})"
     return _one_line(f"{type(error).__name__}: {error}")
+
+
+def _stale(connection: http.client.HTTPConnection) -> bool:
+    """Whether an idle kept-alive connection has something to read: the server closed it.
+
+    Checked before a request is sent, so a connection the server closed while idle is replaced
+    without the request being sent twice (a second send could sign it twice).
+    """
+    sock = connection.sock
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
+def _in_order(
+    sign: Callable[[SignRequest], bytes],
+    requests: Iterable[SignRequest],
+    *,
+    pool: ThreadPoolExecutor,
+    workers: int,
+) -> Iterator[tuple[SignRequest, bytes]]:
+    """``sign`` every request on ``pool``, yielding each with its certificate in input order.
+
+    At most twice ``workers`` requests are pending at once; the first failure (in input order)
+    is raised, and the requests not yet sent are dropped.
+    """
+    pending: collections.deque[tuple[SignRequest, Future[bytes]]] = collections.deque()
+    try:
+        for request in requests:
+            pending.append((request, pool.submit(sign, request)))
+            if len(pending) >= 2 * workers:
+                first, future = pending.popleft()
+                yield first, future.result()
+        while pending:
+            first, future = pending.popleft()
+            yield first, future.result()
+    finally:
+        for _, future in pending:
+            future.cancel()
+
+
+class RemoteSigner:
+    """A cfssl signer reached by authsign: ``cfwrap signer`` (multirootca) or ``cfssl serve``.
+
+    Use it in a ``with`` block. Each thread that signs keeps one connection open to the signer
+    (a TLS handshake costs more than the signature); :meth:`sign_all` signs on ``workers``
+    threads of its own. A kept-alive connection the server has closed is replaced, and a
+    request it failed on is sent once more on a new one. Every answer must be one certificate
+    for the request's key. Only CSRs are sent.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        auth_keys: Mapping[str, str],
+        ssl_context: ssl.SSLContext | None,
+        workers: int = 4,
+        timeout: float = 30.0,
+    ) -> None:
+        """Check the address and the keys; nothing is connected before ``with``.
+
+        Args:
+            url: ``https://host:port`` (the authsign path is added) or the full endpoint;
+                ``http://`` for a loopback server only.
+            auth_keys: each profile the signer is asked for, and its auth key (hex, as cfssl's
+                ``auth_keys`` hold it): the central signer has a key per role.
+            ssl_context: TLS that trusts the signer's CA and checks its name (None: the
+                system's roots). A context that checks neither is refused.
+            workers: how many requests :meth:`sign_all` keeps in flight.
+            timeout: seconds to wait for a connection and for each answer.
+
+        Raises:
+            InputError: a bad address, auth key, TLS context, ``workers`` or ``timeout``.
+        """
+        if workers < 1:
+            raise InputError(f"workers {workers}", "at least one request must be in flight")
+        if not timeout > 0:
+            raise InputError(f"timeout {timeout}", "must be more than 0 seconds")
+        self._target = _target(url, ssl_context)
+        self._keys = {
+            profile: _auth_key(key, what=f"the auth key of profile {profile!r}")
+            for profile, key in auth_keys.items()
+        }
+        for key in auth_keys.values():
+            remember_secret(key)
+        self.url = url
+        self.workers = workers
+        self.timeout = timeout
+        self._local = threading.local()
+        self._connections: list[http.client.HTTPConnection] = []
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._open = False
+
+    def __repr__(self) -> str:
+        """Name the signer and its profiles, never their keys."""
+        return f"RemoteSigner({self.url!r}, profiles={sorted(self._keys)})"
+
+    def __enter__(self) -> RemoteSigner:
+        """Open for signing (connections are made as threads first sign)."""
+        with self._lock:
+            if self._open:
+                raise RuntimeError("the remote signer is open already: it is not reentrant")
+            self._open = True
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Stop the workers and close every connection, whatever happened in the block."""
+        with self._lock:
+            self._open = False
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            connections, self._connections = self._connections, []
+            self._local = threading.local()  # a later block makes new connections
+        for connection in connections:
+            connection.close()
+
+    def _connection(self) -> http.client.HTTPConnection:
+        """This thread's connection to the signer (made on its first request)."""
+        connection: http.client.HTTPConnection | None = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._target.connection(self.timeout)
+            with self._lock:
+                if not self._open:
+                    raise RuntimeError("the remote signer is closed: use it inside its with block")
+                self._connections.append(connection)
+            self._local.connection = connection
+        return connection
+
+    def _send(self, request: SignRequest, body: bytes) -> tuple[int, bytes]:
+        """Post ``body``; on a kept-alive connection the server closed, once more on a new one."""
+        connection = self._connection()
+        if _stale(connection):
+            connection.close()
+        for attempt in range(2):
+            reused = connection.sock is not None
+            try:
+                return _post(connection, self._target.path, body)
+            except _CONNECTION_ERRORS as e:
+                connection.close()
+                if reused and attempt == 0 and isinstance(e, _CLOSED_BY_PEER):
+                    log.debug("%s: the signer closed a kept-alive connection; again", request.where)
+                    continue
+                raise ToolFailedError(
+                    "cfssl",
+                    f"{request.where}: {_connection_failure(e)} at {self.url}",
+                    fix="check that the signer runs and the address is right",
+                ) from e
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def sign(self, request: SignRequest) -> bytes:
+        """Sign one request; returns its certificate PEM. Safe to call from several threads.
+
+        Raises:
+            InputError: a profile with no auth key here, or not one PEM CSR.
+            ToolFailedError: the signer refused (its message), could not be reached, did not
+                answer in time, or answered with something other than one certificate for
+                the request's key.
+            RuntimeError: called outside the ``with`` block.
+        """
+        if not self._open:
+            raise RuntimeError("the remote signer is closed: use it inside its with block")
+        key = self._keys.get(request.profile)
+        if key is None:
+            known = ", ".join(sorted(self._keys)) or "none"
+            raise InputError(
+                f"{request.where}: profile {request.profile!r}",
+                f"no auth key for it (keys are given for: {known})",
+                fix="give the auth key of that role",
+            )
+        spki = _csr_public_key(request)
+        status, answer = self._send(request, _body(key, request))
+        return _certificate(request, spki, status, answer)
+
+    def sign_all(self, requests: Iterable[SignRequest]) -> Iterator[tuple[SignRequest, bytes]]:
+        """Sign many requests, ``workers`` at a time, yielding each with its certificate in order.
+
+        At most twice ``workers`` requests are pending at once, so memory stays flat however
+        many there are. The first failure (in input order) is raised, and the requests not yet
+        sent are dropped. The worker threads, and their connections, last until the block ends.
+
+        Raises:
+            InputError: see :meth:`sign`.
+            ToolFailedError: see :meth:`sign`.
+            RuntimeError: called outside the ``with`` block.
+        """
+        with self._lock:
+            if not self._open:
+                raise RuntimeError("the remote signer is closed: use it inside its with block")
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="cfwrap-remote")
+            pool = self._pool
+        return _in_order(self.sign, requests, pool=pool, workers=self.workers)
 
 
 def authsign(
@@ -247,14 +496,13 @@ def authsign(
     ssl_context: ssl.SSLContext | None = None,
     timeout: float = 30.0,
 ) -> bytes:
-    """Have the cfssl server at ``url`` sign ``request`` through its authsign endpoint.
+    """Have the cfssl server at ``url`` sign one request: a :class:`RemoteSigner` used once.
 
-    ``url`` is the server (``https://host:port``; the authsign path is added) or the full
-    endpoint. The body is ``{"token", "request"}``, both base64: the token is the HMAC-SHA256
-    of the request JSON under the hex auth key.
+    The body is ``{"token", "request"}``, both base64: the token is the HMAC-SHA256 of the
+    request JSON under the hex auth key.
 
     Args:
-        url: the server's address.
+        url: the server's address (``https://host:port``; the authsign path is added).
         auth_key_hex: the profile's auth key, as cfssl's ``auth_keys`` hold it (hex).
         request: the CSR, profile and SANs.
         ssl_context: for https, the context that trusts the server (default: the system's).
@@ -266,20 +514,11 @@ def authsign(
             answer in time, or answered with something other than one certificate for the
             request's key.
     """
-    key = _auth_key(auth_key_hex)
-    spki = _csr_public_key(request)
-    connection, path = _connection(url, ssl_context=ssl_context, timeout=timeout)
-    try:
-        status, body = _post(connection, path, _body(key, request))
-    except _CONNECTION_ERRORS as e:
-        raise ToolFailedError(
-            "cfssl",
-            f"{request.where}: {_connection_failure(e)} at {url}",
-            fix="check that the signer runs and the address is right",
-        ) from e
-    finally:
-        connection.close()
-    return _certificate(request, spki, status, body)
+    keys = {request.profile: auth_key_hex}
+    with RemoteSigner(
+        url, auth_keys=keys, ssl_context=ssl_context, workers=1, timeout=timeout
+    ) as signer:
+        return signer.sign(request)
 
 
 def _free_port() -> int:
@@ -651,18 +890,5 @@ class LocalSigner:
             InputError: see :meth:`sign`.
             ToolFailedError: see :meth:`sign`.
         """
-        pending: collections.deque[tuple[SignRequest, Future[bytes]]] = collections.deque()
-        source = iter(requests)
         with ThreadPoolExecutor(self.workers, thread_name_prefix="cfwrap-sign") as pool:
-            try:
-                for request in source:
-                    pending.append((request, pool.submit(self.sign, request)))
-                    if len(pending) >= 2 * self.workers:
-                        first, future = pending.popleft()
-                        yield first, future.result()
-                while pending:
-                    first, future = pending.popleft()
-                    yield first, future.result()
-            finally:
-                for _, future in pending:
-                    future.cancel()
+            yield from _in_order(self.sign, requests, pool=pool, workers=self.workers)

@@ -1,25 +1,38 @@
 """Issuing through a central signer: the key is made here, only the CSR leaves the node.
 
 The signer (``cfwrap signer``, cfssl's multirootca) is reached over TLS checked against the
-kit's CA, with the role's auth key (:func:`cfwrap.issuer.authsign`). What comes back is held to
-the same checks as a local issue (names, usages, chain, Go's and Nomad's rules, and that it is
+kit's CA, with the role's auth key (:class:`cfwrap.issuer.RemoteSigner`). What comes back is held
+to the same checks as a local issue (names, usages, chain, Go's and Nomad's rules, and that it is
 for this key) and lands in the folder as a local ``cfwrap cert`` lands it
-(:func:`cfwrap.kit.issue_into_folder`).
+(:func:`cfwrap.kit.issue_into_folder`). Many certificates go through one
+:class:`~cfwrap.issuer.RemoteSigner` (:func:`issue_all`, :func:`signer_from_info`).
 """
 
 from __future__ import annotations
 
+import collections
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cfwrap import cfssl, files, issuer, keys, kit, parsers
 from cfwrap.errors import InputError
 from cfwrap.nomad import CertSpec
 
+if TYPE_CHECKING:
+    from cfwrap.signer.info import SignerInfo
+
 #: Seconds to wait for the signer to answer one request.
 TIMEOUT = 30.0
+
+
+def tls_context(ca_pem: bytes) -> ssl.SSLContext:
+    """TLS that trusts only ``ca_pem`` (the signer's CA), checks the signer's name, TLS 1.2+."""
+    context = ssl.create_default_context(cadata=ca_pem.decode("ascii"))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 @dataclass(frozen=True)
@@ -33,9 +46,21 @@ class Remote:
 
     def context(self) -> ssl.SSLContext:
         """TLS that trusts only the kit's CA and checks the signer's name."""
-        context = ssl.create_default_context(cadata=self.ca_pem.decode("ascii"))
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        return context
+        return tls_context(self.ca_pem)
+
+    def signer(self, *, profiles: Iterable[str], workers: int = 1) -> issuer.RemoteSigner:
+        """A :class:`~cfwrap.issuer.RemoteSigner` that asks for ``profiles`` with this key.
+
+        Raises:
+            InputError: see :class:`~cfwrap.issuer.RemoteSigner`.
+        """
+        return issuer.RemoteSigner(
+            self.url,
+            auth_keys=dict.fromkeys(profiles, self.auth_key),
+            ssl_context=self.context(),
+            workers=workers,
+            timeout=TIMEOUT,
+        )
 
 
 def address(text: str) -> str:
@@ -88,13 +113,8 @@ def issue(remote: Remote, spec: CertSpec, *, key_pem: bytes | None = None) -> cf
             with something other than one certificate for this key.
         VerificationError: the certificate is not what ``spec`` asked for, or Go would refuse it.
     """
-
-    def sign(request: issuer.SignRequest) -> bytes:
-        return issuer.authsign(
-            remote.url, remote.auth_key, request, ssl_context=remote.context(), timeout=TIMEOUT
-        )
-
-    return issue_with(sign, spec, ca_pem=remote.ca_pem, key_pem=key_pem)
+    with remote.signer(profiles=[spec.role]) as signer:
+        return issue_with(signer.sign, spec, ca_pem=remote.ca_pem, key_pem=key_pem)
 
 
 def issue_with(
@@ -106,27 +126,63 @@ def issue_with(
 ) -> cfssl.Issued:
     """Make a key (or use ``key_pem``) and its CSR here, have ``sign`` sign it, check the result.
 
-    ``sign`` is any issuer: :func:`cfwrap.issuer.authsign` to a signer, or a loopback
-    :class:`cfwrap.issuer.LocalSigner`. The key never reaches it.
+    ``sign`` is any issuer: a :class:`cfwrap.issuer.RemoteSigner`'s, or a loopback
+    :class:`cfwrap.issuer.LocalSigner`'s. The key never reaches it.
 
     Raises:
         InputError: ``key_pem`` is not a key cfwrap can use.
         ToolFailedError: ``sign`` failed.
         VerificationError: the certificate is not what ``spec`` asked for, or Go would refuse it.
     """
+    request, key_pem = _request(spec, key_pem)
+    return _checked(spec, request, sign(request), key_pem=key_pem, ca_pem=ca_pem)
+
+
+def issue_all(
+    signer: issuer.RemoteSigner, specs: Iterable[CertSpec], *, ca_pem: bytes
+) -> Iterator[cfssl.Issued]:
+    """Issue a certificate for each spec through an open signer, in order, each checked.
+
+    Keys and CSRs are made here as the signer's workers take requests (a bounded number ahead),
+    and every certificate is held to :func:`issue_with`'s checks as it comes back.
+
+    Raises:
+        ToolFailedError: the signer failed on one (the first, in order); the rest are dropped.
+        VerificationError: a certificate is not what its spec asked for.
+    """
+    made: collections.deque[tuple[CertSpec, bytes]] = collections.deque()
+
+    def requests() -> Iterator[issuer.SignRequest]:
+        for spec in specs:
+            request, key_pem = _request(spec, None)
+            made.append((spec, key_pem))
+            yield request
+
+    for request, cert in signer.sign_all(requests()):
+        spec, key_pem = made.popleft()  # sign_all keeps the order requests came in
+        yield _checked(spec, request, cert, key_pem=key_pem, ca_pem=ca_pem)
+
+
+def _request(spec: CertSpec, key_pem: bytes | None) -> tuple[issuer.SignRequest, bytes]:
+    """The sign request for ``spec`` with a new key (or ``key_pem``), and that key's PEM."""
     if key_pem is None:
         key = keys.new_private_key(spec.key)
         key_pem = keys.private_key_pem(key)
     else:
         key = _load_key(key_pem)
-    csr_pem = keys.csr_pem(key, spec.csr())
     request = issuer.SignRequest(
-        csr_pem=csr_pem,
+        csr_pem=keys.csr_pem(key, spec.csr()),
         profile=spec.role,
         hosts=spec.hosts(),
         label=f"the {spec.role} certificate",
     )
-    issued = cfssl.Issued(cert=sign(request), key=key_pem, csr=csr_pem)
+    return request, key_pem
+
+
+def _checked(
+    spec: CertSpec, request: issuer.SignRequest, cert: bytes, *, key_pem: bytes, ca_pem: bytes
+) -> cfssl.Issued:
+    issued = cfssl.Issued(cert=cert, key=key_pem, csr=request.csr_pem)
     kit.check_issued(spec, issued, ca_pem)
     return issued
 
@@ -169,4 +225,69 @@ def issue_cert(
         tools=[],
         force=force,
         wait=wait,
+    )
+
+
+def ca_pem(info_file: Path) -> bytes:
+    """The signer's CA certificate, from its ``signer.json``.
+
+    Raises:
+        InputError: the file is not a signer.json, or its CA is not a CA certificate.
+    """
+    from cfwrap.signer import info
+
+    return _info_ca(info.load(info_file), info_file)
+
+
+def _info_ca(described: SignerInfo, info_file: Path) -> bytes:
+    pem = described.ca_pem.encode("ascii", "replace")
+    try:
+        facts = parsers.read_certificate(pem)
+    except parsers.ParseError as e:
+        raise InputError(
+            f"{info_file}: ca_pem", str(e), fix="give the signer's signer.json"
+        ) from None
+    if not facts.is_ca:
+        raise InputError(f"{info_file}: ca_pem", "not a CA certificate")
+    return pem
+
+
+def signer_from_info(
+    info_file: Path, *, auth_dir: Path, roles: Iterable[str], workers: int
+) -> issuer.RemoteSigner:
+    """A :class:`~cfwrap.issuer.RemoteSigner` for the signer a ``signer.json`` describes.
+
+    Each role is asked for under its profile with its own key (``auth_dir/<role>.key``, as the
+    file names it); TLS trusts only the signer's CA.
+
+    Raises:
+        InputError: the file is not a signer.json, a role is not one it serves, or a key file
+            is missing, open to others or not a key.
+    """
+    from cfwrap.signer import authkeys, info
+
+    described = info.load(info_file)
+    url = address(described.address)
+    served = {str(name): access for name, access in described.roles.items()}
+    keys: dict[str, str] = {}
+    for role in roles:
+        access = served.get(role)
+        if access is None:
+            raise InputError(
+                f"role {role!r}",
+                f"not served by the signer in {info_file}",
+                fix=f"use one of: {', '.join(sorted(described.roles))}",
+            )
+        name = access.auth_key_file
+        if not name or Path(name).name != name or name in (".", ".."):
+            raise InputError(
+                f"{info_file}: the {role} key file {name!r}", "not a file name in the auth folder"
+            )
+        keys[access.profile] = authkeys.read_key(auth_dir / name)
+    return issuer.RemoteSigner(
+        url,
+        auth_keys=keys,
+        ssl_context=tls_context(_info_ca(described, info_file)),
+        workers=workers,
+        timeout=TIMEOUT,
     )

@@ -2,7 +2,8 @@
 
 A certificate is due when less than the window is left of it. Each due certificate gets a new
 key made here (or keeps its key), a CSR for the names it carries now, and is signed by a signer
-(:func:`cfwrap.issuer.authsign`) or by the CA given locally (a loopback
+(one :class:`cfwrap.issuer.RemoteSigner`, its connection kept for the run) or by the CA given
+locally (a loopback
 :class:`cfwrap.issuer.LocalSigner`); it is checked as every issue is, and lands with the
 folder's manifest all or nothing (:func:`cfwrap.kit.issue_into_folder`). One run at a time per
 folder (a lock beside it); every certificate is tried, and the run reports what it renewed,
@@ -248,18 +249,15 @@ def _renew_one(folder: Path, cert: Held, *, sign: Sign, ca_pem: bytes, keep_key:
 
 @contextlib.contextmanager
 def through_signer(signer: remote.Remote) -> Iterator[Sign]:
-    """An issuer that asks a remote signer (for :func:`renew`)."""
+    """An issuer that asks a remote signer, over one kept-alive connection (for :func:`renew`).
 
-    def sign(request: issuer.SignRequest) -> bytes:
-        return issuer.authsign(
-            signer.url,
-            signer.auth_key,
-            request,
-            ssl_context=signer.context(),
-            timeout=remote.TIMEOUT,
-        )
+    The one ``--auth-key`` is offered for every role's profile: the signer refuses it for a
+    role it is not the key of, and that certificate is reported as failed.
+    """
+    from cfwrap.nomad import ROLES
 
-    yield sign
+    with signer.signer(profiles=ROLES) as asking:
+        yield asking.sign
 
 
 @contextlib.contextmanager
