@@ -278,6 +278,8 @@ def _connection_failure(error: BaseException) -> str:
         return "connection refused"
     if isinstance(error, _CLOSED_BY_PEER):
         return "connection closed by the server"
+    if isinstance(error, ssl.SSLCertVerificationError):  # say why: another CA, another name
+        return f"TLS failed ({_one_line(f'{error.reason}: {error.verify_message}')})"
     if isinstance(error, ssl.SSLError):
         return f"TLS failed ({_one_line(error.reason or str(error))})"
     return _one_line(f"{type(error).__name__}: {error}")
@@ -369,8 +371,6 @@ class RemoteSigner:
             profile: _auth_key(key, what=f"the auth key of profile {profile!r}")
             for profile, key in auth_keys.items()
         }
-        for key in auth_keys.values():
-            remember_secret(key)
         self.url = url
         self.workers = workers
         self.timeout = timeout

@@ -8,14 +8,17 @@ read exactly what left the node.
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import signal
+import socket
 import socketserver
 import ssl
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,7 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from cfwrap import parsers, verify
+from cfwrap import issuer, keys, parsers, remote, verify
+from cfwrap.errors import InputError, ToolFailedError
+from cfwrap.nomad import CertSpec
 from tests.conftest import assert_kit_manifest
 from tests.test_signer import ROOT, RunningSigner, make_ca, start_signer
 from tests.tlspeer import Party, free_port, handshake
@@ -319,3 +324,284 @@ def test_200_concurrent_requests_from_several_processes(signer):
             serials.append(cert.serial)
     assert len(serials) == 200
     assert len(set(serials)) == 200
+
+
+# --- RemoteSigner: kept-alive connections to the real signer ------------------------------------
+
+
+class Relay:
+    """A TCP relay in front of the signer (TLS passes through untouched).
+
+    It counts the connections it is asked for, can close every open one (as a server closes
+    idle keep-alive connections), and can close the next ``cut`` connections that send
+    something (a request, a TLS hello) as it arrives, unanswered.
+    """
+
+    def __init__(self, target_port: int, *, host: str = "127.0.0.1") -> None:
+        self.target_port = target_port
+        self.listener = socket.create_server((host, 0))
+        self.host = host
+        self.port = self.listener.getsockname()[1]
+        self.accepted = 0
+        self.cut = 0
+        self.sockets: list[socket.socket] = []
+        self.threads: list[threading.Thread] = []
+        self.lock = threading.Lock()
+        self._start(self._accept)
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.host}:{self.port}"
+
+    def _start(self, target: Callable[..., None], *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self.threads.append(thread)
+        thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self.lock:
+                self.accepted += 1
+                self.sockets += [client, upstream]
+            self._start(self._pump, client, upstream, True)
+            self._start(self._pump, upstream, client, False)
+
+    def _pump(self, source: socket.socket, sink: socket.socket, requests: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if requests and self.cut > 0:
+                    self.cut -= 1
+                    break  # the request dies here: the signer never sees it
+                sink.sendall(data)
+        except OSError:
+            pass
+        for one in (source, sink):
+            with contextlib.suppress(OSError):
+                one.shutdown(socket.SHUT_RDWR)
+
+    def drop_all(self) -> None:
+        """Close every open connection, as a server closes idle ones."""
+        with self.lock:
+            sockets = list(self.sockets)
+        for one in sockets:
+            with contextlib.suppress(OSError):
+                one.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.listener.close()
+        self.drop_all()
+        for thread in self.threads:
+            thread.join(5)
+        for one in self.sockets:
+            one.close()
+
+
+@pytest.fixture
+def relay(signer: RunningSigner) -> Iterator[Relay]:
+    one = Relay(signer.port)
+    yield one
+    one.close()
+
+
+def role_keys(signer: RunningSigner, *roles: str) -> dict[str, str]:
+    return {role: signer.key(role) for role in roles}
+
+
+def requests_for(role: str, count: int) -> list[tuple[issuer.SignRequest, bytes]]:
+    """``count`` requests for ``role``, each with its public key (DER)."""
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    spec = CertSpec(role=role, dns_names=() if role == "cli" else ("node.example.com",))
+    made = []
+    for index in range(count):
+        key = keys.new_private_key(spec.key)
+        request = issuer.SignRequest(
+            keys.csr_pem(key, spec.csr()), role, spec.hosts(), label=f"{role} {index}"
+        )
+        spki = key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        made.append((request, spki))
+    return made
+
+
+def issued_count(signer: RunningSigner) -> int:
+    from cfwrap.signer import certdb
+
+    return len(certdb.records(signer.auth_dir))
+
+
+def test_sign_all_keeps_order_and_one_connection_per_worker_across_roles(signer, relay):
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    made = [one for pair in zip(requests_for("server", 20), requests_for("client", 20),
+                                requests_for("cli", 20), strict=True) for one in pair]  # fmt: skip
+    keys_by_role = role_keys(signer, "server", "client", "cli")
+    context = remote.tls_context((signer.ca_dir / "ca.pem").read_bytes())
+    with issuer.RemoteSigner(
+        relay.url, auth_keys=keys_by_role, ssl_context=context
+    ) as remote_signer:
+        results = list(remote_signer.sign_all(request for request, _ in made))
+        again = list(remote_signer.sign_all(request for request, _ in made[:8]))  # same workers
+    assert [request for request, _ in results] == [request for request, _ in made]
+    serials = set()
+    for (request, pem), (_, spki) in zip(results, made, strict=True):
+        cert = parsers.load_certificate(pem)
+        public = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        assert public == spki, request.label  # each answer is its own request's certificate
+        facts = parsers.certificate_facts(cert)
+        assert facts.common_name == f"{request.profile}.global.nomad"
+        serials.add(facts.serial)
+    assert len(serials) == 60 and len(again) == 8
+    assert relay.accepted == 4  # 68 requests, 4 workers: one TLS connection each, kept alive
+
+
+def test_a_closed_keep_alive_connection_is_replaced_and_nothing_is_signed_twice(signer, relay):
+    context = remote.tls_context((signer.ca_dir / "ca.pem").read_bytes())
+    (first, _), (second, _), (third, _) = requests_for("client", 3)
+    before = issued_count(signer)
+    with issuer.RemoteSigner(
+        relay.url, auth_keys=role_keys(signer, "client"), ssl_context=context
+    ) as remote_signer:
+        remote_signer.sign(first)
+        remote_signer.sign(first)  # the same connection
+        assert relay.accepted == 1
+        relay.drop_all()  # closed while idle: seen before the request is sent
+        time.sleep(0.1)
+        remote_signer.sign(second)
+        assert relay.accepted == 2
+        assert issued_count(signer) == before + 3
+        relay.cut = 1  # closed as the request arrives: sent once more, on a new connection
+        remote_signer.sign(third)
+        assert relay.accepted == 3
+        assert issued_count(signer) == before + 4
+
+
+def test_a_connection_closed_twice_is_one_clear_error(signer, relay):
+    context = remote.tls_context((signer.ca_dir / "ca.pem").read_bytes())
+    (request, _), (other, _) = requests_for("client", 2)
+    with issuer.RemoteSigner(
+        relay.url, auth_keys=role_keys(signer, "client"), ssl_context=context
+    ) as remote_signer:
+        remote_signer.sign(request)
+        relay.cut = 2  # the request on the kept connection, then the new connection's hello
+        with pytest.raises(ToolFailedError, match="connection closed by the server"):
+            remote_signer.sign(other)
+    assert relay.accepted == 2  # the kept connection, then one new one: no more
+
+
+def test_tls_must_match_the_ca_and_the_name(signer, other_kit):
+    ((request, _),) = requests_for("client", 1)
+    auth_keys = role_keys(signer, "client")
+    wrong_ca = remote.tls_context((other_kit / "ca.pem").read_bytes())
+    with (
+        issuer.RemoteSigner(signer.url, auth_keys=auth_keys, ssl_context=wrong_ca) as one,
+        pytest.raises(ToolFailedError, match=r"TLS failed \(CERTIFICATE_VERIFY_FAILED: unable"),
+    ):
+        one.sign(request)
+    right_ca = remote.tls_context((signer.ca_dir / "ca.pem").read_bytes())
+    elsewhere = Relay(signer.port, host="127.0.0.2")  # an address not in the signer's certificate
+    try:
+        with (
+            issuer.RemoteSigner(elsewhere.url, auth_keys=auth_keys, ssl_context=right_ca) as one,
+            pytest.raises(ToolFailedError, match=r"VERIFY_FAILED: IP address mismatch"),
+        ):
+            one.sign(request)
+    finally:
+        elsewhere.close()
+    lax = remote.tls_context((signer.ca_dir / "ca.pem").read_bytes())
+    lax.check_hostname = False
+    with pytest.raises(InputError, match="does not verify the signer's certificate and name"):
+        issuer.RemoteSigner(signer.url, auth_keys=auth_keys, ssl_context=lax)
+    lax.verify_mode = ssl.CERT_NONE
+    with pytest.raises(InputError, match="does not verify"):
+        issuer.RemoteSigner(signer.url, auth_keys=auth_keys, ssl_context=lax)
+
+
+def test_each_profile_needs_its_own_key_and_nothing_is_sent_without_one(signer, relay):
+    context = remote.tls_context((signer.ca_dir / "ca.pem").read_bytes())
+    ((server_request, _),) = requests_for("server", 1)
+    with (
+        issuer.RemoteSigner(
+            relay.url, auth_keys=role_keys(signer, "client"), ssl_context=context
+        ) as remote_signer,
+        pytest.raises(InputError, match=r"profile 'server'.*no auth key for it"),
+    ):
+        remote_signer.sign(server_request)
+    assert relay.accepted == 0
+    swapped = {"server": signer.key("client")}  # another role's key under this profile
+    with (
+        issuer.RemoteSigner(relay.url, auth_keys=swapped, ssl_context=context) as asking,
+        pytest.raises(ToolFailedError, match="refused: invalid token"),
+    ):
+        asking.sign(server_request)
+    for bad, text in (
+        ({"client": "not hex"}, "not hexadecimal"),
+        ({"client": ""}, "empty"),
+    ):
+        with pytest.raises(InputError, match=text):
+            issuer.RemoteSigner(relay.url, auth_keys=bad, ssl_context=context)
+    with pytest.raises(InputError, match="workers 0"):
+        issuer.RemoteSigner(relay.url, auth_keys={}, ssl_context=context, workers=0)
+    with pytest.raises(InputError, match="not an http"):
+        issuer.RemoteSigner("ftp://x", auth_keys={}, ssl_context=context)
+
+
+def test_a_remote_signer_signs_only_inside_its_block(signer):
+    context = remote.tls_context((signer.ca_dir / "ca.pem").read_bytes())
+    ((request, _),) = requests_for("client", 1)
+    one = issuer.RemoteSigner(
+        signer.url, auth_keys=role_keys(signer, "client"), ssl_context=context
+    )
+    assert signer.key("client") not in repr(one)
+    with pytest.raises(RuntimeError, match="with block"):
+        one.sign(request)
+    with one:
+        one.sign(request)
+    with pytest.raises(RuntimeError, match="with block"):
+        list(one.sign_all([request]))
+    with one:  # a second block makes new connections
+        one.sign(request)
+
+
+def test_signer_from_info_issues_every_role_with_its_own_key(tmp_path, signer):
+    info_file = signer.auth_dir / "signer.json"
+    assert remote.ca_pem(info_file) == (signer.ca_dir / "ca.pem").read_bytes()
+    made = [*requests_for("server", 2), *requests_for("client", 2), *requests_for("cli", 2)]
+    with remote.signer_from_info(
+        info_file, auth_dir=signer.auth_dir, roles=["server", "client", "cli"], workers=2
+    ) as from_info:
+        results = list(from_info.sign_all(request for request, _ in made))
+    assert [r.profile for r, _ in results] == ["server"] * 2 + ["client"] * 2 + ["cli"] * 2
+    with pytest.raises(InputError, match="role 'admin'"):
+        remote.signer_from_info(info_file, auth_dir=signer.auth_dir, roles=["admin"], workers=1)
+    with pytest.raises(InputError, match="No such file"):
+        remote.signer_from_info(
+            info_file, auth_dir=signer.auth_dir / "missing", roles=["cli"], workers=1
+        )
+    data = json.loads(info_file.read_text())
+    data["roles"]["cli"]["auth_key_file"] = "../signer/cli.key"  # only names in the auth folder
+    (tmp_path / "signer.json").write_text(json.dumps(data))
+    with pytest.raises(InputError, match="not a file name in the auth folder"):
+        remote.signer_from_info(
+            tmp_path / "signer.json", auth_dir=signer.auth_dir, roles=["cli"], workers=1
+        )
+
+
+def test_issue_all_checks_every_certificate_and_keeps_keys_here(signer, relay):
+    node = remote.load(
+        url=relay.url,
+        auth_key_file=signer.auth_dir / "client.key",
+        ca_file=signer.ca_dir / "ca.pem",
+    )
+    specs = [CertSpec(role="client", dns_names=(f"node{i}.example.com",)) for i in range(6)]
+    with node.signer(profiles=["client"], workers=3) as asking:
+        issued = list(remote.issue_all(asking, specs, ca_pem=node.ca_pem))
+    assert relay.accepted == 3
+    for spec, one in zip(specs, issued, strict=True):
+        facts = parsers.read_certificate(one.cert)
+        assert spec.dns_names[0] in facts.dns_names
+        assert parsers.read_private_key(one.key).public_key_sha256 == facts.key.public_key_sha256
