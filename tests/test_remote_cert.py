@@ -324,6 +324,18 @@ def test_200_concurrent_requests_from_several_processes(signer):
             serials.append(cert.serial)
     assert len(serials) == 200
     assert len(set(serials)) == 200
+    # Every one is in the audit log within moments, once (it follows the signer line by line).
+    from cfwrap.signer import audit
+
+    wanted = {str(int(serial, 16)) for serial in serials}
+    deadline = time.monotonic() + 5
+    while True:
+        logged = [e["serial"] for e in audit.entries(signer.auth_dir / "audit.log")]
+        if wanted <= set(logged) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert wanted <= set(logged)
+    assert len(logged) == len(set(logged))
 
 
 # --- RemoteSigner: kept-alive connections to the real signer ------------------------------------

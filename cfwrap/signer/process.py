@@ -107,8 +107,8 @@ class Signer:
     def stop(self) -> None:
         """Stop multirootca and record its last issues."""
         self.service.stop()  # its last lines are queued before this returns
-        while self.catch_up():
-            pass
+        while not self.lines.empty():
+            self.catch_up()
 
 
 def start(multirootca: Tool, prepared: Prepared, listen: Listen) -> Signer:
