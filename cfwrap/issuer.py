@@ -207,9 +207,8 @@ def _certificate(request: SignRequest, spki: bytes, status: int, body: bytes) ->
 
 @dataclass(frozen=True)
 class _Target:
-    """Where a signer's authsign endpoint is: scheme, host, port, path, and the TLS to use."""
+    """Where a signer's authsign endpoint is: host, port, path, and the TLS to use."""
 
-    url: str
     host: str
     port: int | None
     path: str
@@ -243,7 +242,7 @@ def _target(url: str, ssl_context: ssl.SSLContext | None) -> _Target:
         )
     path = parts.path if parts.path not in ("", "/") else AUTHSIGN
     if parts.scheme == "http":
-        return _Target(url, parts.hostname, port, path, None)
+        return _Target(parts.hostname, port, path, None)
     context = ssl_context or ssl.create_default_context()
     if context.verify_mode != ssl.CERT_REQUIRED or not context.check_hostname:
         raise InputError(
@@ -251,7 +250,7 @@ def _target(url: str, ssl_context: ssl.SSLContext | None) -> _Target:
             "does not verify the signer's certificate and name",
             fix="use ssl.create_default_context(cadata=<the signer's CA>)",
         )
-    return _Target(url, parts.hostname, port, path, context)
+    return _Target(parts.hostname, port, path, context)
 
 
 def _post(connection: http.client.HTTPConnection, path: str, body: bytes) -> tuple[int, bytes]:
@@ -294,11 +293,9 @@ def _stale(connection: http.client.HTTPConnection) -> bool:
     sock = connection.sock
     if sock is None:
         return False
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-    except (OSError, ValueError):
-        return True
-    return bool(readable)
+    poller = select.poll()  # not select.select: it fails for descriptors past 1023
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _in_order(
@@ -333,9 +330,11 @@ class RemoteSigner:
 
     Use it in a ``with`` block. Each thread that signs keeps one connection open to the signer
     (a TLS handshake costs more than the signature); :meth:`sign_all` signs on ``workers``
-    threads of its own. A kept-alive connection the server has closed is replaced, and a
-    request it failed on is sent once more on a new one. Every answer must be one certificate
-    for the request's key. Only CSRs are sent.
+    threads of its own. A kept-alive connection the server has closed while idle is replaced
+    before a request is sent on it; a request that meets a closed connection is sent once more
+    on a new one (should the server have signed it before closing, it is signed twice: both are
+    in its audit). Every answer must be one certificate for the request's key. Only CSRs are
+    sent.
     """
 
     def __init__(
