@@ -147,9 +147,7 @@ def test_a_name_the_signer_refuses_leaves_the_tree_as_it_was(tmp_path, signer):
     assert cfwrap("apply", "c.toml", *remote_args(signer), cwd=tmp_path).returncode == 0
     tree = tmp_path / "tree"
     before = snapshot(tree)
-    (tmp_path / "c.toml").write_text(
-        PLAN.replace('"nomad-1.example.com"', '"nomad-1.example.org"')
-    )
+    (tmp_path / "c.toml").write_text(PLAN.replace('"nomad-1.example.com"', '"nomad-1.example.org"'))
     refused = cfwrap("apply", "c.toml", *remote_args(signer), cwd=tmp_path)
     assert refused.returncode == 6, refused.stdout + refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
