@@ -137,3 +137,11 @@ def test_bench_scale_smoke(tmp_path):
     assert all(float(cell) > 0 for row in table for cell in row)
     assert re.search(r"^time grows linearly .*: (PASS|MISS)$", out, re.M)
     assert re.search(r"^memory stays flat .*: (PASS|MISS)$", out, re.M)
+
+
+@pytest.mark.slow
+def test_bench_signer_smoke(tmp_path):
+    out = _bench("bench-signer", "8", "2", "1", tmp_path=tmp_path)
+    assert re.search(r"^signer: 8 certificates, 2 processes: [\d.]+ s wall", out, re.M)
+    assert re.search(r"^shell loop .*: 8 certificates: [\d.]+ s wall", out, re.M)
+    assert re.search(r"^signer / shell: [\d.]+x wall, [\d.]+x CPU$", out, re.M)
