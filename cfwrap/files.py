@@ -745,6 +745,11 @@ class StagedFolder:
         self.stage.write(f"{self.relative}/{name}", data, mode=mode)
 
 
+def is_stage(name: str) -> bool:
+    """A stage's folder name (what :func:`sweep_stages` removes)."""
+    return _STAGE.fullmatch(name) is not None
+
+
 def sweep_stages(root: Path) -> None:
     """Remove stages a killed run left in ``root`` (call with ``root`` locked)."""
     with contextlib.suppress(FileNotFoundError):

@@ -116,6 +116,10 @@ def test_a_plan_is_issued_by_the_signer_and_keys_stay_here(tmp_path, signer):
     assert '"issuer": "signer"' in status.stdout
 
     before = snapshot(tree)
+    forgot = cfwrap("apply", "c.toml", cwd=tmp_path)  # --remote forgotten, in cron say
+    assert forgot.returncode == 3, forgot.stdout + forgot.stderr
+    assert "issued by a central signer" in forgot.stderr
+    assert snapshot(tree) == before
     again = cfwrap("apply", "c.toml", *remote_args(signer), cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "No changes" in again.stdout

@@ -196,6 +196,7 @@ def diff(
     recorded = state.load(root)
     generations = cas.find(root)
     numbers = [g.number for g in generations]
+    _check_generations(root, recorded, generations, remote=remote)
     if remote is not None:
         _remote_fits(generations, rotate=rotate)
         generations = [remote.generation(root)]
@@ -301,6 +302,57 @@ def _diff_members(
             symbol = "~" if work.kind == "update" else "-/+"
             result.changes.append(Change(symbol, member.label, work.reason))
     _refuse_changed(root, changed)
+
+
+def _check_generations(
+    root: Path,
+    recorded: state.PlanManifest | None,
+    generations: list[cas.Generation],
+    *,
+    remote: cas.RemoteCA | None,
+) -> None:
+    """Refuse CA folders that disagree with the plan manifest, and a signer's tree without it.
+
+    Only ``apply`` makes a CA generation, and it records each one; a generation the manifest
+    does not know (or knows with another certificate) was placed or swapped by hand, and would
+    change what every node trusts.
+
+    Raises:
+        InputError: a signer's tree applied without ``--remote``.
+        VerificationError: a generation unknown to the manifest, or another CA in its folder;
+            two generations and no manifest (the rotation's phase is unknown).
+    """
+    signer = recorded.signer if recorded is not None else None
+    if remote is None and (signer or (root / cas.CA_ROOT / cas.SIGNER_FOLDER).exists()):
+        raise InputError(
+            str(root),
+            f"this tree is issued by a central signer ({signer or 'ca/signer/'}); a plain "
+            "apply would make a CA of its own and reissue every member",
+            fix="pass --remote HOST:PORT --auth-dir DIR --ca FILE as before",
+        )
+    if recorded is None:
+        if len(generations) > 1:
+            raise VerificationError(
+                str(root / state.FILE_NAME),
+                "missing, and the tree holds two CA generations: the rotation's phase is unknown",
+                fix="restore plan-manifest.json from a backup",
+            )
+        return
+    known = {ca.generation: ca.fingerprint_sha256 for ca in recorded.cas}
+    for generation in generations:
+        fingerprint = generation.root.facts.fingerprint_sha256
+        if generation.number not in known:
+            raise VerificationError(
+                str(generation.folder),
+                "is not in plan-manifest.json: placed by hand, or a rotation cut short",
+                fix="move it away (apply --rotate-ca makes a new CA itself)",
+            )
+        if known[generation.number] != fingerprint:
+            raise VerificationError(
+                str(generation.folder),
+                "holds another CA than plan-manifest.json records",
+                fix="restore the CA folder from a backup",
+            )
 
 
 def _remote_fits(generations: list[cas.Generation], *, rotate: bool) -> None:
@@ -494,7 +546,10 @@ def apply(
     _check_root(root)
     with files.FolderLock(root, wait=wait):
         _check_root(root)
+        _refuse_links(root)
         files.sweep_stages(root)
+        for relative in _existing_members(root):
+            members.recover(root / relative)
         result = diff(
             plan,
             plan_path,
@@ -515,6 +570,31 @@ def apply(
 _Update = tuple[Work, dict[str, tuple[bytes, int]], parsers.CertFacts]
 
 
+def _refuse_links(root: Path) -> None:
+    """Refuse a tree whose folders are symlinks: apply would write (keys too) where they point.
+
+    Member folders and their files are checked as each is read (:func:`members.read_current`).
+
+    Raises:
+        ConflictError: the first symlink, named.
+    """
+    folders = [root / name for name in (NODES, OPERATORS, RETIRED, cas.CA_ROOT)]
+    for sub in (root / NODES, root / cas.CA_ROOT, root / OPERATORS):
+        if sub.is_dir() and not sub.is_symlink():
+            folders += sorted(sub.iterdir())
+    if (root / NODES).is_dir() and not (root / NODES).is_symlink():
+        for region in sorted((root / NODES).iterdir()):
+            if region.is_dir() and not region.is_symlink():
+                folders += sorted(region.iterdir())
+    for folder in folders:
+        if folder.is_symlink():
+            raise ConflictError(
+                folder,
+                "is a symlink; cfwrap never writes through one (keys would land where it points)",
+                fix="replace it with the folder itself, or move it away",
+            )
+
+
 def _check_root(root: Path) -> None:
     """Refuse to fill a folder that holds something other than a plan's tree.
 
@@ -524,12 +604,17 @@ def _check_root(root: Path) -> None:
     """
     if root.is_symlink() or (root.exists() and not root.is_dir()):
         raise ConflictError(root, "is not a folder", fix="point the plan's out at a folder")
-    if not root.exists() or (root / state.FILE_NAME).exists() or (root / cas.CA_ROOT).is_dir():
+    if not root.exists() or (root / state.FILE_NAME).exists():
         return
-    if any(not p.name.startswith(".") for p in root.iterdir()):
+    ca = root / cas.CA_ROOT
+    if ca.is_dir() and (
+        any(cas.is_generation(p.name) for p in ca.iterdir()) or (ca / cas.SIGNER_FOLDER).is_dir()
+    ):
+        return  # a tree whose first apply was cut short before its manifest
+    if any(not files.is_stage(p.name) for p in root.iterdir()):
         raise ConflictError(
             root,
-            "holds files, but no plan's tree (no plan-manifest.json, no ca/)",
+            "holds files, but no plan's tree (no plan-manifest.json, no ca/gen-N)",
             fix="point the plan's out at a new or empty folder",
         )
 
@@ -722,7 +807,8 @@ class _Run:
     def _keep_signer_ca(self, remote: cas.RemoteCA) -> None:
         """Keep the signer's CA in the tree (``ca/signer/ca.pem``), for ``status``."""
         path = self.root / cas.CA_ROOT / cas.SIGNER_FOLDER / "ca.pem"
-        path.parent.mkdir(mode=files.DIR_MODE, parents=True, exist_ok=True)
+        for folder in (path.parent.parent, path.parent):
+            folder.mkdir(mode=files.DIR_MODE, exist_ok=True)
         try:
             if files.read_input(path) == remote.ca_pem:
                 return

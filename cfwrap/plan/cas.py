@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cfwrap import cfssl, files, kit, manifest, parsers, runner
-from cfwrap.errors import VerificationError
+from cfwrap.errors import InputError, VerificationError
 from cfwrap.models import CSR, CAConstraint, Signing, SigningConfig, SigningProfile, to_cfssl_json
 from cfwrap.nomad import CASpec
 from cfwrap.plan.model import Plan
@@ -123,6 +123,11 @@ def signer_generation(root: Path) -> Generation | None:
     return RemoteCA("", pem, {}).generation(root)
 
 
+def is_generation(name: str) -> bool:
+    """``gen-N``: a CA generation's folder name."""
+    return _GENERATION.fullmatch(name) is not None
+
+
 def find(root: Path) -> list[Generation]:
     """The CA generations present under ``root/ca``, oldest first, each loaded and checked.
 
@@ -135,7 +140,17 @@ def find(root: Path) -> list[Generation]:
     numbers = sorted(
         int(m[1]) for p in folder.iterdir() if (m := _GENERATION.fullmatch(p.name)) and p.is_dir()
     )
-    return [_load(folder / f"gen-{n}", n) for n in numbers]
+    generations = []
+    for n in numbers:
+        try:
+            generations.append(_load(folder / f"gen-{n}", n))
+        except InputError as e:  # kit.load_ca speaks to a user's --ca; here the tree is damaged
+            raise VerificationError(
+                str(folder / f"gen-{n}"),
+                e.why,
+                fix="restore the CA folder from a backup, or move it away",
+            ) from None
+    return generations
 
 
 def _load(folder: Path, number: int) -> Generation:

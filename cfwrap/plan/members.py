@@ -144,6 +144,13 @@ def _read(path: Path) -> bytes | None:
         return None
 
 
+def recover(folder: Path) -> None:
+    """Undo an update of a member's folder that was cut short (its journal), under its lock."""
+    if (folder / files.JOURNAL).exists() and not folder.is_symlink():
+        with files.FolderLock(folder):
+            files.recover(folder)
+
+
 def recorded_hashes(folder: Path) -> dict[str, str] | None:
     """The file hashes the folder's manifest records; None when it has no readable manifest."""
     data = _read(folder / manifest.FILE_NAME)
@@ -157,11 +164,18 @@ def recorded_hashes(folder: Path) -> dict[str, str] | None:
 
 
 def read_current(folder: Path, spec: CertSpec) -> Current:
-    """Read a member's folder and compare it with its manifest (a killed update is undone first)."""
-    if (folder / files.JOURNAL).exists():
-        files.recover(folder)
+    """Read a member's folder and compare it with its manifest; it changes nothing.
+
+    A folder whose update was cut short (its journal is there) counts as changed: only
+    ``apply``, holding the locks, puts it back (:func:`recover`).
+    """
     names = Names.of(spec)
     current = Current(folder)
+    if folder.is_symlink():
+        current.changed.append("the folder is a symlink (cfwrap never writes through one)")
+        return current
+    if (folder / files.JOURNAL).exists():
+        current.changed.append("an update was cut short; `cfwrap apply` puts it back first")
     current.cert_pem = _read(folder / names.cert)
     current.key_pem = _read(folder / names.key)
     current.bundle = _read(folder / BUNDLE)
@@ -170,9 +184,14 @@ def read_current(folder: Path, spec: CertSpec) -> Current:
     if recorded is None:
         current.changed.append(f"{manifest.FILE_NAME} is missing or damaged")
         recorded = {}
+    entries = sorted(folder.iterdir())
+    links = [p.name for p in entries if p.is_symlink()]
+    if links:
+        current.changed.append(f"{links[0]} is a symlink (cfwrap never writes through one)")
+        return current
     present = {
         p.name: hashlib.sha256(files.read_input(p)).hexdigest()
-        for p in sorted(folder.iterdir())
+        for p in entries
         if p.is_file() and not p.name.startswith(".") and p.name != manifest.FILE_NAME
     }
     current.hashes = present

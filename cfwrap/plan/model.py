@@ -36,6 +36,7 @@ MAX_PLAN_SIZE = 16 * 1024 * 1024
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 _ADDRESS = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})")
+_HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
 def _check_node_name(text: str) -> str:
@@ -45,9 +46,19 @@ def _check_node_name(text: str) -> str:
 
 def _check_address(text: str) -> str:
     """``host:port`` (IPv6 in brackets), the address ``status --connect`` dials."""
+    import ipaddress
+
     match = _ADDRESS.fullmatch(text)
     if match is None or not 0 < int(match["port"]) < 65536:
         raise ValueError(f"address {text!r} is not host:port (IPv6 as [addr]:port)")
+    host = match["host"]
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(f"address {text!r}: {host} is not an IPv6 address") from None
+    elif not all(_HOST_LABEL.fullmatch(label) for label in host.split(".")):
+        raise ValueError(f"address {text!r}: {host!r} is neither a host name nor an address")
     return text
 
 
@@ -99,6 +110,8 @@ class RegionPlan(BaseModel):
         if isinstance(value, list | tuple):
             nodes: tuple[Node, ...] = _NODES.validate_python(value)
             return nodes
+        if isinstance(value, bool):  # TOML's true would pass as 1
+            raise ValueError("a count must be a whole number, not true or false")
         count: NodeList = handler(value)
         return count
 
@@ -293,4 +306,8 @@ def load(path: Path) -> Plan:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise InputError(str(path), f"not valid TOML: {e}", fix="fix the line it names") from None
+    except RecursionError:
+        raise InputError(
+            str(path), "not valid TOML (nested too deeply)", fix="write a plan as plan init does"
+        ) from None
     return parse_model(Plan, data, what=str(path))

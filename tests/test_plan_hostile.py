@@ -1,0 +1,207 @@
+"""What a hostile or careless hand does to a plan's tree, and how apply and status answer.
+
+Each case came from an attack on the finished plans: a read-only command that changed files, a
+symlink that sent keys out of the tree, a CA swapped or added by hand, a scratch copy of a CA
+key left in TMPDIR by a killed run, values the plan should never have accepted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cfwrap.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+PLAN = 'out = "tree"\noperators = ["alice"]\n[regions.global]\nservers = 1\nclients = 2\n'
+
+
+def apply_plan(tmp: Path, text: str = PLAN) -> Path:
+    (tmp / "c.toml").write_text(text)
+    assert main(["apply", str(tmp / "c.toml")]) == 0
+    return tmp / "tree"
+
+
+def run(
+    tmp: Path, *argv: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cfwrap", *argv],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    )
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+def one_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_read_only_commands_leave_a_cut_short_update_alone(tmp_path):
+    tree = apply_plan(tmp_path)
+    folder = tree / "nodes/global/client-1"
+    journal = folder / ".cfwrap-journal.json"
+    # A journal naming the key as new: undoing it would delete the key.
+    journal.write_text('{"old": {"global-client-nomad-key.pem": null}}\n')
+    before = files_of(tree)
+    status = run(tmp_path, "status", "c.toml")
+    assert status.returncode == 9
+    assert "cut short" in status.stdout
+    dry = run(tmp_path, "apply", "c.toml", "--dry-run")
+    assert dry.returncode == 4, dry.stderr
+    assert "cut short" in one_line(dry)
+    assert files_of(tree) == before, "a read-only command changed the tree"
+    assert journal.exists()
+
+
+def test_apply_puts_back_a_cut_short_update_under_its_lock(tmp_path):
+    tree = apply_plan(tmp_path)
+    folder = tree / "nodes/global/client-1"
+    hcl = folder / "global-client.hcl"
+    original = hcl.read_bytes()
+    kept = folder / ".cfwrap-0123abcd.old"
+    os.link(hcl, kept)
+    hcl.unlink()
+    hcl.write_bytes(b"# half-written by a killed run\n")
+    (folder / ".cfwrap-journal.json").write_text(
+        '{"old": {"global-client.hcl": ".cfwrap-0123abcd.old"}}\n'
+    )
+    again = run(tmp_path, "apply", "c.toml")
+    assert again.returncode == 0, again.stderr
+    assert "No changes" in again.stdout
+    assert hcl.read_bytes() == original
+    assert not (folder / ".cfwrap-journal.json").exists()
+
+
+@pytest.mark.parametrize("inside", ["nodes", "nodes/global/client-1", "retired", "ca"])
+def test_a_symlinked_folder_in_the_tree_is_refused(tmp_path, inside):
+    tree = apply_plan(tmp_path)
+    (tree / "retired").mkdir(exist_ok=True)
+    outside = tmp_path / "outside"
+    shutil.move(tree / inside, outside)
+    (tree / inside).symlink_to(outside)
+    before = files_of(outside)
+    # A change that writes below each of them: a new node, a renewal, a retirement, a new CA.
+    (tmp_path / "c.toml").write_text(
+        PLAN.replace("servers = 1\nclients = 2", "servers = 2\nclients = 1")
+    )
+    result = run(tmp_path, "apply", "c.toml", "--renew-within", "36500d")
+    assert result.returncode == 4, result.stderr
+    assert "symlink" in one_line(result)
+    assert files_of(outside) == before, "apply wrote through the symlink"
+
+
+def test_a_symlinked_file_in_a_member_folder_is_refused(tmp_path):
+    tree = apply_plan(tmp_path)
+    key = tree / "nodes/global/client-1/global-client-nomad-key.pem"
+    elsewhere = tmp_path / "elsewhere.pem"
+    shutil.copy(key, elsewhere)
+    key.unlink()
+    key.symlink_to(elsewhere)
+    result = run(tmp_path, "apply", "c.toml", "--renew-within", "36500d")
+    assert result.returncode == 4
+    assert "symlink" in one_line(result)
+    renewed = [p for p in (tree / "retired").rglob("*.pem")] if (tree / "retired").exists() else []
+    assert renewed == [], "other members were renewed before the refusal"
+
+
+def test_a_ca_generation_placed_or_swapped_by_hand_is_refused(tmp_path):
+    tree = apply_plan(tmp_path)
+    other = tmp_path / "other"
+    assert main(["ca", "--out", str(other), "--cn", "Not The Plan's CA"]) == 0
+    bundles = files_of(tree / "nodes")
+    extra = tree / "ca/gen-2"
+    extra.mkdir()
+    for name in ("ca.pem", "ca-key.pem"):
+        shutil.copy(other / name, extra / name)
+    added = run(tmp_path, "apply", "c.toml")
+    assert added.returncode == 7
+    assert "not in plan-manifest.json" in one_line(added)
+    shutil.rmtree(extra)
+    for name in ("ca.pem", "ca-key.pem"):
+        shutil.copy(other / name, tree / "ca/gen-1" / name)
+    swapped = run(tmp_path, "apply", "c.toml")
+    assert swapped.returncode == 7
+    assert "another CA" in one_line(swapped)
+    assert files_of(tree / "nodes") == bundles
+
+
+def test_two_generations_without_the_plan_manifest_are_refused(tmp_path):
+    tree = apply_plan(tmp_path)
+    assert run(tmp_path, "apply", "c.toml", "--rotate-ca").returncode == 0
+    assert run(tmp_path, "apply", "c.toml", "--rotate-ca").returncode == 0
+    (tree / "plan-manifest.json").unlink()
+    before = files_of(tree)
+    result = run(tmp_path, "apply", "c.toml", "--dry-run")
+    assert result.returncode == 7
+    assert "phase is unknown" in one_line(result)
+    assert files_of(tree) == before
+
+
+def test_a_killed_runs_scratch_copy_of_the_ca_key_is_swept(tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    gone_pid = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1  # no such process
+    left = scratch / f"cfwrap-signer-{gone_pid}-abcdefgh"
+    left.mkdir(mode=0o700)
+    (left / "ca-key.pem").write_text("a CA key copy left by a SIGKILLed run\n")
+    alive = scratch / f"cfwrap-signer-{os.getpid()}-ijklmnop"
+    alive.mkdir(mode=0o700)
+    (tmp_path / "c.toml").write_text(PLAN)
+    result = run(tmp_path, "apply", "c.toml", env={"TMPDIR": str(scratch)})
+    assert result.returncode == 0, result.stderr
+    assert not left.exists()
+    assert alive.exists(), "a live process's scratch folder was removed"
+    assert list(scratch.iterdir()) == [alive]
+
+
+def test_an_unrelated_folder_is_not_filled(tmp_path):
+    unrelated = tmp_path / "tree"
+    (unrelated / "ca").mkdir(parents=True)
+    (unrelated / "nodes/global/mystuff").mkdir(parents=True)
+    (unrelated / "important.txt").write_text("data\n")
+    (tmp_path / "c.toml").write_text(PLAN)
+    result = run(tmp_path, "apply", "c.toml")
+    assert result.returncode == 4
+    assert "no plan's tree" in one_line(result)
+    assert (unrelated / "nodes/global/mystuff").is_dir()
+    only_dotfiles = tmp_path / "dots"
+    (only_dotfiles / ".git").mkdir(parents=True)
+    (tmp_path / "d.toml").write_text(PLAN.replace('out = "tree"', 'out = "dots"'))
+    dots = run(tmp_path, "apply", "d.toml")
+    assert dots.returncode == 4
+    assert sorted(p.name for p in only_dotfiles.iterdir()) == [".git"]
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("[regions.global]\nservers = true\n", "regions.global.servers"),
+        ('[regions.global]\nservers = [{ name = "a", address = "..:80" }]\n', "address"),
+        ('[regions.global]\nservers = [{ name = "a", address = "[1.2.3.4]:80" }]\n', "address"),
+        ("x = " + "[" * 3000 + "]" * 3000 + "\n", "nested too deeply"),
+    ],
+)
+def test_values_a_plan_must_not_accept(tmp_path, text, where):
+    (tmp_path / "c.toml").write_text(text)
+    result = run(tmp_path, "apply", "c.toml", "--dry-run")
+    assert result.returncode == 3
+    assert where in one_line(result)
