@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cfwrap import cfssl, files, issuer, keys, kit, parsers
-from cfwrap.errors import InputError
+from cfwrap.errors import CfwrapError, InputError, ToolFailedError
 from cfwrap.nomad import CertSpec
 
 if TYPE_CHECKING:
@@ -33,6 +33,70 @@ def tls_context(ca_pem: bytes) -> ssl.SSLContext:
     context = ssl.create_default_context(cadata=ca_pem.decode("ascii"))
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
+
+
+#: OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH: the certificate verified but names another host.
+_HOSTNAME_MISMATCH = 62
+
+
+class SignerFailedError(ToolFailedError):
+    """A signer could not be reached, or refused or botched a request: named by its address."""
+
+    def __init__(self, url: str, why: str, *, fix: str = "") -> None:
+        """Name the signer by its address (it is not a local cfssl that failed)."""
+        super().__init__("signer", why, fix=fix)
+        CfwrapError.__init__(self, f"the signer at {url}: {why}", fix=fix)
+        self.url = url
+
+
+class NamedSigner(issuer.RemoteSigner):
+    """A :class:`~cfwrap.issuer.RemoteSigner` whose failures name the signer and the CA given.
+
+    Its failures are :class:`SignerFailedError`: "the signer at URL", not "cfssl"; a TLS
+    certificate that does not verify against the CA given says so, and what to give instead.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        ca_name: str,
+        auth_keys: dict[str, str],
+        ssl_context: ssl.SSLContext,
+        workers: int = 1,
+        timeout: float = TIMEOUT,
+    ) -> None:
+        """As :class:`~cfwrap.issuer.RemoteSigner`; ``ca_name`` says where its CA came from."""
+        super().__init__(
+            url, auth_keys=auth_keys, ssl_context=ssl_context, workers=workers, timeout=timeout
+        )
+        self.ca_name = ca_name
+
+    def sign(self, request: issuer.SignRequest) -> bytes:
+        """As :meth:`cfwrap.issuer.RemoteSigner.sign`, its failures named (SignerFailedError)."""
+        try:
+            return super().sign(request)
+        except ToolFailedError as e:
+            raise self._named(e) from e
+
+    def _named(self, error: ToolFailedError) -> SignerFailedError:
+        cause = error.__cause__
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            reason = f"{cause.reason}: {cause.verify_message}"
+            if cause.verify_code == _HOSTNAME_MISMATCH:
+                return SignerFailedError(
+                    self.url,
+                    f"its TLS certificate does not name the address asked ({reason})",
+                    fix="give the address it listens on, or start it with --tls-name for this one",
+                )
+            return SignerFailedError(
+                self.url,
+                f"its TLS certificate did not verify against {self.ca_name} ({reason})",
+                fix="give the CA the signer was made from (ca.pem in its CA_DIR), "
+                "or the address of this CA's signer",
+            )
+        why = error.message.removeprefix(f"{error.tool} failed: ").removesuffix(f" at {self.url}")
+        return SignerFailedError(self.url, why, fix=error.fix)
 
 
 @dataclass(frozen=True)
@@ -54,12 +118,12 @@ class Remote:
         Raises:
             InputError: see :class:`~cfwrap.issuer.RemoteSigner`.
         """
-        return issuer.RemoteSigner(
+        return NamedSigner(
             self.url,
+            ca_name=f"--ca {self.ca_name}",
             auth_keys=dict.fromkeys(profiles, self.auth_key),
             ssl_context=self.context(),
             workers=workers,
-            timeout=TIMEOUT,
         )
 
 
@@ -284,10 +348,10 @@ def signer_from_info(
                 f"{info_file}: the {role} key file {name!r}", "not a file name in the auth folder"
             )
         keys[access.profile] = authkeys.read_key(auth_dir / name)
-    return issuer.RemoteSigner(
+    return NamedSigner(
         url,
+        ca_name=f"the CA in {info_file}",
         auth_keys=keys,
         ssl_context=tls_context(_info_ca(described, info_file)),
         workers=workers,
-        timeout=TIMEOUT,
     )

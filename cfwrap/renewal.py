@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cfwrap import files, issuer, kit, parsers, remote, runner
-from cfwrap.errors import CfwrapError, ConflictError, InputError
+from cfwrap.errors import CfwrapError, ConflictError, InputError, ToolMissingError
 from cfwrap.models import parse_duration
 from cfwrap.nomad import CertSpec, parse_file_stem, role_name
 
@@ -304,4 +304,11 @@ def run_exec(command: str) -> None:
         raise InputError(f"--exec {command!r}", str(e)) from None
     if not argv:
         raise InputError("--exec", "empty command", fix="e.g. --exec 'systemctl reload nomad'")
-    runner.run(runner.Call.of(argv, timeout=300.0))
+    try:
+        runner.run(runner.Call.of(argv, timeout=300.0))
+    except ToolMissingError as e:  # the runner's own fix is about cfssl
+        raise ToolMissingError(
+            argv[0],
+            "the --exec command was not found (not on PATH, or not executable)",
+            fix="give a command that exists on this machine, or its full path",
+        ) from e

@@ -223,9 +223,19 @@ def test_bad_inputs_are_refused_before_anything_is_sent(tmp_path, cli, signer, o
         (["--auth-key", open_key], 3, "chmod 600"),
         (["--remote", "http://127.0.0.1:1"], 3, "TLS only"),
         (["--remote", "nonsense"], 3, "not HOST:PORT"),
-        (["--ca", other_kit / "ca.pem"], 6, "TLS failed"),
+        (
+            ["--ca", other_kit / "ca.pem"],
+            6,
+            f"did not verify against --ca {other_kit / 'ca.pem'} (CERTIFICATE_VERIFY_FAILED: ",
+        ),
+        (["--ca", other_kit / "ca.pem"], 6, "; give the CA the signer was made from"),
         (["--ca", other_kit / "global-server-nomad.pem"], 3, "not a CA"),
         (["--remote", f"127.0.0.1:{free_port()}"], 6, "connection refused"),
+        (
+            ["--remote", f"127.0.0.1:{(port := free_port())}"],
+            6,
+            f"signer at https://127.0.0.1:{port}: ",
+        ),
     ]
     for change, code, text in cases:
         argv = list(base)
@@ -236,6 +246,7 @@ def test_bad_inputs_are_refused_before_anything_is_sent(tmp_path, cli, signer, o
         assert text in result.err, (change, result.err)
         assert len(result.err.strip().splitlines()) == 1
         assert "Traceback" not in result.err
+        assert "cfssl failed" not in result.err
         assert not out.exists()
     # --auth-key without --remote, and --ca-key with --remote
     assert cli("cert", "--ca", signer.ca_dir / "ca.pem", "--auth-key", bad_key, "--role", "client",

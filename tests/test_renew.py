@@ -89,7 +89,8 @@ def test_signer_down_fails_cleanly_and_runs_no_exec(tmp_path, cli, signer):
     argv[argv.index("--remote") + 1] = f"127.0.0.1:{free_port()}"
     result = cli(*argv)
     assert result.code == 6, result.err
-    assert "connection refused" in result.err
+    assert "connection refused" in result.err and "the signer at https://" in result.err
+    assert "cfssl failed" not in result.err
     assert len(result.err.strip().splitlines()) == 1
     assert snapshot(folder) == before
     assert not marker.exists()
@@ -103,6 +104,34 @@ def test_a_failing_exec_has_its_own_code(tmp_path, cli, signer):
     result = cli(*renew_argv(signer, folder, "--exec", "false"))
     assert result.code == 11, result.err
     assert "--exec" in result.err
+
+
+def test_an_exec_command_that_does_not_exist_is_named_as_such(tmp_path, cli, signer):
+    folder = tmp_path / "node"
+    short_lived(cli, signer, folder)
+    result = cli(*renew_argv(signer, folder, "--exec", "nonexistent-cmd --flag"))
+    assert result.code == 11, result.err
+    line = result.err.strip().splitlines()[0]
+    assert line.startswith("cfwrap: error: --exec: nonexistent-cmd: the --exec command was not")
+    assert "cfssl" not in result.err and "install" not in result.err
+
+
+def test_a_signer_of_another_ca_names_the_signer_and_the_fix(tmp_path, cli, signer):
+    (tmp_path / "other").mkdir()
+    other_ca = make_ca(tmp_path / "other")
+    folder = tmp_path / "node"
+    result = cli(*cert_argv(other_ca, "client", folder, "--expiry", "24h"))
+    assert result.code == 0, result.err
+    before = snapshot(folder)
+    argv = renew_argv(signer, folder)
+    argv[argv.index("--ca") + 1] = other_ca / "ca.pem"
+    result = cli(*argv)
+    assert result.code == 6, result.err
+    assert f"the signer at https://127.0.0.1:{signer.port}: " in result.err
+    assert f"did not verify against --ca {other_ca / 'ca.pem'}" in result.err
+    assert "give the CA the signer was made from" in result.err
+    assert "cfssl" not in result.err
+    assert snapshot(folder) == before
 
 
 def test_local_ca_renews_a_whole_kit(tmp_path, cli, kits):

@@ -532,3 +532,107 @@ def test_no_profile_setting_pins_the_validity_against_a_request(tmp_path):
         datetime(2030, 6, 1, tzinfo=UTC),
     )
     assert found[1].not_after == datetime(2099, 1, 1, tzinfo=UTC)  # the request wins
+
+
+# --- one signer per CA: the lock, and nothing published by a run that never answered ------------
+
+
+def signer_files(auth_dir: Path) -> dict[str, bytes]:
+    """The files a node or a restart relies on, and every name in the folder."""
+    kept = ("tls.pem", "tls-key.pem", "signer.json", "cfssl.json", "multirootca.ini")
+    found = {name: (auth_dir / name).read_bytes() for name in kept}
+    found["names"] = "\n".join(sorted(p.name for p in auth_dir.iterdir())).encode()
+    return found
+
+
+def run_signer(*argv: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cfwrap", "signer", *map(str, argv)],
+        capture_output=True, text=True, check=False, cwd=ROOT, timeout=60,
+    )  # fmt: skip
+
+
+def test_a_second_signer_for_the_same_ca_is_refused_and_changes_nothing(running):
+    before = signer_files(running.auth_dir)
+    for listen in (
+        f"127.0.0.1:{running.port}",  # its own address: in use
+        f"8.8.8.8:{free_port()}",  # not this machine's
+        f"0.0.0.0:{free_port()}",  # would bind: two multirootca on one certdb
+    ):
+        done = run_signer(running.ca_dir, "--listen", listen)
+        assert done.returncode == 4, (listen, done.stderr)
+        assert "another cfwrap signer runs for this CA" in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert not done.stdout
+        assert signer_files(running.auth_dir) == before, listen
+    # Keys are changed only while no signer runs: the running one has read them.
+    for change in (["--rotate-key", "client"], ["--end-overlap", "client"]):
+        done = run_signer(running.ca_dir, *change)
+        assert done.returncode == 4, (change, done.stderr)
+        assert "another cfwrap signer runs for this CA" in done.stderr
+        assert signer_files(running.auth_dir) == before, change
+    assert running.process.poll() is None
+    names, cn = spec_names("client")
+    status, _ = authsign(running, running.key("client"), profile="client", csr=csr_for(names, cn))
+    assert status == 200
+
+
+def test_a_start_that_fails_replaces_nothing_and_a_needed_new_tls_keeps_the_old(tmp_path):
+    import socket
+
+    ca_dir = make_ca(tmp_path)
+    first = start_signer(ca_dir)
+    assert first.stop()[0] == 143
+    auth = first.auth_dir
+    before = signer_files(auth)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        for listen, text in (
+            (f"127.0.0.1:{busy}", "address already in use"),
+            (f"8.8.8.8:{free_port()}", "cannot assign requested address"),
+        ):
+            done = run_signer(ca_dir, "--listen", listen, "--tls-name", "new.example.com")
+            assert done.returncode == 6, (listen, done.stderr)
+            assert text in done.stderr
+            assert "Traceback" not in done.stderr
+            # No TLS certificate was issued or put in place, signer.json still names the
+            # signer that last ran, and the lock is gone with the run.
+            assert signer_files(auth) == before, listen
+            assert not list(ca_dir.glob(".*.lock"))
+    # A new name needs a new TLS certificate: it takes tls.pem's place once the signer answers,
+    # and the old pair is kept beside it, not lost.
+    second = start_signer(ca_dir, "--tls-name", "signer.example.com")
+    try:
+        tls = parsers.read_certificate((auth / "tls.pem").read_bytes())
+        assert "signer.example.com" in tls.dns_names
+        assert second.info["address"] == f"https://127.0.0.1:{second.port}"
+        (old_cert,) = auth.glob("tls.replaced-*.pem")
+        (old_key,) = auth.glob("tls-key.replaced-*.pem")
+        assert old_cert.read_bytes() == before["tls.pem"]
+        assert old_key.read_bytes() == before["tls-key.pem"]
+        assert old_key.stat().st_mode & 0o777 == 0o600
+        assert not (auth / "tls.next.pem").exists() and not (auth / "tls-key.next.pem").exists()
+        names, cn = spec_names("client")
+        status, _ = authsign(second, second.key("client"), profile="client", csr=csr_for(names, cn))
+        assert status == 200  # its TLS verifies against the CA
+    finally:
+        assert second.stop()[0] == 143
+    # A TLS certificate that is still usable is kept as it is.
+    now = signer_files(auth)
+    third = start_signer(ca_dir, "--tls-name", "signer.example.com", port=second.port)
+    assert third.stop()[0] == 143
+    assert (auth / "tls.pem").read_bytes() == now["tls.pem"]
+    assert len(list(auth.glob("tls.replaced-*.pem"))) == 1
+
+
+def test_a_missing_ca_folder_names_what_the_signer_needs(tmp_path, cli):
+    for ca_dir in (tmp_path / "nonexist", tmp_path):
+        result = cli("signer", ca_dir, "--listen", f"127.0.0.1:{free_port()}")
+        assert result.code == 3, result.err
+        assert "give a CA folder (ca.pem, ca-key.pem), e.g. made by cfwrap ca" in result.err
+        assert "--ca-key" not in result.err
+        assert len(result.err.strip().splitlines()) == 1
+    assert not (tmp_path / "nonexist").exists()
+    assert not list(tmp_path.iterdir())

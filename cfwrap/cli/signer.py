@@ -10,21 +10,30 @@ from cfwrap.cli.options import UsageError
 from cfwrap.cli.output import emit, flush_stdout, say
 from cfwrap.errors import ExitCode, InputError
 
+#: What a signer needs in CA_DIR (kit.load_ca's own fix names `cfwrap cert`'s flags).
+CA_DIR_FIX = "give a CA folder (ca.pem, ca-key.pem), e.g. made by cfwrap ca"
+
 if TYPE_CHECKING:
     from cfwrap.cli.options import Subparsers
+    from cfwrap.signer.process import Signer
+    from cfwrap.signer.setup import Listen, Prepared
 
 ROLE_CHOICES = ("server", "client", "cli")
 
 EXAMPLES = """example:
   cfwrap signer nomad-tls --listen 10.0.0.2:8888 --region global --allow-dns example.com
-  cfwrap signer nomad-tls --rotate-key client     # then restart the signer: both keys work
-  cfwrap signer nomad-tls --end-overlap client    # then restart it: only the new key works
+  cfwrap signer nomad-tls --rotate-key client     # signer stopped; started again, both keys work
+  cfwrap signer nomad-tls --end-overlap client    # signer stopped; started again, only the new
 
 The first run makes, in --auth-dir (default CA_DIR/signer, 0700): server.key, client.key,
 cli.key (hex auth keys, 0600; give each node only its role's key), tls.pem/tls-key.pem (the
 signer's certificate from the CA), certdb.sqlite (every certificate issued), audit.log (who
-asked, one JSON line per certificate) and signer.json (address, CA, which key is which role).
-It runs in the foreground until SIGTERM or Ctrl-C (exit 143 or 130).
+asked, one JSON line per certificate) and signer.json (address, CA, which key is which role;
+written once the signer answers). One signer runs per auth folder (a lock held while it runs:
+a second one exits 4), and keys change only while none runs. A TLS certificate that must be
+remade (another CA, a new --listen or --tls-name, under 30 days left) takes tls.pem's place
+only once the new signer answers; the old one is kept as tls.replaced-<UTC time>.pem. It runs
+in the foreground until SIGTERM or Ctrl-C (exit 143 or 130).
 """
 
 
@@ -89,7 +98,9 @@ def _auth_dir(args: argparse.Namespace) -> Path:
 
 def execute(args: argparse.Namespace) -> int:
     """Run the command; returns its exit code."""
-    from cfwrap.signer import authkeys
+    import contextlib
+
+    from cfwrap.signer import setup
 
     if args.rotate_key or args.end_overlap:
         if args.listen:
@@ -98,22 +109,31 @@ def execute(args: argparse.Namespace) -> int:
                 fix="change the keys, then start the signer again with --listen",
             )
         auth_dir = _auth_dir(args)
-        if args.rotate_key:
-            path = authkeys.rotate(auth_dir, args.rotate_key)
-            say(
-                f"cfwrap: new {args.rotate_key} key; restart the signer: it accepts both keys "
-                f"until `--end-overlap {args.rotate_key}`"
-            )
-        else:
-            path = authkeys.end_overlap(auth_dir, args.end_overlap)
-            say(f"cfwrap: restart the signer: the old {args.end_overlap} key is then refused")
-        emit(path)
-        return ExitCode.OK
+        # A running signer has read its keys: change them only while none runs (or starts).
+        locked = setup.signer_lock(auth_dir) if auth_dir.is_dir() else contextlib.nullcontext()
+        with locked:
+            return _change_key(args, auth_dir)
     if not args.listen:
         raise UsageError(
             "cfwrap signer: --listen HOST:PORT is required", fix="e.g. --listen 127.0.0.1:8888"
         )
     return _run(args)
+
+
+def _change_key(args: argparse.Namespace, auth_dir: Path) -> int:
+    from cfwrap.signer import authkeys
+
+    if args.rotate_key:
+        path = authkeys.rotate(auth_dir, args.rotate_key)
+        say(
+            f"cfwrap: new {args.rotate_key} key; start the signer: it accepts both keys "
+            f"until `--end-overlap {args.rotate_key}`"
+        )
+    else:
+        path = authkeys.end_overlap(auth_dir, args.end_overlap)
+        say(f"cfwrap: start the signer: the old {args.end_overlap} key is then refused")
+    emit(path)
+    return ExitCode.OK
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -134,22 +154,51 @@ def _run(args: argparse.Namespace) -> int:
         parse_duration(args.expiry)
     except ValueError as e:
         raise InputError("--allow-dns/--expiry", str(e)) from None
-    ca = kit.load_ca(args.ca_dir / "ca.pem", args.ca_dir / "ca-key.pem")
+    try:
+        ca = kit.load_ca(args.ca_dir / "ca.pem", args.ca_dir / "ca-key.pem")
+    except InputError as e:
+        if "--ca" not in e.fix:
+            raise
+        raise InputError(e.what, e.why, fix=CA_DIR_FIX) from None
     cfssl_tool = tools.find("cfssl", directory=args.cfssl_dir)
     multirootca = tools.find("multirootca", directory=args.cfssl_dir)
-    prepared = setup.prepare(
-        ca=ca,
-        auth_dir=_auth_dir(args),
-        cfssl_tool=cfssl_tool,
-        listen=listen,
-        regions=regions,
-        domains=domains,
-        tls_names=args.tls_name,
-        expiry=args.expiry,
-    )
-    for name in prepared.made:
-        say(f"cfwrap: made {prepared.auth_dir / name}")
-    signer = process.start(multirootca, prepared, listen)
+    auth_dir = _auth_dir(args).absolute()
+    auth_dir.parent.mkdir(parents=True, exist_ok=True)  # the lock file lives there
+    with setup.signer_lock(auth_dir):
+        process.check_free(listen)  # before a TLS certificate is issued for the address
+        prepared = setup.prepare(
+            ca=ca,
+            auth_dir=auth_dir,
+            cfssl_tool=cfssl_tool,
+            listen=listen,
+            regions=regions,
+            domains=domains,
+            tls_names=args.tls_name,
+            expiry=args.expiry,
+        )
+        for name in prepared.made:
+            say(f"cfwrap: made {prepared.auth_dir / name}")
+        try:
+            signer = process.start(multirootca, prepared, listen)
+        except BaseException:
+            setup.discard(prepared)
+            raise
+        return _serve(signer, prepared, listen, regions)
+
+
+def _serve(signer: Signer, prepared: Prepared, listen: Listen, regions: list[str]) -> int:
+    """Publish what nodes read, then serve until stopped."""
+    from cfwrap.signer import process, setup
+
+    try:  # only a signer that answers names itself in signer.json and takes tls.pem
+        kept = setup.publish(prepared)
+    except BaseException:
+        signer.stop()
+        raise
+    if prepared.tls_remade:
+        say(f"cfwrap: made {prepared.auth_dir / setup.TLS_CERT}")
+    for path in kept:
+        say(f"cfwrap: kept the replaced {path.name.partition('.')[0]} as {path}")
     rotating = setup.rotating_roles(prepared.auth_dir)
     if rotating:
         say(f"cfwrap: previous keys still accepted for: {', '.join(rotating)}")

@@ -51,6 +51,35 @@ def argv(multirootca: Tool, prepared: Prepared, listen: Listen) -> list[str]:
     ]  # fmt: skip
 
 
+def check_free(listen: Listen) -> None:
+    """Refuse an address this machine cannot listen on, before anything is issued for it.
+
+    A bind and close, with SO_REUSEADDR as Go's ``net.Listen`` sets it; multirootca's own bind
+    still decides (something may take the port in between).
+
+    Raises:
+        ToolFailedError: the address is in use, or not one of this machine's.
+    """
+    try:
+        found = socket.getaddrinfo(
+            listen.host, listen.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (socket.gaierror, UnicodeError):
+        return  # a name that does not resolve: multirootca says so itself
+    family, kind, proto, _, address = found[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            why = e.strerror or str(e)
+            raise ToolFailedError(
+                "multirootca",
+                f"cannot listen on {listen.address}: {why[:1].lower()}{why[1:]}",
+                fix=f"check that {listen.address} is free and this machine's own address",
+            ) from None
+
+
 def _probe_host(listen: Listen) -> str:
     if listen.wildcard:
         return "::1" if listen.host == "::" else "127.0.0.1"

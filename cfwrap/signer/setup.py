@@ -1,26 +1,36 @@
 """Everything the signer reads, made or refreshed under its auth folder before it starts.
 
 Made once and kept: the role keys, the TLS certificate and key, the certdb. Written on every
-start from the flags: the signing config (``cfssl.json``), multirootca's roots file and
-``signer.json``. No file holds a key value except the key files themselves (0600); the config
-names keys as ``file:`` paths, so no key is ever in an argv.
+start from the flags: the signing config (``cfssl.json``) and multirootca's roots file. No file
+holds a key value except the key files themselves (0600); the config names keys as ``file:``
+paths, so no key is ever in an argv.
+
+All of it happens under :func:`signer_lock`, held for the signer's whole life: one signer per
+auth folder. What nodes read is published only once the signer answers (:func:`publish`): a
+TLS certificate that must be remade (another CA, a name missing, near its end) is issued to
+``tls.next.pem`` and served from there, and only a running signer moves it into place, the old
+one kept as ``tls.replaced-<UTC time>.pem``; ``signer.json`` is written then too. A run that
+fails leaves both as they were (:func:`discard`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
+import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cfwrap import files, parsers, runner
-from cfwrap.errors import InputError
+from cfwrap.errors import ConflictError, FileSystemError, InputError
 from cfwrap.kit import CA
 from cfwrap.nomad import ROLES, Role
 from cfwrap.signer import authkeys, certdb, info, policy
+from cfwrap.signer.info import SignerInfo
 from cfwrap.tools import Tool
 
 log = logging.getLogger(__name__)
@@ -29,6 +39,9 @@ CONFIG_FILE = "cfssl.json"
 ROOTS_FILE = "multirootca.ini"
 TLS_CERT = "tls.pem"
 TLS_KEY = "tls-key.pem"
+#: Where a remade TLS certificate and key wait until the signer that serves them answers.
+TLS_NEXT_CERT = "tls.next.pem"
+TLS_NEXT_KEY = "tls-key.next.pem"
 AUDIT_LOG = "audit.log"
 #: The signer's own TLS certificate is renewed on start when less than this is left.
 TLS_RENEW_WITHIN = timedelta(days=30)
@@ -71,17 +84,23 @@ def parse_listen(text: str, *, flag: str = "--listen") -> Listen:
 
 @dataclass(frozen=True)
 class Prepared:
-    """The files a signer run uses, all absolute."""
+    """The files a signer run uses, all absolute, and what it publishes once it answers."""
 
     auth_dir: Path
     roots: Path
     config: Path
-    tls_cert: Path
+    tls_cert: Path  # what multirootca serves: tls.pem, or tls.next.pem when remade
     tls_key: Path
     info: Path
     audit_log: Path
     made: tuple[str, ...]
+    signer_info: SignerInfo
     expiry: str = "2160h"  # the lifetime the signer gives (its --expiry)
+
+    @property
+    def tls_remade(self) -> bool:
+        """Whether this run serves a new TLS certificate, to be moved into place once up."""
+        return self.tls_cert.name == TLS_NEXT_CERT
 
 
 def _tls_names(listen: Listen, names: Sequence[str]) -> tuple[str, ...]:
@@ -117,7 +136,7 @@ def _normal(host: str) -> str:
 
 
 def _make_tls(cfssl_tool: Tool, ca: CA, auth_dir: Path, hosts: Sequence[str]) -> None:
-    """Issue the signer's own serverAuth certificate from the CA (cfssl gencert) into auth_dir."""
+    """Issue the signer's own serverAuth certificate from the CA into ``tls.next.pem``."""
     from cfwrap import cfssl
     from cfwrap.models import CSR, Signing, SigningConfig, SigningProfile, to_cfssl_json
 
@@ -141,8 +160,8 @@ def _make_tls(cfssl_tool: Tool, ca: CA, auth_dir: Path, hosts: Sequence[str]) ->
             csr=CSR(CN="cfwrap signer", hosts=tuple(hosts)),
         )
         issued = cfssl.parse_issued(runner.run(call))
-    files.write_replace(auth_dir / TLS_KEY, issued.key, mode=files.SECRET_MODE)
-    files.write_replace(auth_dir / TLS_CERT, issued.cert, mode=files.PUBLIC_MODE)
+    files.write_replace(auth_dir / TLS_NEXT_KEY, issued.key, mode=files.SECRET_MODE)
+    files.write_replace(auth_dir / TLS_NEXT_CERT, issued.cert, mode=files.PUBLIC_MODE)
 
 
 def rotating_roles(auth_dir: Path) -> list[Role]:
@@ -161,7 +180,10 @@ def prepare(
     tls_names: Sequence[str] = (),
     expiry: str = "2160h",
 ) -> Prepared:
-    """Make what is missing and write this run's config, roots file and ``signer.json``.
+    """Make what is missing and write this run's config and roots file (call under the lock).
+
+    A TLS certificate that cannot be kept is remade into ``tls.next.pem``; ``tls.pem`` and
+    ``signer.json`` are left alone until :func:`publish`.
 
     Raises:
         InputError: an existing key file is damaged or open to others; the CA is near its end.
@@ -175,7 +197,7 @@ def prepare(
     tls_cert, tls_key = auth_dir / TLS_CERT, auth_dir / TLS_KEY
     if not _tls_usable(tls_cert, tls_key, ca, hosts):
         _make_tls(cfssl_tool, ca, auth_dir, hosts)
-        made.append(TLS_CERT)
+        tls_cert, tls_key = auth_dir / TLS_NEXT_CERT, auth_dir / TLS_NEXT_KEY
     db_config = certdb.ensure(auth_dir)
     config = policy.signing_config(
         auth_dir,
@@ -211,16 +233,91 @@ def prepare(
             for role in ROLES
         },
     )
-    info_path = auth_dir / info.FILE_NAME
-    files.write_replace(info_path, info.to_json(signer_info), mode=files.PUBLIC_MODE)
     return Prepared(
         auth_dir=auth_dir,
         roots=roots,
         config=config_path,
         tls_cert=tls_cert,
         tls_key=tls_key,
-        info=info_path,
+        info=auth_dir / info.FILE_NAME,
         audit_log=auth_dir / AUDIT_LOG,
         made=tuple(made),
+        signer_info=signer_info,
         expiry=expiry,
     )
+
+
+def publish(prepared: Prepared) -> list[Path]:
+    """Once the signer answers: move a remade TLS certificate into place, write ``signer.json``.
+
+    Returns the new names of the TLS files replaced (kept, dated; empty if none were).
+
+    Raises:
+        ConflictError: ``tls.pem`` or ``signer.json`` is a symlink or a folder.
+        FileSystemError: the folder refused a rename or write.
+    """
+    kept: list[Path] = []
+    if prepared.tls_remade:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        for new, name in ((prepared.tls_key, TLS_KEY), (prepared.tls_cert, TLS_CERT)):
+            kept += _replace_keeping(new, prepared.auth_dir / name, stamp=stamp)
+    files.write_replace(prepared.info, info.to_json(prepared.signer_info), mode=files.PUBLIC_MODE)
+    return kept
+
+
+def _replace_keeping(new: Path, path: Path, *, stamp: str) -> list[Path]:
+    """Rename ``new`` to ``path``; what was there is first renamed to a dated name beside it."""
+    if path.is_symlink() or path.is_dir():
+        raise ConflictError(path, "is a symlink or a folder", fix="remove it, then start again")
+    kept = []
+    try:
+        if path.exists():
+            stem, dot, suffix = path.name.partition(".")
+            backup = path.with_name(f"{stem}.replaced-{stamp}{dot}{suffix}")
+            for n in range(1, 100):
+                if not backup.exists() and not backup.is_symlink():
+                    break
+                backup = path.with_name(f"{stem}.replaced-{stamp}-{n}{dot}{suffix}")
+            path.rename(backup)  # the old one keeps its inode and mode (0600 for the key)
+            kept.append(backup)
+        new.rename(path)
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise FileSystemError(path, e) from e
+    return kept
+
+
+def discard(prepared: Prepared) -> None:
+    """After a run that never answered: remove the TLS certificate it remade (never used)."""
+    if prepared.tls_remade:
+        for path in (prepared.tls_cert, prepared.tls_key):
+            path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def signer_lock(auth_dir: Path) -> Iterator[None]:
+    """One signer (or key change) at a time per auth folder, held for the signer's whole life.
+
+    The lock is flock(2) on a file beside the folder (:class:`cfwrap.files.FolderLock`), so it
+    dies with the process that holds it.
+
+    Raises:
+        ConflictError: another ``cfwrap signer`` holds it.
+        FileSystemError: the lock file cannot be made (the folder's parent is missing).
+    """
+    lock = files.FolderLock(auth_dir)
+    stack = contextlib.ExitStack()
+    try:
+        stack.enter_context(lock)
+    except ConflictError:
+        raise ConflictError(
+            auth_dir,
+            "another cfwrap signer runs for this CA",
+            fix="stop it first (SIGTERM), or give this one another --auth-dir",
+        ) from None
+    with stack:
+        yield
