@@ -205,3 +205,59 @@ def test_values_a_plan_must_not_accept(tmp_path, text, where):
     result = run(tmp_path, "apply", "c.toml", "--dry-run")
     assert result.returncode == 3
     assert where in one_line(result)
+
+
+# cfssl's part of the signing config that cfwrap writes for `cfssl serve`: a wrapper that drops
+# "server auth" from the client profile, as a wrong or tampered cfssl would.
+STRIP_SERVER_AUTH = """
+if [ "$1" = serve ]; then
+  for i in $(seq 1 $#); do
+    if [ "${!i}" = -config ]; then j=$((i + 1)); config="${!j}"; fi
+  done
+  python3 - "$config" <<'PY'
+import json, sys
+path = sys.argv[1]
+data = json.load(open(path))
+profile = data["signing"]["profiles"]["client"]
+profile["usages"] = [u for u in profile["usages"] if u != "server auth"]
+json.dump(data, open(path, "w"))
+PY
+fi
+exec "$REAL" "$@"
+"""
+
+
+def test_a_certificate_that_does_not_fit_the_plan_is_refused(tmp_path):
+    from tests.handmade import wrapped_cfssl
+
+    fake = wrapped_cfssl(tmp_path / "fake", STRIP_SERVER_AUTH)
+    (tmp_path / "c.toml").write_text(PLAN)
+    result = run(tmp_path, "--cfssl-dir", str(fake), "apply", "c.toml")
+    assert result.returncode == 7, result.stderr
+    line = one_line(result)
+    assert "the certificate cfssl issued for global/client-" in line
+    assert "server" in line.lower()
+    tree = tmp_path / "tree"
+    assert not (tree / "nodes").exists()
+    assert not (tree / "plan-manifest.json").exists()
+
+
+def test_leaves_that_would_outlive_the_ca_on_disk_are_refused(tmp_path):
+    (tmp_path / "c.toml").write_text(
+        'out = "tree"\nleaf_expiry = "1000h"\noperators = ["alice"]\n[ca]\nexpiry = "2000h"\n'
+        "[regions.global]\nservers = 1\nclients = 2\n"
+    )
+    assert run(tmp_path, "apply", "c.toml").returncode == 0
+    tree = tmp_path / "tree"
+    before = files_of(tree)
+    # The plan now wants year-long leaves (and a longer CA, which only a rotation would make):
+    # the CA on disk ends in 2000h, before such leaves would.
+    (tmp_path / "c.toml").write_text(
+        'out = "tree"\nleaf_expiry = "8760h"\noperators = ["alice"]\n[ca]\nexpiry = "43800h"\n'
+        "[regions.global]\nservers = 1\nclients = 2\n"
+    )
+    result = run(tmp_path, "apply", "c.toml")
+    assert result.returncode == 3, result.stderr
+    line = one_line(result)
+    assert "CA gen-1" in line and "expires on" in line and "--rotate-ca" in line
+    assert files_of(tree) == before
