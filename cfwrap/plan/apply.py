@@ -909,7 +909,7 @@ class _Run:
         for name, (data, mode) in new.items():
             stage.write(f"{relative}/{name}", data, mode=mode)
         folder = files.StagedFolder(stage, relative)
-        kit_manifest = manifest.build(folder.path, self.tools)
+        kit_manifest = manifest.build_written(new, self.tools)
         _check_folder(kit_manifest, work.member.label)
         self._write_manifest(folder.path, kit_manifest, into=folder)
         self._record(work.member, facts, kit_manifest)
