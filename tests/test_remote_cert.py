@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
+import hmac
 import http.client
 import json
 import signal
@@ -42,6 +44,8 @@ class Proxy:
     port: int = 0
     bodies: list[bytes] = field(default_factory=list)
     before_forward: Callable[[], None] | None = None
+    #: Changes the body on its way to the signer (a signer that answers another request).
+    rewrite: Callable[[bytes], bytes] | None = None
     server: socketserver.ThreadingTCPServer | None = None
 
     @property
@@ -76,6 +80,8 @@ class Proxy:
                 proxy.bodies.append(body)
                 if proxy.before_forward is not None:
                     proxy.before_forward()
+                if proxy.rewrite is not None:
+                    body = proxy.rewrite(body)
                 method, path, _ = request_line.split(" ", 2)
                 up = http.client.HTTPSConnection(
                     "127.0.0.1", proxy.signer.port, context=upstream_ctx, timeout=10
@@ -173,6 +179,57 @@ def test_every_role_through_the_signer_works_in_tls(tmp_path, cli, signer, proxy
     assert len(proxy.bodies) == 3
     for role, body in zip(("server", "client", "cli"), proxy.bodies, strict=True):
         assert_requests_hold_no_key([body], out / f"global-{role}-nomad-key.pem")
+
+
+def resigned(
+    signer: RunningSigner, role: str, change: Callable[[dict], None]
+) -> Callable[[bytes], bytes]:
+    """A body rewrite: the request ``change``d, signed with ``role``'s key (the test holds all)."""
+
+    def rewrite(body: bytes) -> bytes:
+        request = json.loads(base64.b64decode(json.loads(body)["request"]))
+        change(request)
+        inner = json.dumps(request).encode()
+        token = hmac.new(bytes.fromhex(signer.key(role)), inner, hashlib.sha256).digest()
+        return json.dumps(
+            {"token": base64.b64encode(token).decode(), "request": base64.b64encode(inner).decode()}
+        ).encode()
+
+    return rewrite
+
+
+def signed_as(role: str) -> Callable[[dict], None]:
+    """The node's CSR (its key) under ``role``'s profile, names and common name."""
+
+    def change(request: dict) -> None:
+        asked = request["profile"]
+        request["profile"] = role
+        request["hosts"] = [h.replace(f"{asked}.", f"{role}.") for h in request["hosts"]]
+        request["subject"] = {"CN": f"{role}.global.nomad"}
+
+    return change
+
+
+@pytest.mark.parametrize(
+    "case", [("client", "server"), ("cli", "client")], ids=["client as server", "cli as client"]
+)
+def test_a_certificate_that_does_not_fit_the_request_is_refused(tmp_path, cli, signer, proxy, case):
+    # A signer that answers another request than the node's: the proxy re-signs the node's CSR
+    # under another role's profile with that role's key, and the real signer issues it. It is
+    # for the node's key and chains to the CA: only the node's own check stands in the way.
+    asked, other = case
+    proxy.rewrite = resigned(signer, other, signed_as(other))
+    out = tmp_path / "node"
+    extra = ["--dns", "node7.example.com"] if asked != "cli" else []
+    result = cli(*remote_argv(signer, proxy.address, asked, out, *extra))
+    assert result.code == 7, f"exit {result.code}: {result.err or result.out}"
+    assert len(result.err.strip().splitlines()) == 1, result.err
+    assert f"the {asked} certificate" in result.err, result.err
+    assert f"CN is '{other}.global.nomad', not '{asked}.global.nomad'" in result.err
+    assert "Traceback" not in result.err
+    assert len(proxy.bodies) == 1  # asked once, answered, and the answer refused
+    assert not out.exists()
+    assert not list(tmp_path.iterdir())
 
 
 def test_the_real_command_end_to_end(tmp_path, signer):

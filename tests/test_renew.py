@@ -98,6 +98,30 @@ def test_signer_down_fails_cleanly_and_runs_no_exec(tmp_path, cli, signer):
     assert cli(*renew_argv(signer, folder)).code == 10
 
 
+def test_a_window_not_shorter_than_the_signers_lifetime_is_reported(tmp_path, cli):
+    # The signer gives 24h: every renewal is inside a 30h window at once, so every run (every
+    # timer tick) would renew again. The renewal lands, and the run fails, saying why.
+    (tmp_path / "ca").mkdir()
+    short = start_signer(make_ca(tmp_path / "ca"), "--expiry", "24h")
+    try:
+        folder = tmp_path / "node"
+        cert = short_lived(cli, short, folder)
+        old = cert.read_bytes()
+        result = cli(*renew_argv(short, folder))
+    finally:
+        assert short.stop()[0] == 143
+    assert result.code == 3, result.err
+    assert (
+        "cfwrap: error: global-client-nomad.pem: --within 30h: not shorter than the lifetime "
+        "the signer gives (24h): every run renews it; give a window shorter" in result.err
+    ), result.err
+    assert "renewed 1, not due 0, failed 1" in result.err
+    assert "Traceback" not in result.err
+    assert result.out.strip() == str(cert)  # renewed all the same: it is a valid certificate
+    assert cert.read_bytes() != old
+    assert_kit_manifest(folder)
+
+
 def test_a_failing_exec_has_its_own_code(tmp_path, cli, signer):
     folder = tmp_path / "node"
     short_lived(cli, signer, folder)
