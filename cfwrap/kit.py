@@ -69,8 +69,20 @@ def _write_issued(folder: Path, stem: str, issued: cfssl.Issued) -> list[str]:
     return [name for name, _, _ in outputs]
 
 
-def _check_issued(spec: CertSpec, issued: cfssl.Issued, ca_cert: bytes) -> None:
-    """Parse what cfssl issued and refuse it unless it is exactly what ``spec`` asked for."""
+_LOCAL = ("cfssl", "check that cfssl is 1.6.5 (cfwrap --version) and report this")
+
+
+def _check_issued(
+    spec: CertSpec,
+    issued: cfssl.Issued,
+    ca_cert: bytes,
+    *,
+    source: tuple[str, str] = _LOCAL,
+) -> None:
+    """Parse what cfssl issued and refuse it unless it is exactly what ``spec`` asked for.
+
+    ``source``: who issued it, and the fix to suggest when it is wrong.
+    """
     cert = parsers.load_certificate(issued.cert)
     facts = parsers.certificate_facts(cert)
     problems = nomad.certificate_problems(spec, facts)
@@ -81,26 +93,37 @@ def _check_issued(spec: CertSpec, issued: cfssl.Issued, ca_cert: bytes) -> None:
     csr = parsers.read_csr(issued.csr)
     if not csr.signature_valid or csr.key.public_key_sha256 != facts.key.public_key_sha256:
         problems.append("its CSR is not signed by the same key")
+    who, fix = source
     if not problems:
-        _check_as_go_would(spec, cert, ca_cert)
+        _check_as_go_would(spec, cert, ca_cert, who=who)
     if problems:
         raise VerificationError(
-            f"the {spec.role} certificate cfssl issued",
-            "; ".join(problems),
-            fix="check that cfssl is 1.6.5 (cfwrap --version) and report this",
+            f"the {spec.role} certificate {who} issued", "; ".join(problems), fix=fix
         )
 
 
-def check_issued(spec: CertSpec, issued: cfssl.Issued, ca_cert: bytes) -> None:
+def check_issued(
+    spec: CertSpec, issued: cfssl.Issued, ca_cert: bytes, *, signer: str | None = None
+) -> None:
     """Refuse a certificate from any signer unless it is exactly what ``spec`` asked for.
+
+    ``signer``: the remote signer that issued it (named in the message), or None for cfssl here.
 
     Raises:
         VerificationError: names, usages, chain, key pairing, or Go's and Nomad's checks.
     """
-    _check_issued(spec, issued, ca_cert)
+    source = _LOCAL
+    if signer is not None:
+        source = (
+            f"the signer at {signer}",
+            "check the signer's profiles (cfwrap signer sets them), or report this",
+        )
+    _check_issued(spec, issued, ca_cert, source=source)
 
 
-def _check_as_go_would(spec: CertSpec, cert: x509.Certificate, ca_cert: bytes) -> None:
+def _check_as_go_would(
+    spec: CertSpec, cert: x509.Certificate, ca_cert: bytes, *, who: str = "cfssl"
+) -> None:
     """Refuse a certificate a Nomad agent would refuse in its role (``verify``, Go's rules)."""
     try:
         verify.check_issued(
@@ -112,7 +135,7 @@ def _check_as_go_would(spec: CertSpec, cert: x509.Certificate, ca_cert: bytes) -
         )
     except verify.VerifyError as e:
         raise VerificationError(
-            f"the {spec.role} certificate cfssl issued",
+            f"the {spec.role} certificate {who} issued",
             f"Go would refuse it ({e.rule}): {e.message} [{e.go_error}]; nothing was written",
             fix="use a CA that Nomad accepts for this name and role (cfwrap ca makes one)",
         ) from None

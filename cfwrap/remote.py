@@ -178,7 +178,9 @@ def issue(remote: Remote, spec: CertSpec, *, key_pem: bytes | None = None) -> cf
         VerificationError: the certificate is not what ``spec`` asked for, or Go would refuse it.
     """
     with remote.signer(profiles=[spec.role]) as signer:
-        return issue_with(signer.sign, spec, ca_pem=remote.ca_pem, key_pem=key_pem)
+        return issue_with(
+            signer.sign, spec, ca_pem=remote.ca_pem, key_pem=key_pem, source=remote.url
+        )
 
 
 def issue_with(
@@ -187,8 +189,11 @@ def issue_with(
     *,
     ca_pem: bytes,
     key_pem: bytes | None = None,
+    source: str | None = None,
 ) -> cfssl.Issued:
     """Make a key (or use ``key_pem``) and its CSR here, have ``sign`` sign it, check the result.
+
+    ``source``: the signer's URL when ``sign`` is a remote signer's (named if it is refused).
 
     ``sign`` is any issuer: a :class:`cfwrap.issuer.RemoteSigner`'s, or a loopback
     :class:`cfwrap.issuer.LocalSigner`'s. The key never reaches it.
@@ -199,7 +204,7 @@ def issue_with(
         VerificationError: the certificate is not what ``spec`` asked for, or Go would refuse it.
     """
     request, key_pem = _request(spec, key_pem)
-    return _checked(spec, request, sign(request), key_pem=key_pem, ca_pem=ca_pem)
+    return _checked(spec, request, sign(request), key_pem=key_pem, ca_pem=ca_pem, source=source)
 
 
 def issue_all(
@@ -224,7 +229,7 @@ def issue_all(
 
     for request, cert in signer.sign_all(requests()):
         spec, key_pem = made.popleft()  # sign_all keeps the order requests came in
-        yield _checked(spec, request, cert, key_pem=key_pem, ca_pem=ca_pem)
+        yield _checked(spec, request, cert, key_pem=key_pem, ca_pem=ca_pem, source=signer.url)
 
 
 def _request(spec: CertSpec, key_pem: bytes | None) -> tuple[issuer.SignRequest, bytes]:
@@ -244,10 +249,16 @@ def _request(spec: CertSpec, key_pem: bytes | None) -> tuple[issuer.SignRequest,
 
 
 def _checked(
-    spec: CertSpec, request: issuer.SignRequest, cert: bytes, *, key_pem: bytes, ca_pem: bytes
+    spec: CertSpec,
+    request: issuer.SignRequest,
+    cert: bytes,
+    *,
+    key_pem: bytes,
+    ca_pem: bytes,
+    source: str | None,
 ) -> cfssl.Issued:
     issued = cfssl.Issued(cert=cert, key=key_pem, csr=request.csr_pem)
-    kit.check_issued(spec, issued, ca_pem)
+    kit.check_issued(spec, issued, ca_pem, signer=source)
     return issued
 
 

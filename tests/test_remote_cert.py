@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -182,7 +183,7 @@ def test_every_role_through_the_signer_works_in_tls(tmp_path, cli, signer, proxy
 
 
 def resigned(
-    signer: RunningSigner, role: str, change: Callable[[dict], None]
+    signer: RunningSigner, role: str, change: Callable[[dict[str, Any]], None]
 ) -> Callable[[bytes], bytes]:
     """A body rewrite: the request ``change``d, signed with ``role``'s key (the test holds all)."""
 
@@ -198,10 +199,10 @@ def resigned(
     return rewrite
 
 
-def signed_as(role: str) -> Callable[[dict], None]:
+def signed_as(role: str) -> Callable[[dict[str, Any]], None]:
     """The node's CSR (its key) under ``role``'s profile, names and common name."""
 
-    def change(request: dict) -> None:
+    def change(request: dict[str, Any]) -> None:
         asked = request["profile"]
         request["profile"] = role
         request["hosts"] = [h.replace(f"{asked}.", f"{role}.") for h in request["hosts"]]
