@@ -102,7 +102,7 @@ class Diff:
     work: list[Work]
     #: The plan manifest's records of the members that stay as they are (no file contents:
     #: memory stays flat however large the plan).
-    unchanged: list[state.MemberRecord]
+    unchanged: list[tuple[str, bytes]]
     retire: list[str]
     make_gossip: bool
     previously_retired: list[str] = field(default_factory=list)
@@ -294,9 +294,8 @@ def _diff_members(
         )
         if work is None:
             assert current.facts is not None  # noqa: S101 (read_current refuses it otherwise)
-            result.unchanged.append(
-                members.record(member, current.facts, current.hashes, generation=signing)
-            )
+            record = members.record(member, current.facts, current.hashes, generation=signing)
+            result.unchanged.append((member.folder, state.record_json(record)))
         else:
             result.work.append(work)
             symbol = "~" if work.kind == "update" else "-/+"
@@ -562,7 +561,7 @@ def apply(
             root.mkdir(mode=files.DIR_MODE)
         run = _Run(plan, result, cfssl_tool=cfssl_tool, workers=workers, progress=progress)
         run.go()
-        written = state.write(root, run.plan_manifest())
+        written = state.write(root, run.plan_manifest(), run.member_records())
     return Outcome(result, rotation.steps(plan, result.new_phase, result), written)
 
 
@@ -645,9 +644,8 @@ class _Run:
         self._kept: list[str] = []
         self.schema_checked = False
         self.retired_now: list[str] = []
-        self.records: dict[str, state.MemberRecord] = {}
-        for unchanged in result.unchanged:
-            self.records[unchanged.folder] = unchanged
+        #: Each member's record in the plan manifest, as a line of JSON (folder -> bytes).
+        self.records: dict[str, bytes] = dict(result.unchanged)
 
     def go(self) -> None:
         d = self.d
@@ -717,8 +715,8 @@ class _Run:
                 updates += self._sign(stage, signer, config, mine, helper=helper)
                 if helper is not None:
                     for line in helper.join(on_wait=functools.partial(self._tick, helper)):
-                        record = state.MemberRecord.model_validate_json(line)
-                        self.records[record.folder] = record
+                        folder, _, data = line.partition("\t")
+                        self.records[folder] = data.encode()
                     self._done += helper.done()
             finally:
                 if helper is not None:
@@ -747,7 +745,7 @@ class _Run:
             self.records = {}
             self._done = 0
             self._sign(stage, signer, config, share, helper=None, report=report)
-            return [record.model_dump_json() for record in self.records.values()]
+            return [f"{folder}\t{data.decode()}" for folder, data in self.records.items()]
 
         return run
 
@@ -934,8 +932,8 @@ class _Run:
     ) -> None:
         """Index a member for the plan manifest (its files' hashes from its own manifest)."""
         hashes = {a.path: a.sha256 for a in kit_manifest.artifacts}
-        self.records[member.folder] = members.record(
-            member, facts, hashes, generation=self.d.signing
+        self.records[member.folder] = state.record_json(
+            members.record(member, facts, hashes, generation=self.d.signing)
         )
 
     def _stage_replaced(
@@ -971,8 +969,12 @@ class _Run:
                 self._write_manifest(folder, kit_manifest, into=batch)
         self._record(work.member, facts, kit_manifest)
 
+    def member_records(self) -> list[bytes]:
+        """Every member's record, in the plan's order."""
+        return [self.records[m.folder] for m in self.plan.members()]
+
     def plan_manifest(self) -> state.PlanManifest:
-        """The plan manifest: the CA generations on disk now, and every member's record."""
+        """The plan manifest (its members apart: :meth:`member_records`), CAs on disk now."""
         remote = self.d.remote
         generations = cas.find(self.root) if remote is None else self.d.generations
         return state.PlanManifest(
@@ -995,7 +997,7 @@ class _Run:
                 )
                 for g in generations
             ],
-            members=[self.records[m.folder] for m in self.plan.members()],
+            members=[],
             retired=[*self.d.previously_retired, *self.retired_now],
             tools=self.tools,
         )
