@@ -79,11 +79,16 @@ class Work:
     """What to do to one member."""
 
     member: Member
-    spec: CertSpec
-    kind: Kind
-    reason: str
+    plan: Plan = field(repr=False)
+    kind: Kind = "create"
+    reason: str = ""
     current: Current | None = None
     new_key: bool = True
+
+    @property
+    def spec(self) -> CertSpec:
+        """The certificate the plan wants, made when asked (10,000 kept specs cost memory)."""
+        return members.spec_for(self.plan, self.member)
 
 
 @dataclass
@@ -270,7 +275,7 @@ def _diff_members(
         result.wanted.add(member.folder)
         folder = root / member.folder
         if not folder.exists():
-            result.work.append(Work(member, spec, "create", member.role))
+            result.work.append(Work(member, plan, "create", member.role))
             result.changes.append(Change("+", member.label, member.role))
             continue
         current = members.read_current(folder, spec)
@@ -279,6 +284,7 @@ def _diff_members(
             continue
         new_gossip = result.make_gossip and member.role == "server"
         work = _member_work(
+            plan,
             member,
             spec,
             current,
@@ -432,6 +438,7 @@ def _check_signer_outlives(
 
 
 def _member_work(
+    plan: Plan,
     member: Member,
     spec: CertSpec,
     current: Current,
@@ -448,19 +455,19 @@ def _member_work(
     """What one existing member needs, if anything."""
     assert current.facts is not None  # noqa: S101 (read_current refuses a folder without it)
     if signer is None:  # the signing CA is made by this apply
-        return Work(member, spec, "reissue", "the new CA signs it", current)
+        return Work(member, plan, "reissue", "the new CA signs it", current)
     reason = members.why_reissue(
         spec, current, signer=signer.cert, signer_name=signer_name, lifetime=lifetime
     )
     if reason is not None:
-        return Work(member, spec, "reissue", reason, current)
+        return Work(member, plan, "reissue", reason, current)
     left = current.facts.not_after - now
     if renew_within is not None and left < renew_within:
         days = left / timedelta(days=1)
         why = f"expires in {days:.0f} days" if days >= 0 else f"expired {-days:.0f} days ago"
-        return Work(member, spec, "renew", why, current, new_key=not keep_key)
+        return Work(member, plan, "renew", why, current, new_key=not keep_key)
     if current.cert_pem is not None and not _chain_matches(current.cert_pem, signer.chain_pem):
-        return Work(member, spec, "renew", "its chain file lacks the intermediate", current, False)
+        return Work(member, plan, "renew", "its chain file lacks the intermediate", current, False)
     changes = []
     if bundle is None or current.bundle != bundle:
         changes.append("the CA bundle changes")
@@ -469,7 +476,7 @@ def _member_work(
             "its " + ("environment file" if member.role == "cli" else "agent HCL") + " changes"
         )
     if changes:
-        return Work(member, spec, "update", "; ".join(changes), current)
+        return Work(member, plan, "update", "; ".join(changes), current)
     return None
 
 
