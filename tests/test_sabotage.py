@@ -37,20 +37,23 @@ class GapStillOpenError(Exception):
     """A known gap's sabotage still leaves its tests green."""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=GapStillOpenError,
-    reason="a claim without a guarding test; once its tests go red, move it from GAPS to "
-    "SABOTAGES in scripts/sabotage",
-)
-@pytest.mark.parametrize("name", GAPS)
-def test_known_gap_is_still_open(name):
-    result = subprocess.run(
-        [sys.executable, SCRIPT, name], capture_output=True, text=True, check=False, timeout=900
+# Only while gaps are open: an empty parameter set would show as a skip in every CI run.
+if GAPS:
+
+    @pytest.mark.xfail(
+        strict=True,
+        raises=GapStillOpenError,
+        reason="a claim without a guarding test; once its tests go red, move it from GAPS to "
+        "SABOTAGES in scripts/sabotage",
     )
-    print(result.stdout)
-    line = next((x for x in result.stdout.splitlines() if f"  {name}  (" in x), "")
-    if line.startswith("MISSED"):
-        raise GapStillOpenError(line)
-    # Red: the gap is closed (this XPASS fails, strictly). Stale or an error: a plain failure.
-    assert line.startswith("red "), result.stdout + result.stderr
+    @pytest.mark.parametrize("name", GAPS)
+    def test_known_gap_is_still_open(name):
+        result = subprocess.run(
+            [sys.executable, SCRIPT, name], capture_output=True, text=True, check=False, timeout=900
+        )
+        print(result.stdout)
+        line = next((x for x in result.stdout.splitlines() if f"  {name}  (" in x), "")
+        if line.startswith("MISSED"):
+            raise GapStillOpenError(line)
+        # Red: the gap is closed (this XPASS fails, strictly). Stale or an error: a plain failure.
+        assert line.startswith("red "), result.stdout + result.stderr
