@@ -155,6 +155,15 @@ def load(*, url: str, auth_key_file: Path, ca_file: Path) -> Remote:
     from cfwrap.signer.authkeys import read_key
 
     key = read_key(auth_key_file, what=f"--auth-key {auth_key_file}")
+    return Remote(url=url, auth_key=key, ca_pem=read_ca(ca_file), ca_name=str(ca_file))
+
+
+def read_ca(ca_file: Path) -> bytes:
+    """The CA certificate given with ``--ca`` (what the signer's TLS and leaves must chain to).
+
+    Raises:
+        InputError: unreadable, not a certificate, or not a CA.
+    """
     try:
         ca_pem = files.read_input(ca_file)
         facts = parsers.read_certificate(ca_pem)
@@ -165,7 +174,7 @@ def load(*, url: str, auth_key_file: Path, ca_file: Path) -> Remote:
         ) from None
     if not facts.is_ca:
         raise InputError(f"--ca {ca_file}", "not a CA certificate", fix="give ca.pem")
-    return Remote(url=url, auth_key=key, ca_pem=ca_pem, ca_name=str(ca_file))
+    return ca_pem
 
 
 def issue(remote: Remote, spec: CertSpec, *, key_pem: bytes | None = None) -> cfssl.Issued:

@@ -140,7 +140,7 @@ def execute(args: argparse.Namespace) -> int:
 
 def _remote(args: argparse.Namespace, plan: Plan) -> RemoteCA | None:
     """The central signer from --remote, --auth-dir and --ca (all three, or none)."""
-    from cfwrap import files, parsers, remote
+    from cfwrap import remote
     from cfwrap.plan.cas import RemoteCA
     from cfwrap.signer.authkeys import key_path, read_key
 
@@ -155,14 +155,7 @@ def _remote(args: argparse.Namespace, plan: Plan) -> RemoteCA | None:
             fix="give the signer's HOST:PORT, its auth key folder and its CA certificate",
         )
     url = remote.address(args.remote)
-    try:
-        ca_pem = files.read_input(args.ca)
-        facts = parsers.read_certificate(ca_pem)
-    except (OSError, parsers.ParseError) as e:
-        why = getattr(e, "strerror", None) or str(e)
-        raise InputError(f"--ca {args.ca}", why, fix="give the signer's CA (ca.pem)") from None
-    if not facts.is_ca:
-        raise InputError(f"--ca {args.ca}", "not a CA certificate", fix="give the signer's CA")
+    ca_pem = remote.read_ca(args.ca)
     roles: set[str] = {member.role for member in plan.members()}
     keys = {role: read_key(key_path(args.auth_dir, role)) for role in sorted(roles)}
     return RemoteCA(url=url, ca_pem=ca_pem, auth_keys=keys)

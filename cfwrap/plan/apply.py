@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import ssl
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -803,10 +802,13 @@ class _Run:
                 config=config,
                 workers=self.workers,
             )
-        context = ssl.create_default_context(cadata=remote.ca_pem.decode("ascii"))
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        from cfwrap.remote import tls_context
+
         return issuer.RemoteSigner(
-            remote.url, auth_keys=remote.auth_keys, ssl_context=context, workers=self.workers
+            remote.url,
+            auth_keys=remote.auth_keys,
+            ssl_context=tls_context(remote.ca_pem),
+            workers=self.workers,
         )
 
     def _keep_signer_ca(self, remote: cas.RemoteCA) -> None:
