@@ -19,7 +19,7 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -95,6 +95,24 @@ def read_input(path: Path, *, limit: int = MAX_INPUT) -> bytes:
     return b"".join(chunks)
 
 
+def holds(path: Path, data: bytes | Iterable[bytes]) -> bool:
+    """True when ``path`` is a regular file holding exactly ``data`` (or its pieces, in order).
+
+    Compared a piece at a time: a large file (a fleet's plan manifest) is never held whole.
+
+    Raises:
+        OSError: the file cannot be opened or read (missing, permissions).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        for piece in [data] if isinstance(data, bytes) else data:
+            if f.read(len(piece)) != piece:
+                return False
+        return f.read(1) == b""
+
+
 def is_regular(path: Path) -> bool:
     """True for a regular file (after symlinks), False for anything else.
 
@@ -148,14 +166,28 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _write_temp(folder: Path, data: bytes, mode: int) -> Path:
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _write_temp(folder: Path, data: bytes | Iterable[bytes], mode: int) -> Path:
+    """A new temporary file in ``folder`` holding ``data`` (or its pieces, a MiB per write)."""
     fd, name = tempfile.mkstemp(prefix=".cfwrap-", suffix=".tmp", dir=folder)
     temp = Path(name)
     try:
         os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        if isinstance(data, bytes):
+            _write_all(fd, data)
+        else:
+            buffer = bytearray()
+            for piece in data:
+                buffer += piece
+                if len(buffer) >= 1 << 20:
+                    _write_all(fd, buffer)
+                    buffer.clear()
+            _write_all(fd, buffer)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -185,8 +217,8 @@ def write_new(path: Path, data: bytes, *, mode: int) -> None:
         _fsync_dir(path.parent)
 
 
-def write_replace(path: Path, data: bytes, *, mode: int) -> None:
-    """Write ``data`` to ``path`` atomically with ``mode``, replacing any file there.
+def write_replace(path: Path, data: bytes | Iterable[bytes], *, mode: int) -> None:
+    """Write ``data`` (or its pieces) to ``path`` atomically with ``mode``, replacing any file.
 
     Raises:
         ConflictError: ``path`` is a symlink or a folder (cfwrap never writes through links).

@@ -104,9 +104,9 @@ class Diff:
     make_generation: int | None
     retire_generation: int | None
     work: list[Work]
-    #: The plan manifest's records of the members that stay as they are (no file contents:
+    #: The plan manifest's records of the members that stay as they are (kept on disk:
     #: memory stays flat however large the plan).
-    unchanged: list[tuple[str, bytes]]
+    unchanged: state.Records
     retire: list[str]
     make_gossip: bool
     previously_retired: list[str] = field(default_factory=list)
@@ -221,7 +221,7 @@ def diff(
         make_generation=make_gen,
         retire_generation=retire_gen,
         work=[],
-        unchanged=[],
+        unchanged=state.Records(root),
         retire=[],
         make_gossip=plan.gossip and not (root / GOSSIP_FILE).exists(),
         previously_retired=list(recorded.retired) if recorded is not None else [],
@@ -235,7 +235,11 @@ def diff(
         result.changes.append(Change("-", f"ca gen-{retire_gen}", "the old CA, after rotation"))
     if result.make_gossip:
         result.changes.append(Change("+", GOSSIP_FILE, "the servers' gossip key"))
-    _diff_members(plan, result, renew_within=renew_within, keep_key=keep_key, now=now)
+    try:
+        _diff_members(plan, result, renew_within=renew_within, keep_key=keep_key, now=now)
+    except BaseException:
+        result.unchanged.close()
+        raise
     issuing = [w for w in result.work if w.kind != "update"]
     if issuing and make_gen != signing and remote is None:
         by_number = {g.number: g for g in generations}
@@ -300,7 +304,7 @@ def _diff_members(
         if work is None:
             assert current.facts is not None  # noqa: S101 (read_current refuses it otherwise)
             record = members.record(member, current.facts, current.hashes, generation=signing)
-            result.unchanged.append((member.folder, state.record_json(record)))
+            result.unchanged.put(member.folder, state.record_json(record))
         else:
             result.work.append(work)
             symbol = "~" if work.kind == "update" else "-/+"
@@ -567,7 +571,10 @@ def apply(
             root.mkdir(mode=files.DIR_MODE)
         run = _Run(plan, result, cfssl_tool=cfssl_tool, workers=workers, progress=progress)
         run.go()
-        written = state.write(root, run.plan_manifest(), run.member_records())
+        try:
+            written = state.write(root, run.plan_manifest(), run.member_records)
+        finally:
+            run.records.close()
     return Outcome(result, rotation.steps(plan, result.new_phase, result), written)
 
 
@@ -650,8 +657,8 @@ class _Run:
         self._kept: list[str] = []
         self.schema_checked = False
         self.retired_now: list[str] = []
-        #: Each member's record in the plan manifest, as a line of JSON (folder -> bytes).
-        self.records: dict[str, bytes] = dict(result.unchanged)
+        #: Each member's record in the plan manifest, as a line of JSON, by folder.
+        self.records = result.unchanged
 
     def go(self) -> None:
         d = self.d
@@ -722,7 +729,7 @@ class _Run:
                 if helper is not None:
                     for line in helper.join(on_wait=functools.partial(self._tick, helper)):
                         folder, _, data = line.partition("\t")
-                        self.records[folder] = data.encode()
+                        self.records.put(folder, data.encode())
                     self._done += helper.done()
             finally:
                 if helper is not None:
@@ -743,15 +750,15 @@ class _Run:
 
     def _child(
         self, stage: files.TreeStaging, signer: cas.Signer, config: SigningConfig, share: list[Work]
-    ) -> Callable[[shards.Report], list[str]]:
+    ) -> Callable[[shards.Report], Iterator[str]]:
         """What the second process runs: sign and stage ``share``; its records, as JSON lines."""
 
-        def run(report: shards.Report) -> list[str]:
+        def run(report: shards.Report) -> Iterator[str]:
             self.progress = None
-            self.records = {}
+            self.records = state.Records(self.root)
             self._done = 0
             self._sign(stage, signer, config, share, helper=None, report=report)
-            return [f"{folder}\t{data.decode()}" for folder, data in self.records.items()]
+            return (f"{folder}\t{data.decode()}" for folder, data in self.records.items())
 
         return run
 
@@ -941,8 +948,9 @@ class _Run:
     ) -> None:
         """Index a member for the plan manifest (its files' hashes from its own manifest)."""
         hashes = {a.path: a.sha256 for a in kit_manifest.artifacts}
-        self.records[member.folder] = state.record_json(
-            members.record(member, facts, hashes, generation=self.d.signing)
+        self.records.put(
+            member.folder,
+            state.record_json(members.record(member, facts, hashes, generation=self.d.signing)),
         )
 
     def _stage_replaced(
@@ -978,9 +986,10 @@ class _Run:
                 self._write_manifest(folder, kit_manifest, into=batch)
         self._record(work.member, facts, kit_manifest)
 
-    def member_records(self) -> list[bytes]:
+    def member_records(self) -> Iterator[bytes]:
         """Every member's record, in the plan's order."""
-        return [self.records[m.folder] for m in self.plan.members()]
+        for member in self.plan.members():
+            yield self.records[member.folder]
 
     def plan_manifest(self) -> state.PlanManifest:
         """The plan manifest (its members apart: :meth:`member_records`), CAs on disk now."""

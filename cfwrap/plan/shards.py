@@ -16,7 +16,7 @@ import os
 import signal
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO
 
 from cfwrap.errors import CfwrapError, ExitCode
@@ -55,8 +55,10 @@ class Helper:
         """How many items the child has finished."""
         return int.from_bytes(self.counter[:8], "little")
 
-    def join(self, *, on_wait: Callable[[], None]) -> list[str]:
-        """Wait for the child (calling ``on_wait`` now and then); its result lines.
+    def join(self, *, on_wait: Callable[[], None]) -> Iterator[str]:
+        """Wait for the child (calling ``on_wait`` now and then); its result lines, read as used.
+
+        Read them before :meth:`stop`, which closes their file.
 
         Raises:
             HelperFailedError: the child failed (its message and exit code).
@@ -70,10 +72,9 @@ class Helper:
             time.sleep(0.05)
         on_wait()
         self.result.seek(0)
-        text = self.result.read().decode("utf-8")
-        head, _, rest = text.partition("\n")
+        head = self.result.readline().decode("utf-8").removesuffix("\n")
         if os.waitstatus_to_exitcode(self._status) == 0 and head == _OK:
-            return [line for line in rest.split("\n") if line]
+            return (text for line in self.result if (text := line.decode("utf-8").rstrip("\n")))
         try:
             failure = json.loads(head)
             raise HelperFailedError(str(failure["error"]), code=int(failure["code"]))
@@ -94,7 +95,7 @@ class Helper:
         self.counter.close()
 
 
-def fork(run: Callable[[Report], list[str]]) -> Helper:
+def fork(run: Callable[[Report], Iterable[str]]) -> Helper:
     """Run ``run`` in a forked child; ``run`` gets a function to report its progress with.
 
     Call it before this process starts threads of its own (a signer's workers): a fork copies
@@ -114,7 +115,8 @@ def fork(run: Callable[[Report], list[str]]) -> Helper:
             counter[:8] = done.to_bytes(8, "little")
 
         lines = run(report)
-        result.write("\n".join([_OK, *lines]).encode("utf-8") + b"\n")
+        result.write(_OK.encode("utf-8") + b"\n")
+        result.writelines(line.encode("utf-8") + b"\n" for line in lines)
         status = 0
     except BaseException as e:  # reported to the parent, which raises it
         code = e.exit_code if isinstance(e, CfwrapError) else _code_of(e)

@@ -8,10 +8,14 @@ holds no timestamp of its own, so an apply that changes nothing writes nothing.
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,6 +29,9 @@ from cfwrap.nomad import Role
 FILE_NAME = "plan-manifest.json"
 SCHEMA_FILE = "plan-manifest.schema.json"
 SCHEMA_VERSION: Literal[1] = 1
+#: The largest plan manifest read: ~700 bytes a member, room for a fleet of ~350,000 (the
+#: limit for other inputs, 16 MiB, would refuse one of ~23,000).
+MAX_FILE = 256 * 1024 * 1024
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
@@ -117,27 +124,72 @@ _SAMPLE = 8
 
 
 def record_json(record: MemberRecord) -> bytes:
-    """A member's record as the plan manifest holds it: one line of JSON.
-
-    A plan keeps its members' records in this form, not as models: a tenth of the memory.
-    """
+    """A member's record as the plan manifest holds it: one line of JSON."""
     return record.model_dump_json().encode()
 
 
-def to_json(manifest: PlanManifest, members: list[bytes] | None = None) -> bytes:
-    """Serialise and check against the checked-in schema, one member per line.
+class Records:
+    """Members' records (:func:`record_json`) by folder, kept in an unlinked file, not in memory.
 
-    ``members``: the members' records as :func:`record_json` made them, in place of
-    ``manifest.members`` (which is then empty).
+    A fleet of 10,000 members has ~7 MB of records; held in memory, they and the holes they
+    leave in the heap made an apply's peak memory grow with the plan. Here each costs one
+    entry of an index. The file has no name (it goes when the process does), in the tree's
+    root when it exists, else in the temporary folder.
+    """
+
+    def __init__(self, folder: Path | None = None) -> None:
+        """Keep records in a file under ``folder`` (once it exists), else the temporary folder."""
+        self._folder = folder
+        self._file: IO[bytes] | None = None
+        self._at: dict[str, int] = {}  # folder -> offset << 24 | length
+        self._end = 0
+
+    def put(self, folder: str, line: bytes) -> None:
+        """Keep ``line`` as the record of ``folder`` (replacing an earlier one)."""
+        if self._file is None:
+            where = self._folder if self._folder is not None and self._folder.is_dir() else None
+            self._file = tempfile.TemporaryFile(prefix="cfwrap-records-", dir=where)  # noqa: SIM115
+        os.pwrite(self._file.fileno(), line, self._end)
+        self._at[folder] = self._end << 24 | len(line)
+        self._end += len(line)
+
+    def __getitem__(self, folder: str) -> bytes:
+        """The record of ``folder``.
+
+        Raises:
+            KeyError: none was put.
+        """
+        at = self._at[folder]
+        assert self._file is not None  # noqa: S101 (an index entry means a put)
+        return os.pread(self._file.fileno(), at & 0xFFFFFF, at >> 24)
+
+    def items(self) -> Iterator[tuple[str, bytes]]:
+        """Every folder and its record, in the order they were first put."""
+        for folder in self._at:
+            yield folder, self[folder]
+
+    def close(self) -> None:
+        """Let the file go."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __del__(self) -> None:
+        """Close the file when the records go (a diff that raised, a dry run)."""
+        self.close()
+
+
+def _check_sample(manifest: PlanManifest, lines: list[bytes]) -> None:
+    """Check the document against the checked-in schema with the first few of its members.
+
+    Every member has the same shape, and the model made each one; the schema check of
+    10,000 would cost seconds.
 
     Raises:
         VerificationError: it does not satisfy the schema (a cfwrap bug).
     """
-    lines = members if members is not None else [record_json(m) for m in manifest.members]
-    head = manifest.model_copy(update={"members": []})
-    # The schema sees the document with a sample of its members; the model made every member.
-    sample = json.loads(head.model_dump_json())
-    sample["members"] = [json.loads(line) for line in lines[:_SAMPLE]]
+    sample = json.loads(manifest.model_copy(update={"members": []}).model_dump_json())
+    sample["members"] = [json.loads(line) for line in lines]
     errors = sorted(_validator().iter_errors(sample), key=str)
     if errors:
         raise VerificationError(
@@ -145,16 +197,42 @@ def to_json(manifest: PlanManifest, members: list[bytes] | None = None) -> bytes
             f"does not match {SCHEMA_FILE}: {errors[0].message[:200]}",
             fix="this is a cfwrap bug; please report it with the plan you applied",
         )
-    text = head.model_dump_json(indent=2).encode()
-    listed = b"[\n    " + b",\n    ".join(lines) + b"\n  ]" if lines else b"[]"
+
+
+def _document(manifest: PlanManifest, lines: Iterable[bytes]) -> Iterator[bytes]:
+    """The plan manifest's bytes, in pieces: its head, then one member per line."""
+    text = manifest.model_copy(update={"members": []}).model_dump_json(indent=2).encode()
     marker = b'"members": []'
     if text.count(marker) != 1:  # pragma: no cover (the model has one members field)
         raise VerificationError(FILE_NAME, "cannot place the members", fix="report this")
-    return text.replace(marker, b'"members": ' + listed) + b"\n"
+    before, _, after = text.partition(marker)
+    yield before + b'"members": ['
+    any_line = False
+    for line in lines:
+        yield b",\n    " if any_line else b"\n    "
+        yield line
+        any_line = True
+    yield b"\n  ]" if any_line else b"]"
+    yield after + b"\n"
+
+
+def to_json(manifest: PlanManifest) -> bytes:
+    """Serialise and check against the checked-in schema, one member per line.
+
+    Raises:
+        VerificationError: it does not satisfy the schema (a cfwrap bug).
+    """
+    lines = [record_json(m) for m in manifest.members]
+    _check_sample(manifest, lines[:_SAMPLE])
+    return b"".join(_document(manifest, lines))
 
 
 def load(root: Path) -> PlanManifest | None:
-    """Read the tree's plan manifest; None when there is none yet.
+    """Read and check the tree's plan manifest; None when there is none yet.
+
+    What is returned holds no members (``members`` is empty): nothing that reads it needs
+    them, and 10,000 member models would cost more memory than the rest of an apply. Every
+    member is still validated, one at a time.
 
     Raises:
         VerificationError: it exists but is damaged.
@@ -165,7 +243,7 @@ def load(root: Path) -> PlanManifest | None:
 
     path = root / FILE_NAME
     try:
-        data = json.loads(read_input(path))
+        data = json.loads(read_input(path, limit=MAX_FILE))
     except FileNotFoundError:
         return None
     except (ValueError, RecursionError) as e:
@@ -177,7 +255,12 @@ def load(root: Path) -> PlanManifest | None:
     fix = "restore it, or move it away"
     try:
         _validator().validate(_sample(data) if isinstance(data, dict) else data)
-        return PlanManifest.model_validate(data)
+        members = data.pop("members")  # the schema made it a list
+        head = PlanManifest.model_validate({**data, "members": []})
+        for n in range(len(members)):
+            MemberRecord.model_validate(members[n])
+            members[n] = None  # let each member's dicts go as soon as it is checked
+        return head
     except jsonschema.ValidationError as e:
         where = "/".join(str(p) for p in e.absolute_path) or "(top)"
         raise VerificationError(
@@ -185,16 +268,23 @@ def load(root: Path) -> PlanManifest | None:
         ) from None
     except ValidationError as e:
         first = e.errors()[0]
-        where = "/".join(str(p) for p in first["loc"]) or "(top)"
+        loc = list(first["loc"])
+        if e.title == MemberRecord.__name__:
+            loc = ["members", n, *loc]
+        where = "/".join(str(p) for p in loc) or "(top)"
         raise VerificationError(
             str(path), f"invalid at {where}: {first['msg'][:200]}", fix=fix
         ) from None
 
 
-def write(root: Path, manifest: PlanManifest, members: list[bytes] | None = None) -> bool:
+def write(
+    root: Path, manifest: PlanManifest, members: Callable[[], Iterable[bytes]] | None = None
+) -> bool:
     """Write the plan manifest atomically, only when its bytes change; True when written.
 
-    ``members``: see :func:`to_json`.
+    ``members``: gives the members' records as :func:`record_json` made them, in order, each
+    time it is called, in place of ``manifest.members`` (which is then empty). The document is
+    compared with the file and written a piece at a time: never whole in memory.
 
     Raises:
         VerificationError: it does not satisfy the schema.
@@ -202,12 +292,15 @@ def write(root: Path, manifest: PlanManifest, members: list[bytes] | None = None
     """
     from cfwrap import files
 
-    data = to_json(manifest, members)
+    if members is None:
+        records = [record_json(m) for m in manifest.members]
+        members = lambda: records  # noqa: E731
+    _check_sample(manifest, list(itertools.islice(members(), _SAMPLE)))
     path = root / FILE_NAME
     try:
-        if files.read_input(path) == data:
+        if files.holds(path, _document(manifest, members())):
             return False
     except FileNotFoundError:
         pass
-    files.write_replace(path, data, mode=files.PUBLIC_MODE)
+    files.write_replace(path, _document(manifest, members()), mode=files.PUBLIC_MODE)
     return True
