@@ -83,11 +83,21 @@ class Work:
     reason: str = ""
     current: Current | None = None
     new_key: bool = True
+    _spec: CertSpec | None = field(default=None, repr=False, compare=False)
 
     @property
     def spec(self) -> CertSpec:
-        """The certificate the plan wants, made when asked (10,000 kept specs cost memory)."""
-        return members.spec_for(self.plan, self.member)
+        """The certificate the plan wants, made when first asked and kept until :meth:`done`.
+
+        Made when asked, not with the work: 10,000 kept specs cost memory.
+        """
+        if self._spec is None:
+            self._spec = members.spec_for(self.plan, self.member)
+        return self._spec
+
+    def done(self) -> None:
+        """Let the spec go once the member is written."""
+        self._spec = None
 
 
 @dataclass
@@ -790,6 +800,7 @@ class _Run:
                 else:
                     self._stage_replaced(stage, work, new_files)
                     updates.append((work, new_files, facts))
+                work.done()
                 self._done += 1
                 if report is not None:
                     report(self._done)
@@ -1036,7 +1047,7 @@ class _Run:
 def _one_per_role(work: list[Work]) -> list[Work]:
     seen: dict[str, Work] = {}
     for one in work:
-        seen.setdefault(one.spec.role, one)
+        seen.setdefault(one.member.role, one)
     return list(seen.values())
 
 
