@@ -137,6 +137,7 @@ def test_bench_scale_smoke(tmp_path):
     assert all(float(cell) > 0 for row in table for cell in row)
     assert re.search(r"^time grows linearly .*: (PASS|MISS)$", out, re.M)
     assert re.search(r"^memory stays flat .*: (PASS|MISS)$", out, re.M)
+    assert re.search(r"^no-op memory stays flat .*: (PASS|MISS)$", out, re.M)
 
 
 @pytest.mark.slow
