@@ -686,6 +686,7 @@ class TreeStaging:
         self.root = root
         self._path: Path | None = None
         self._made: set[str] = set()
+        self._present: set[Path] = set()  # folders of the tree placed into, known to exist
 
     @property
     def path(self) -> Path:
@@ -733,13 +734,20 @@ class TreeStaging:
             ConflictError: ``target`` exists.
             FileSystemError: the rename failed.
         """
-        if target.exists() or target.is_symlink():
+        if os.path.lexists(target):
             raise ConflictError(target, "already exists", fix="move it away and run again")
         with _os_errors(target):
-            for parent in reversed(target.parents):
-                if parent.is_relative_to(self.root) and not parent.exists():
-                    parent.mkdir(mode=DIR_MODE)
-            (self.path / relative).rename(target)
+            self._parents(target.parent)
+            os.rename(f"{self.path}/{relative}", target)  # noqa: PTH104 (a string, as above)
+
+    def _parents(self, folder: Path) -> None:
+        """Make ``folder`` and its missing parents inside the root (each looked at once a run)."""
+        if folder in self._present or not folder.is_relative_to(self.root):
+            return
+        self._parents(folder.parent)
+        if not folder.exists():
+            folder.mkdir(mode=DIR_MODE)
+        self._present.add(folder)
 
     def settle(self, *folders: Path) -> None:
         """Make the renames into ``folders`` durable (one fsync per folder)."""

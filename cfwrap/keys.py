@@ -8,6 +8,7 @@ the same on disk.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import TypeAlias
 
@@ -117,9 +118,19 @@ def csr_pem(key: PrivateKey, csr: CSR) -> bytes:
     Raises:
         InputError: a host that is neither an IP address nor an ASCII DNS name.
     """
+    request = _unsigned(csr).sign(key, hashes.SHA256())
+    return request.public_bytes(serialization.Encoding.PEM)
+
+
+@functools.lru_cache(maxsize=64)
+def _unsigned(csr: CSR) -> x509.CertificateSigningRequestBuilder:
+    """The request for ``csr`` before a key signs it.
+
+    Cached (a frozen CSR is hashable): a fleet's thousands of clients ask for the same names,
+    and a builder is immutable.
+    """
     builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name(_subject(csr)))
     if csr.hosts:
         sans = [_san(host) for host in csr.hosts]
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    request = builder.sign(key, hashes.SHA256())
-    return request.public_bytes(serialization.Encoding.PEM)
+    return builder

@@ -113,9 +113,20 @@ def _conforms(node: object, data: object, root: dict[str, Any]) -> bool:  # noqa
         elif keyword == "pattern":
             if isinstance(data, str) and not re.search(value, data):
                 return False
+        elif keyword == "minimum":
+            if not _number(value) or (_number(data) and data < value):
+                return False
+        elif keyword == "minItems":
+            if not isinstance(value, int) or (isinstance(data, list) and len(data) < value):
+                return False
         else:
             return False
     return True
+
+
+def _number(value: object) -> bool:
+    """A JSON number (a bool is none, though Python calls it an int)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _same(a: object, b: object) -> bool:

@@ -95,6 +95,96 @@ def test_what_conforms_passes_jsonschema_passes(
         assert not list(VALIDATOR.iter_errors(mutated))
 
 
+PLAN_SCHEMA = schema_files.load("plan-manifest.schema.json")
+PLAN_VALIDATOR = jsonschema.Draft202012Validator(PLAN_SCHEMA)
+
+
+@pytest.fixture(scope="module")
+def plan_manifest_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A plan manifest as apply writes it: a CA, two members, a retired folder."""
+    from cfwrap.plan import state
+    from tests.test_plan_state import manifest_head, member_record
+
+    root = tmp_path_factory.mktemp("plan-manifest")
+    head = manifest_head().model_copy(
+        update={"retired": ["retired/20260101T000000Z/removed/nodes/a"]}
+    )
+    state.write(root, head, lambda: [member_record(1), member_record(2)])
+    data: dict[str, Any] = json.loads((root / state.FILE_NAME).read_text())
+    return data
+
+
+def test_a_real_plan_manifest_passes_without_jsonschema(
+    plan_manifest_data: dict[str, Any],
+) -> None:
+    assert not list(PLAN_VALIDATOR.iter_errors(plan_manifest_data))
+    assert schema_files.conforms(PLAN_SCHEMA, plan_manifest_data)
+
+
+@settings(
+    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_what_conforms_passes_of_a_plan_manifest_jsonschema_passes(
+    plan_manifest_data: dict[str, Any], data: st.DataObject
+) -> None:
+    """Its schema has ``minimum`` and ``minItems`` besides the kit manifest's keywords."""
+    mutated: Any = copy.deepcopy(plan_manifest_data)
+    for _ in range(data.draw(st.integers(1, 3))):
+        paths = _paths(mutated)
+        where = data.draw(st.sampled_from(paths))
+        if not where:
+            mutated = data.draw(JSON)
+            continue
+        parent = mutated
+        for step in where[:-1]:
+            parent = parent[step]
+        action = data.draw(st.sampled_from(["replace", "delete", "empty", "add"]))
+        if action == "replace":
+            parent[where[-1]] = data.draw(JSON | st.sampled_from([-1, 0, -0.5, 1.5, [], True]))
+        elif action == "delete":
+            del parent[where[-1]]
+        elif action == "empty":  # an emptied list: what minItems refuses
+            parent[where[-1]] = []
+        elif isinstance(parent, dict):
+            parent[data.draw(st.text(max_size=6))] = data.draw(JSON)
+        else:
+            parent.append(data.draw(JSON))
+    if schema_files.conforms(PLAN_SCHEMA, mutated):
+        assert not list(PLAN_VALIDATOR.iter_errors(mutated))
+
+
+@pytest.mark.parametrize(
+    ("schema", "data"),
+    [
+        ({"minimum": 0}, -1),
+        ({"minimum": 0}, -0.5),
+        ({"minimum": "0"}, 1),  # a malformed schema: doubted
+        ({"minItems": 1}, []),
+        ({"minItems": 1.5}, [1, 2]),
+    ],
+)
+def test_conforms_refuses_below_minimum_and_minitems(schema: dict[str, Any], data: object) -> None:
+    assert not schema_files.conforms(schema, data)
+
+
+@pytest.mark.parametrize(
+    ("schema", "data"),
+    [
+        ({"minimum": 0}, 0),
+        ({"minimum": 0}, True),  # no number to JSON Schema: minimum does not apply
+        ({"minimum": 0}, "x"),
+        ({"minItems": 1}, [0]),
+        ({"minItems": 1}, {}),
+    ],
+)
+def test_conforms_passes_what_minimum_and_minitems_allow(
+    schema: dict[str, Any], data: object
+) -> None:
+    assert schema_files.conforms(schema, data)
+    assert not list(jsonschema.Draft202012Validator(schema).iter_errors(data))
+
+
 @pytest.mark.parametrize(
     ("schema", "data"),
     [

@@ -140,14 +140,14 @@ def execute(args: argparse.Namespace) -> int:
 
 def _remote(args: argparse.Namespace, plan: Plan) -> RemoteCA | None:
     """The central signer from --remote, --auth-dir and --ca (all three, or none)."""
-    from cfwrap import remote
-    from cfwrap.plan.cas import RemoteCA
-    from cfwrap.signer.authkeys import key_path, read_key
-
     given = [f for f, v in (("--remote", args.remote), ("--auth-dir", args.auth_dir),
                             ("--ca", args.ca)) if v is not None]  # fmt: skip
     if not given:
         return None
+    from cfwrap import remote
+    from cfwrap.plan.cas import RemoteCA
+    from cfwrap.signer.authkeys import key_path, read_key
+
     if len(given) != 3:
         raise InputError(
             " ".join(given),
