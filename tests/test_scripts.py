@@ -146,3 +146,11 @@ def test_bench_signer_smoke(tmp_path):
     assert re.search(r"^signer: 8 certificates, 2 processes: [\d.]+ s wall", out, re.M)
     assert re.search(r"^shell loop .*: 8 certificates: [\d.]+ s wall", out, re.M)
     assert re.search(r"^signer / shell: [\d.]+x wall, [\d.]+x CPU$", out, re.M)
+
+
+@pytest.mark.slow
+def test_bench_quickstart_smoke(tmp_path):
+    out = _bench("bench-quickstart", "1", tmp_path=tmp_path)
+    assert re.search(r"^ratio cfwrap / shell: [\d.]+x +\(issue 11: at most 4x\)$", out, re.M)
+    floor = r"^floor: python importing pydantic, sh, cryptography\.x509: +[\d.]+ ms = [\d.]+x"
+    assert re.search(floor, out, re.M)
