@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 from cfwrap.errors import ConflictError, FileSystemError
 
@@ -93,6 +94,33 @@ def read_input(path: Path, *, limit: int = MAX_INPUT) -> bytes:
             errno.EFBIG, f"is larger than {_size(limit)}; cfwrap reads no input that big", str(path)
         )
     return b"".join(chunks)
+
+
+def open_input(path: Path, *, limit: int = MAX_INPUT) -> BinaryIO:
+    """Open a regular file of at most ``limit`` bytes to read it a piece at a time.
+
+    The checks of :func:`read_input`, for a file too large to hold whole (a fleet's plan
+    manifest); the size is its size when opened.
+
+    Raises:
+        UnreadableInput: not a regular file (FIFO, device, socket, folder), or too large.
+        OSError: the file cannot be opened (missing, permissions).
+    """
+    _refuse_special(path, path.stat().st_mode)  # before open: opening a device can act
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        _refuse_special(path, info.st_mode)
+        if info.st_size > limit:
+            raise UnreadableInput(
+                errno.EFBIG,
+                f"is larger than {_size(limit)}; cfwrap reads no input that big",
+                str(path),
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
 
 
 def holds(path: Path, data: bytes | Iterable[bytes]) -> bool:

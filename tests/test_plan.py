@@ -11,9 +11,11 @@ import json
 import os
 import pty
 import re
+import resource
 import select
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from collections.abc import Callable
@@ -58,8 +60,9 @@ def write_plan(folder: Path, text: str, name: str = "plan.toml") -> Path:
 
 
 def tree_state(root: Path) -> dict[str, tuple[str, int, int]]:
-    """Every file and folder under ``root``: content hash, mode, and st_mtime_ns."""
-    result = {}
+    """``root`` and every file and folder under it: content hash, mode, and st_mtime_ns."""
+    info = root.lstat()
+    result = {".": ("dir", info.st_mode, info.st_mtime_ns)}  # a file made and unlinked shows
     for path in sorted(root.rglob("*")):
         info = path.lstat()
         digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
@@ -296,12 +299,37 @@ def test_second_apply_writes_nothing(cli, tmp_path):
     assert tree_state(root) == before
 
 
-def test_status_and_dry_run_write_nothing_either(cli, tmp_path):
+def test_status_and_dry_run_write_nothing_either(cli, tmp_path, monkeypatch):
     path = write_plan(tmp_path, SMALL)
     applied(cli, path)
     before = tree_state(tmp_path / "tree")
+    # As on a file system without O_TMPFILE (NFS, FUSE): a temporary file made in the tree
+    # would have a name for a moment, and move the root's mtime.
+    monkeypatch.setattr(tempfile, "_O_TMPFILE_WORKS", False)
     assert cli("status", path, "--within", "7d").code == 0
     assert cli("apply", path, "--dry-run").code == 0
+    assert cli("apply", path).code == 0
+    assert tree_state(tmp_path / "tree") == before
+
+
+def test_dry_run_and_an_unchanged_apply_need_no_disk_space(cli, tmp_path):
+    """Nothing to write, nothing written: a full disk (here: a file size limit of 0) is no error.
+
+    In a child process with RLIMIT_FSIZE 0, so every write of a byte fails with EFBIG.
+    """
+    path = write_plan(tmp_path, SMALL)
+    applied(cli, path)
+    before = tree_state(tmp_path / "tree")
+    for extra in (["--dry-run"], []):
+        run = subprocess.run(
+            [CFWRAP, "apply", path, *extra],
+            capture_output=True,
+            text=True,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0)),
+            check=False,
+        )
+        assert (run.returncode, run.stderr) == (0, ""), extra
+        assert "No changes" in run.stdout
     assert tree_state(tmp_path / "tree") == before
 
 

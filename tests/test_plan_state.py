@@ -8,7 +8,9 @@ hold the file to what a reader outside cfwrap sees (``json``, the checked-in sch
 from __future__ import annotations
 
 import json
+import resource
 import tempfile
+import tracemalloc
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -63,8 +65,11 @@ def member_record(n: int) -> bytes:
     )
 
 
-def test_records_come_back_by_folder_and_keep_no_name_on_disk(tmp_path: Path) -> None:
-    records = state.Records(tmp_path)
+def test_records_come_back_by_folder_and_keep_no_name_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the temporary folder, watched
+    records = state.Records()
     for n in range(1, 1001):
         records.put(f"nodes/global/client-{n}", member_record(n))
     records.put("nodes/global/client-7", member_record(7_000_000))  # replaced
@@ -117,23 +122,69 @@ def test_a_damaged_member_far_down_the_manifest_is_named(tmp_path: Path) -> None
         state.load(tmp_path)
 
 
-def test_records_fall_back_to_the_temporary_folder_when_the_tree_refuses_a_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_records_stay_in_memory_when_no_temporary_file_can_be_made(
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A dry run or ``status`` by a reader who may not write in the tree still works.
+    """A full or read-only temporary folder costs memory, never an apply or a dry run."""
 
-    Root may write anywhere here, so the tree's refusal (EACCES, EROFS) is played by a stand-in.
-    """
-    real = tempfile.TemporaryFile
-
-    def refusing(*args: Any, dir: Path | None = None, **kwargs: Any) -> IO[bytes]:
-        if dir is not None:
-            raise PermissionError(13, "Permission denied", str(dir))
-        made: IO[bytes] = real(*args, **kwargs)
-        return made
+    def refusing(*args: Any, **kwargs: Any) -> IO[bytes]:
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(tempfile, "TemporaryFile", refusing)
-    records = state.Records(tmp_path)
+    records = state.Records()
     records.put("nodes/global/client-1", member_record(1))
     assert records["nodes/global/client-1"] == member_record(1)
+    assert list(records.items()) == [("nodes/global/client-1", member_record(1))]
+
+
+def test_records_move_to_memory_when_the_file_stops_taking_them() -> None:
+    """The temporary folder fills up mid-run (here: a file size limit): nothing is lost."""
+    records = state.Records()
+    for n in range(1, 11):
+        records.put(f"nodes/global/client-{n}", member_record(n))
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1, hard))  # Python ignores SIGXFSZ: EFBIG
+    try:
+        for n in range(11, 21):
+            records.put(f"nodes/global/client-{n}", member_record(n))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert [line for _, line in records.items()] == [member_record(n) for n in range(1, 21)]
     records.close()
+
+
+def test_a_fleet_manifest_is_read_in_bounded_memory(tmp_path: Path) -> None:
+    """25,000 members (17.5 MB) are read a line at a time: parsed whole they took ~60 MB."""
+    lines = [member_record(n) for n in range(1, 25_001)]
+    state.write(tmp_path, manifest_head(), lambda: lines)
+    tracemalloc.start()  # counts what is allocated from here on
+    try:
+        assert state.load(tmp_path) is not None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 1024 * 1024, f"{peak / 1e6:.1f} MB"
+
+
+def test_a_manifest_laid_out_by_hand_is_read_when_small_and_refused_when_large(
+    tmp_path: Path,
+) -> None:
+    state.write(tmp_path, manifest_head(), lambda: [member_record(n) for n in range(1, 21)])
+    path = tmp_path / state.FILE_NAME
+    data = json.loads(path.read_bytes())
+    path.write_text(json.dumps(data, indent=4))  # another layout: parsed whole, as JSON
+    assert state.load(tmp_path) is not None
+    data["members"] = [data["members"][0]] * 30_000  # the same, past 16 MiB
+    path.write_text(json.dumps(data, indent=4))
+    assert path.stat().st_size > files.MAX_INPUT
+    with pytest.raises(VerificationError, match="not laid out as cfwrap writes it"):
+        state.load(tmp_path)
+
+
+def test_a_manifest_cut_short_in_its_members_is_not_valid_json(tmp_path: Path) -> None:
+    state.write(tmp_path, manifest_head(), lambda: [member_record(n) for n in range(1, 21)])
+    path = tmp_path / state.FILE_NAME
+    text = path.read_bytes()
+    path.write_bytes(text[: text.index(b"client-15")])
+    with pytest.raises(VerificationError, match="not valid JSON"):
+        state.load(tmp_path)

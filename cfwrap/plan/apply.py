@@ -114,8 +114,8 @@ class Diff:
     make_generation: int | None
     retire_generation: int | None
     work: list[Work]
-    #: The plan manifest's records of the members that stay as they are (kept on disk:
-    #: memory stays flat however large the plan).
+    #: The plan manifest's records of the members that stay as they are (kept in a temporary
+    #: file: memory stays flat however large the plan).
     unchanged: state.Records
     retire: list[str]
     make_gossip: bool
@@ -231,7 +231,7 @@ def diff(
         make_generation=make_gen,
         retire_generation=retire_gen,
         work=[],
-        unchanged=state.Records(root),
+        unchanged=state.Records(),
         retire=[],
         make_gossip=plan.gossip and not (root / GOSSIP_FILE).exists(),
         previously_retired=list(recorded.retired) if recorded is not None else [],
@@ -710,6 +710,7 @@ class _Run:
             stage.settle(*placed)
         for work, new_files, facts in updates:
             self._update(work, new_files, facts)
+            work.done()
         if d.retire_generation is not None:
             self._retire(f"{cas.CA_ROOT}/gen-{d.retire_generation}", "ca")
 
@@ -765,7 +766,7 @@ class _Run:
 
         def run(report: shards.Report) -> Iterator[str]:
             self.progress = None
-            self.records = state.Records(self.root)
+            self.records = state.Records()
             self._done = 0
             self._sign(stage, signer, config, share, helper=None, report=report)
             return (f"{folder}\t{data.decode()}" for folder, data in self.records.items())

@@ -24,6 +24,7 @@ from cfwrap.errors import VerificationError
 
 if TYPE_CHECKING:
     import jsonschema
+    from pydantic import ValidationError
 from cfwrap.manifest import ToolRecord
 from cfwrap.nomad import Role
 
@@ -150,35 +151,42 @@ class Records:
 
     A fleet of 10,000 members has ~7 MB of records; held in memory, they and the holes they
     leave in the heap made an apply's peak memory grow with the plan. Here each costs one
-    entry of an index. The file has no name (it goes when the process does), in the tree's
-    root when it exists, else in the temporary folder.
+    entry of an index. The file is in the temporary folder, never in the tree (a dry run
+    writes nothing there, and a file system without ``O_TMPFILE`` would show a name), and has
+    no name (it goes with the process). When the temporary folder refuses it (full, read-only,
+    a file size limit), the records are kept in memory instead: slower to grow, never an error.
     """
 
-    def __init__(self, folder: Path | None = None) -> None:
-        """Keep records in a file under ``folder`` (once it exists), else the temporary folder."""
-        self._folder = folder
+    def __init__(self) -> None:
+        """No records yet; the file is made with the first."""
         self._file: IO[bytes] | None = None
-        self._at: dict[str, int] = {}  # folder -> offset << 24 | length
+        self._at: dict[str, int] = {}  # folder -> offset << 24 | length, in the file
+        self._memory: dict[str, bytes] | None = None  # the fallback
         self._end = 0
 
     def put(self, folder: str, line: bytes) -> None:
         """Keep ``line`` as the record of ``folder`` (replacing an earlier one)."""
         if len(line) >= 1 << 24:  # pragma: no cover (a record is a few hundred bytes)
             raise ValueError(f"the record of {folder} is too large")
-        if self._file is None:
-            self._file = self._open()
-        os.pwrite(self._file.fileno(), line, self._end)
-        self._at[folder] = self._end << 24 | len(line)
-        self._end += len(line)
-
-    def _open(self) -> IO[bytes]:
-        """The records' file: in the tree, or where a reader who may not write there can."""
-        if self._folder is not None and self._folder.is_dir():
-            try:  # a dry run or a reader without write access to the tree: the fallback
-                return tempfile.TemporaryFile(prefix="cfwrap-records-", dir=self._folder)
+        if self._memory is None:
+            try:
+                if self._file is None:
+                    self._file = tempfile.TemporaryFile(prefix="cfwrap-records-")  # noqa: SIM115
+                os.pwrite(self._file.fileno(), line, self._end)
             except OSError:
-                pass
-        return tempfile.TemporaryFile(prefix="cfwrap-records-")
+                self._to_memory()
+            else:
+                self._at[folder] = self._end << 24 | len(line)
+                self._end += len(line)
+                return
+        assert self._memory is not None  # noqa: S101 (set just above)
+        self._memory[folder] = line
+
+    def _to_memory(self) -> None:
+        """Move what the file holds into memory, and keep every record there from now on."""
+        self._memory = {folder: self[folder] for folder in self._at}
+        self._at.clear()
+        self.close()
 
     def __getitem__(self, folder: str) -> bytes:
         """The record of ``folder``.
@@ -186,13 +194,15 @@ class Records:
         Raises:
             KeyError: none was put.
         """
+        if self._memory is not None:
+            return self._memory[folder]
         at = self._at[folder]
         assert self._file is not None  # noqa: S101 (an index entry means a put)
         return os.pread(self._file.fileno(), at & 0xFFFFFF, at >> 24)
 
     def items(self) -> Iterator[tuple[str, bytes]]:
         """Every folder and its record, in the order they were first put."""
-        for folder in self._at:
+        for folder in self._memory if self._memory is not None else self._at:
             yield folder, self[folder]
 
     def close(self) -> None:
@@ -260,24 +270,24 @@ def load(root: Path) -> PlanManifest | None:
     """Read and check the tree's plan manifest; None when there is none yet.
 
     What is returned holds no members (``members`` is empty): nothing that reads it needs
-    them, and 10,000 member models would cost more memory than the rest of an apply. Every
-    member is still validated, one at a time.
+    them. The members are read a line at a time, as :func:`write` lays them out, and each is
+    validated and let go: memory does not grow with the fleet (see :func:`_read`).
 
     Raises:
         VerificationError: it exists but is damaged.
     """
-    from cfwrap.files import read_input
+    from pydantic import ValidationError
 
     path = root / FILE_NAME
+    fix = "restore it, or move it away"
     try:
-        data = json.loads(read_input(path, limit=MAX_FILE))
+        data, late = _read(path)
     except FileNotFoundError:
         return None
-    except (ValueError, RecursionError) as e:
+    except (ValueError, RecursionError, MemoryError) as e:
         raise VerificationError(
             str(path), f"not valid JSON ({e})", fix="restore it from a backup, or move it away"
         ) from None
-    fix = "restore it, or move it away"
     sample = _sample(data) if isinstance(data, dict) else data
     if not _surely_valid(sample):
         import jsonschema
@@ -289,14 +299,15 @@ def load(root: Path) -> PlanManifest | None:
             raise VerificationError(
                 str(path), f"invalid at {where}: {e.message[:200]}", fix=fix
             ) from None
-    from pydantic import ValidationError
-
     try:
         members = data.pop("members")  # the schema made it a list
         head = PlanManifest.model_validate({**data, "members": []})
         for n in range(len(members)):
             MemberRecord.model_validate(members[n])
             members[n] = None  # let each member's dicts go as soon as it is checked
+        if late is not None:
+            n, error = late
+            raise error
     except ValidationError as e:
         first = e.errors()[0]
         loc = list(first["loc"])
@@ -307,6 +318,100 @@ def load(root: Path) -> PlanManifest | None:
             str(path), f"invalid at {where}: {first['msg'][:200]}", fix=fix
         ) from None
     return head
+
+
+#: How :func:`write` lays the members out: the list opens on a line of its own, each member
+#: is one line, and the list closes on a line of its own.
+_OPEN = b'  "members": [\n'
+_MEMBER = b"    {"
+_CLOSE = b"  ]"
+
+
+class _Members:
+    """The members of a plan manifest as :func:`_read` meets them, one line each."""
+
+    def __init__(self) -> None:
+        """None met yet."""
+        self.sample: list[Any] = []
+        self.count = 0
+        #: The first member past the sample that fails validation, and its index.
+        self.late: tuple[int, ValidationError] | None = None
+
+    def take(self, line: bytes) -> bool:
+        """Read one member's line; False when it is not one (the layout is not cfwrap's)."""
+        from pydantic import ValidationError
+
+        if not line.startswith(_MEMBER):
+            return False
+        try:
+            member = json.loads(line.rstrip(b"\n").removesuffix(b","))
+        except ValueError:
+            return False
+        if self.count < _SAMPLE:
+            self.sample.append(member)
+        elif self.late is None:
+            try:
+                MemberRecord.model_validate(member)
+            except ValidationError as e:
+                self.late = (self.count, e)
+        self.count += 1
+        return True
+
+
+def _read(path: Path) -> tuple[Any, tuple[int, ValidationError] | None]:
+    """The plan manifest's JSON, with only the first :data:`_SAMPLE` members if it has more.
+
+    Members past the sample are read and validated one line at a time as :func:`write` laid
+    them out; the first one that fails is returned with its index (it is raised after the
+    sample is checked, so errors come in the document's order). A file not laid out that way
+    (edited by hand) is parsed whole when it is no larger than any other input cfwrap reads
+    (16 MiB), and refused when larger: parsing it whole could take gigabytes.
+
+    Raises:
+        FileNotFoundError: there is none.
+        ValueError: not valid JSON.
+        VerificationError: too large, or larger than 16 MiB and not laid out as cfwrap writes.
+        OSError: it cannot be read.
+    """
+    from cfwrap import files
+
+    members = _Members()
+    with files.open_input(path, limit=MAX_FILE) as f:
+        size = os.fstat(f.fileno()).st_size
+        head: list[bytes] = []
+        held = 0  # bytes of head: bounded, so a member list that is not laid out stays small
+        part = "head"
+        while part != "other" and (line := f.readline(files.MAX_INPUT + 1)):
+            if len(line) > files.MAX_INPUT or held > files.MAX_INPUT:
+                part = "other"
+            elif part == "members" and line.startswith(_CLOSE):
+                head.append(b'  "members": []' + line[len(_CLOSE) :])
+                part = "tail"
+            elif part == "members":
+                part = "members" if members.take(line) else "other"
+            elif part == "head" and line == _OPEN:
+                part = "members"
+            else:
+                head.append(line)
+                held += len(line)
+        if part in ("head", "tail"):
+            data = json.loads(b"".join(head))
+            if part == "tail" and isinstance(data, dict):
+                data["members"] = members.sample
+            return data, members.late
+        if part == "members":
+            raise ValueError("the members' list is cut short")
+        if size > files.MAX_INPUT:
+            raise VerificationError(
+                str(path),
+                "is larger than 16 MiB and not laid out as cfwrap writes it (one member a line)",
+                fix="restore it from a backup, or move it away",
+            )
+        f.seek(0)
+        whole = f.read(files.MAX_INPUT + 1)
+        if len(whole) > files.MAX_INPUT:  # pragma: no cover (it grew since it was measured)
+            raise ValueError("it grew while being read")
+        return json.loads(whole), None
 
 
 def write(
