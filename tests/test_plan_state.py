@@ -137,13 +137,20 @@ def test_records_stay_in_memory_when_no_temporary_file_can_be_made(
     assert list(records.items()) == [("nodes/global/client-1", member_record(1))]
 
 
-def test_records_move_to_memory_when_the_file_stops_taking_them() -> None:
-    """The temporary folder fills up mid-run (here: a file size limit): nothing is lost."""
+@pytest.mark.parametrize("room", [0, 100])
+def test_records_move_to_memory_when_the_file_stops_taking_them(room: int) -> None:
+    """The temporary folder fills up mid-run: nothing is lost, nothing comes back cut short.
+
+    Played by a file size limit: at the file's end a write fails (EFBIG; Python ignores
+    SIGXFSZ), and ``room`` bytes before it a write is cut short without an error, as on a
+    file system that fills up in the middle of a record.
+    """
     records = state.Records()
     for n in range(1, 11):
         records.put(f"nodes/global/client-{n}", member_record(n))
+    written = sum(len(member_record(n)) for n in range(1, 11))
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1, hard))  # Python ignores SIGXFSZ: EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (written + room, hard))
     try:
         for n in range(11, 21):
             records.put(f"nodes/global/client-{n}", member_record(n))
@@ -187,4 +194,38 @@ def test_a_manifest_cut_short_in_its_members_is_not_valid_json(tmp_path: Path) -
     text = path.read_bytes()
     path.write_bytes(text[: text.index(b"client-15")])
     with pytest.raises(VerificationError, match="not valid JSON"):
+        state.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (member_record(3) + b",\n", member_record(3) + b"\n"),  # no comma between members
+        (member_record(20) + b"\n", member_record(20) + b",\n"),  # one after the last
+        (member_record(20) + b"\n  ],", member_record(20) + b"\n  ] x,"),  # after the list
+    ],
+)
+def test_a_member_list_that_is_not_json_is_refused_as_the_whole_document_would_be(
+    tmp_path: Path, old: bytes, new: bytes
+) -> None:
+    state.write(tmp_path, manifest_head(), lambda: [member_record(n) for n in range(1, 21)])
+    path = tmp_path / state.FILE_NAME
+    text = path.read_bytes()
+    assert text.count(old) == 1
+    path.write_bytes(text.replace(old, new))
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(path.read_bytes())  # what any JSON reader says
+    with pytest.raises(VerificationError, match="not valid JSON"):
+        state.load(tmp_path)
+
+
+def test_a_second_members_key_is_refused_not_skipped(tmp_path: Path) -> None:
+    """The reader puts its own list in place of the streamed one: a second one must not hide."""
+    state.write(tmp_path, manifest_head(), lambda: [member_record(n) for n in range(1, 21)])
+    path = tmp_path / state.FILE_NAME
+    text = path.read_bytes()
+    old = member_record(20) + b"\n  ],"
+    assert text.count(old) == 1
+    path.write_bytes(text.replace(old, old + b'\n  "members": [{"folder": "x", "note": "evil"}],'))
+    with pytest.raises(VerificationError, match="the key 'members' appears twice"):
         state.load(tmp_path)

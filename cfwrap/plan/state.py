@@ -8,6 +8,7 @@ holds no timestamp of its own, so an apply that changes nothing writes nothing.
 
 from __future__ import annotations
 
+import errno
 import functools
 import itertools
 import json
@@ -172,7 +173,8 @@ class Records:
             try:
                 if self._file is None:
                     self._file = tempfile.TemporaryFile(prefix="cfwrap-records-")  # noqa: SIM115
-                os.pwrite(self._file.fileno(), line, self._end)
+                if os.pwrite(self._file.fileno(), line, self._end) != len(line):
+                    raise OSError(errno.ENOSPC, "a short write")  # a file system filling up
             except OSError:
                 self._to_memory()
             else:
@@ -334,6 +336,7 @@ class _Members:
         """None met yet."""
         self.sample: list[Any] = []
         self.count = 0
+        self.comma = False  # the last member's line ended with a comma: another must follow
         #: The first member past the sample that fails validation, and its index.
         self.late: tuple[int, ValidationError] | None = None
 
@@ -341,10 +344,12 @@ class _Members:
         """Read one member's line; False when it is not one (the layout is not cfwrap's)."""
         from pydantic import ValidationError
 
-        if not line.startswith(_MEMBER):
-            return False
+        if not line.startswith(_MEMBER) or (self.count and not self.comma):
+            return False  # not a member's line, or the one before it ended the list
+        text = line.rstrip(b"\n")
+        self.comma = text.endswith(b",")
         try:
-            member = json.loads(line.rstrip(b"\n").removesuffix(b","))
+            member = json.loads(text.removesuffix(b","), object_pairs_hook=_unique)
         except ValueError:
             return False
         if self.count < _SAMPLE:
@@ -380,11 +385,15 @@ def _read(path: Path) -> tuple[Any, tuple[int, ValidationError] | None]:
         size = os.fstat(f.fileno()).st_size
         head: list[bytes] = []
         held = 0  # bytes of head: bounded, so a member list that is not laid out stays small
+        read = 0
         part = "head"
         while part != "other" and (line := f.readline(files.MAX_INPUT + 1)):
-            if len(line) > files.MAX_INPUT or held > files.MAX_INPUT:
+            read += len(line)
+            if read > size:
+                raise ValueError("it grew while being read")
+            if held + len(line) > files.MAX_INPUT:
                 part = "other"
-            elif part == "members" and line.startswith(_CLOSE):
+            elif part == "members" and line.startswith(_CLOSE) and not members.comma:
                 head.append(b'  "members": []' + line[len(_CLOSE) :])
                 part = "tail"
             elif part == "members":
@@ -395,7 +404,7 @@ def _read(path: Path) -> tuple[Any, tuple[int, ValidationError] | None]:
                 head.append(line)
                 held += len(line)
         if part in ("head", "tail"):
-            data = json.loads(b"".join(head))
+            data = json.loads(b"".join(head), object_pairs_hook=_unique)
             if part == "tail" and isinstance(data, dict):
                 data["members"] = members.sample
             return data, members.late
@@ -411,7 +420,25 @@ def _read(path: Path) -> tuple[Any, tuple[int, ValidationError] | None]:
         whole = f.read(files.MAX_INPUT + 1)
         if len(whole) > files.MAX_INPUT:  # pragma: no cover (it grew since it was measured)
             raise ValueError("it grew while being read")
-        return json.loads(whole), None
+        return json.loads(whole, object_pairs_hook=_unique), None
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different (cfwrap never writes one twice).
+
+    Raises:
+        ValueError: a key twice. JSON readers disagree on which one counts, and the reader
+            of the streamed members puts its own ``members`` in place of the list: a second
+            ``members`` key would otherwise go unchecked.
+    """
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"the key {key!r} appears twice in one object")
+            seen.add(key)
+    return data
 
 
 def write(
