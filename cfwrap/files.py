@@ -106,7 +106,7 @@ def open_input(path: Path, *, limit: int = MAX_INPUT) -> BinaryIO:
         UnreadableInput: not a regular file (FIFO, device, socket, folder), or too large.
         OSError: the file cannot be opened (missing, permissions).
     """
-    _refuse_special(path, path.stat().st_mode)  # before open: opening a device can act
+    _refuse_special(path, path.stat().st_mode)  # as read_input: opening a device can act
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         info = os.fstat(fd)
