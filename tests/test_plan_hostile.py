@@ -261,3 +261,22 @@ def test_leaves_that_would_outlive_the_ca_on_disk_are_refused(tmp_path):
     line = one_line(result)
     assert "CA gen-1" in line and "expires on" in line and "--rotate-ca" in line
     assert files_of(tree) == before
+
+
+@pytest.mark.parametrize("target", ["a copy", "nothing"])
+def test_a_symlinked_plan_manifest_is_refused_by_every_command_alike(tmp_path, target):
+    """Dangling or not: a dry run used to read a dangling one as "no manifest, no changes"."""
+    tree = apply_plan(tmp_path)
+    manifest = tree / "plan-manifest.json"
+    elsewhere = tmp_path / "elsewhere.json"
+    shutil.copy(manifest, elsewhere)
+    if target == "nothing":
+        elsewhere.unlink()
+    manifest.unlink()
+    manifest.symlink_to(elsewhere)
+    for argv in (["apply", "c.toml", "--dry-run"], ["status", "c.toml"], ["apply", "c.toml"]):
+        result = run(tmp_path, *argv)
+        assert result.returncode == 4, (argv, result.stderr)
+        assert "plan-manifest.json: is a symlink" in one_line(result)
+    assert manifest.is_symlink()
+    assert elsewhere.exists() == (target == "a copy")

@@ -21,7 +21,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cfwrap.errors import VerificationError
+from cfwrap.errors import ConflictError, VerificationError
 
 if TYPE_CHECKING:
     import jsonschema
@@ -277,11 +277,19 @@ def load(root: Path) -> PlanManifest | None:
 
     Raises:
         VerificationError: it exists but is damaged.
+        ConflictError: it is a symlink (an apply would refuse to write through it, so every
+            reader refuses it alike, dangling or not).
     """
     from pydantic import ValidationError
 
     path = root / FILE_NAME
     fix = "restore it, or move it away"
+    if path.is_symlink():
+        raise ConflictError(
+            path,
+            "is a symlink; cfwrap never reads or writes the plan manifest through one",
+            fix="replace it with the file itself, or move it away",
+        )
     try:
         data, late = _read(path)
     except FileNotFoundError:
