@@ -21,12 +21,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cfwrap import parsers
+from cfwrap import parsers, schema_files
 from cfwrap.errors import VerificationError
 from cfwrap.nomad import parse_file_stem, role_of
 
 if TYPE_CHECKING:
-    import jsonschema
     from cryptography import x509
 
     from cfwrap.files import FileSet, StagedFolder
@@ -316,32 +315,6 @@ def build_written(entries: Mapping[str, tuple[bytes, int]], tools: list[ToolReco
     return Manifest(created_at=datetime.now(UTC), tools=tools, artifacts=describe(entries))
 
 
-@functools.cache
-def _schema() -> dict[str, Any]:
-    from cfwrap import schema_files
-
-    return schema_files.load(SCHEMA_FILE)
-
-
-def _surely_valid(data: object) -> bool:
-    """True if ``data`` surely satisfies the schema, found without importing jsonschema.
-
-    Importing jsonschema costs ~50 ms, a fifth of a quickstart; ``schema_files.conforms``
-    passes only what jsonschema passes, and jsonschema decides (and words) the rest.
-    """
-    from cfwrap import schema_files
-
-    return schema_files.conforms(_schema(), data)
-
-
-@functools.cache
-def _validator() -> jsonschema.Draft202012Validator:
-    """The checked-in schema, read and compiled once per process."""
-    import jsonschema
-
-    return jsonschema.Draft202012Validator(_schema())
-
-
 def to_json(manifest: Manifest, *, check_schema: bool = True) -> bytes:
     """Serialise a manifest and validate it against the checked-in schema.
 
@@ -356,8 +329,8 @@ def to_json(manifest: Manifest, *, check_schema: bool = True) -> bytes:
         return (manifest.model_dump_json(indent=2) + "\n").encode()
     data = json.loads(manifest.model_dump_json())
     errors = []
-    if not _surely_valid(data):
-        errors = sorted(_validator().iter_errors(data), key=str)
+    if not schema_files.surely_valid(SCHEMA_FILE, data):
+        errors = sorted(schema_files.validator(SCHEMA_FILE).iter_errors(data), key=str)
     if errors:
         where = "/".join(str(p) for p in errors[0].absolute_path) or "(top)"
         raise VerificationError(
@@ -388,12 +361,12 @@ def load(folder: Path) -> Manifest:
         raise VerificationError(str(path), "nested too deeply", fix=repair) from None
     except ValueError as e:
         raise VerificationError(str(path), f"not valid JSON ({e})", fix=repair) from None
-    if _surely_valid(data):
+    if schema_files.surely_valid(SCHEMA_FILE, data):
         return Manifest.model_validate(data)
     import jsonschema
 
     try:
-        _validator().validate(data)
+        schema_files.validator(SCHEMA_FILE).validate(data)
     except jsonschema.ValidationError as e:
         where = "/".join(str(p) for p in e.absolute_path) or "(top)"
         raise VerificationError(

@@ -65,6 +65,12 @@ def member_record(n: int) -> bytes:
     )
 
 
+def _twenty_members(root: Path) -> Path:
+    """A plan manifest of twenty members written into ``root``; its path."""
+    state.write(root, manifest_head(), lambda: [member_record(n) for n in range(1, 21)])
+    return root / state.FILE_NAME
+
+
 def test_records_come_back_by_folder_and_keep_no_name_on_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -176,8 +182,7 @@ def test_a_fleet_manifest_is_read_in_bounded_memory(tmp_path: Path) -> None:
 def test_a_manifest_laid_out_by_hand_is_read_when_small_and_refused_when_large(
     tmp_path: Path,
 ) -> None:
-    state.write(tmp_path, manifest_head(), lambda: [member_record(n) for n in range(1, 21)])
-    path = tmp_path / state.FILE_NAME
+    path = _twenty_members(tmp_path)
     data = json.loads(path.read_bytes())
     path.write_text(json.dumps(data, indent=4))  # another layout: parsed whole, as JSON
     assert state.load(tmp_path) is not None
@@ -189,8 +194,7 @@ def test_a_manifest_laid_out_by_hand_is_read_when_small_and_refused_when_large(
 
 
 def test_a_manifest_cut_short_in_its_members_is_not_valid_json(tmp_path: Path) -> None:
-    state.write(tmp_path, manifest_head(), lambda: [member_record(n) for n in range(1, 21)])
-    path = tmp_path / state.FILE_NAME
+    path = _twenty_members(tmp_path)
     text = path.read_bytes()
     path.write_bytes(text[: text.index(b"client-15")])
     with pytest.raises(VerificationError, match="not valid JSON"):
@@ -208,8 +212,7 @@ def test_a_manifest_cut_short_in_its_members_is_not_valid_json(tmp_path: Path) -
 def test_a_member_list_that_is_not_json_is_refused_as_the_whole_document_would_be(
     tmp_path: Path, old: bytes, new: bytes
 ) -> None:
-    state.write(tmp_path, manifest_head(), lambda: [member_record(n) for n in range(1, 21)])
-    path = tmp_path / state.FILE_NAME
+    path = _twenty_members(tmp_path)
     text = path.read_bytes()
     assert text.count(old) == 1
     path.write_bytes(text.replace(old, new))
@@ -221,8 +224,7 @@ def test_a_member_list_that_is_not_json_is_refused_as_the_whole_document_would_b
 
 def test_a_second_members_key_is_refused_not_skipped(tmp_path: Path) -> None:
     """The reader puts its own list in place of the streamed one: a second one must not hide."""
-    state.write(tmp_path, manifest_head(), lambda: [member_record(n) for n in range(1, 21)])
-    path = tmp_path / state.FILE_NAME
+    path = _twenty_members(tmp_path)
     text = path.read_bytes()
     old = member_record(20) + b"\n  ],"
     assert text.count(old) == 1

@@ -60,14 +60,16 @@ def _paths(data: object, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     return found
 
 
-@settings(
-    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(data=st.data())
-def test_what_conforms_passes_jsonschema_passes(
-    manifest_data: dict[str, Any], data: st.DataObject
-) -> None:
-    mutated: Any = copy.deepcopy(manifest_data)
+def _mutate(
+    original: Any, data: st.DataObject, actions: list[str], values: st.SearchStrategy[Any]
+) -> Any:
+    """A copy of ``original`` changed in one to three places, each by one of ``actions``.
+
+    ``replace`` a value (with one of ``values``), ``swap`` in another value of the same
+    document (often still valid), ``delete`` it, ``empty`` it (a list with nothing in it: what
+    minItems refuses), or ``add`` a key or item beside it.
+    """
+    mutated: Any = copy.deepcopy(original)
     for _ in range(data.draw(st.integers(1, 3))):
         paths = _paths(mutated)
         where = data.draw(st.sampled_from(paths))
@@ -77,20 +79,33 @@ def test_what_conforms_passes_jsonschema_passes(
         parent = mutated
         for step in where[:-1]:
             parent = parent[step]
-        action = data.draw(st.sampled_from(["replace", "swap", "delete", "add"]))
+        action = data.draw(st.sampled_from(actions))
         if action == "replace":
-            parent[where[-1]] = data.draw(JSON)
-        elif action == "swap":  # another value of the same manifest: often still valid
+            parent[where[-1]] = data.draw(values)
+        elif action == "swap":
             source: Any = mutated
             for step in data.draw(st.sampled_from(paths)):
                 source = source[step]
             parent[where[-1]] = copy.deepcopy(source)
         elif action == "delete":
             del parent[where[-1]]
+        elif action == "empty":
+            parent[where[-1]] = []
         elif isinstance(parent, dict):
             parent[data.draw(st.text(max_size=6))] = data.draw(JSON)
         else:
             parent.append(data.draw(JSON))
+    return mutated
+
+
+@settings(
+    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_what_conforms_passes_jsonschema_passes(
+    manifest_data: dict[str, Any], data: st.DataObject
+) -> None:
+    mutated = _mutate(manifest_data, data, ["replace", "swap", "delete", "add"], JSON)
     if schema_files.conforms(SCHEMA, mutated):
         assert not list(VALIDATOR.iter_errors(mutated))
 
@@ -129,27 +144,8 @@ def test_what_conforms_passes_of_a_plan_manifest_jsonschema_passes(
     plan_manifest_data: dict[str, Any], data: st.DataObject
 ) -> None:
     """Its schema has ``minimum`` and ``minItems`` besides the kit manifest's keywords."""
-    mutated: Any = copy.deepcopy(plan_manifest_data)
-    for _ in range(data.draw(st.integers(1, 3))):
-        paths = _paths(mutated)
-        where = data.draw(st.sampled_from(paths))
-        if not where:
-            mutated = data.draw(JSON)
-            continue
-        parent = mutated
-        for step in where[:-1]:
-            parent = parent[step]
-        action = data.draw(st.sampled_from(["replace", "delete", "empty", "add"]))
-        if action == "replace":
-            parent[where[-1]] = data.draw(JSON | st.sampled_from([-1, 0, -0.5, 1.5, [], True]))
-        elif action == "delete":
-            del parent[where[-1]]
-        elif action == "empty":  # an emptied list: what minItems refuses
-            parent[where[-1]] = []
-        elif isinstance(parent, dict):
-            parent[data.draw(st.text(max_size=6))] = data.draw(JSON)
-        else:
-            parent.append(data.draw(JSON))
+    values = JSON | st.sampled_from([-1, 0, -0.5, 1.5, [], True])
+    mutated = _mutate(plan_manifest_data, data, ["replace", "delete", "empty", "add"], values)
     if schema_files.conforms(PLAN_SCHEMA, mutated):
         assert not list(PLAN_VALIDATOR.iter_errors(mutated))
 

@@ -9,7 +9,6 @@ holds no timestamp of its own, so an apply that changes nothing writes nothing.
 from __future__ import annotations
 
 import errno
-import functools
 import itertools
 import json
 import os
@@ -21,10 +20,10 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cfwrap import schema_files
 from cfwrap.errors import ConflictError, VerificationError
 
 if TYPE_CHECKING:
-    import jsonschema
     from pydantic import ValidationError
 from cfwrap.manifest import ToolRecord
 from cfwrap.nomad import Role
@@ -103,30 +102,6 @@ def json_schema() -> dict[str, Any]:
         "$id": "https://cfwrap.invalid/schemas/plan-manifest.schema.json",
         **PlanManifest.model_json_schema(),
     }
-
-
-@functools.cache
-def _validator() -> jsonschema.Draft202012Validator:
-    import jsonschema
-
-    return jsonschema.Draft202012Validator(_schema())
-
-
-def _surely_valid(data: object) -> bool:
-    """True if ``data`` surely satisfies the schema, found without importing jsonschema.
-
-    (~50 ms of every apply and status.) jsonschema decides, and words, every doubt.
-    """
-    from cfwrap import schema_files
-
-    return schema_files.conforms(_schema(), data)
-
-
-@functools.cache
-def _schema() -> dict[str, Any]:
-    from cfwrap import schema_files
-
-    return schema_files.load(SCHEMA_FILE)
 
 
 def _sample(data: dict[str, Any]) -> dict[str, Any]:
@@ -229,9 +204,9 @@ def _check_sample(manifest: PlanManifest, lines: list[bytes]) -> None:
     """
     sample = json.loads(manifest.model_copy(update={"members": []}).model_dump_json())
     sample["members"] = [json.loads(line) for line in lines]
-    if _surely_valid(sample):
+    if schema_files.surely_valid(SCHEMA_FILE, sample):
         return
-    errors = sorted(_validator().iter_errors(sample), key=str)
+    errors = sorted(schema_files.validator(SCHEMA_FILE).iter_errors(sample), key=str)
     if errors:
         raise VerificationError(
             FILE_NAME,
@@ -299,11 +274,11 @@ def load(root: Path) -> PlanManifest | None:
             str(path), f"not valid JSON ({e})", fix="restore it from a backup, or move it away"
         ) from None
     sample = _sample(data) if isinstance(data, dict) else data
-    if not _surely_valid(sample):
+    if not schema_files.surely_valid(SCHEMA_FILE, sample):
         import jsonschema
 
         try:
-            _validator().validate(sample)
+            schema_files.validator(SCHEMA_FILE).validate(sample)
         except jsonschema.ValidationError as e:
             where = "/".join(str(p) for p in e.absolute_path) or "(top)"
             raise VerificationError(
