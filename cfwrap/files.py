@@ -17,6 +17,7 @@ import re
 import secrets
 import shutil
 import stat
+import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -127,14 +128,16 @@ def holds(path: Path, data: bytes | Iterable[bytes]) -> bool:
     """True when ``path`` is a regular file holding exactly ``data`` (or its pieces, in order).
 
     Compared a piece at a time: a large file (a fleet's plan manifest) is never held whole.
+    Opened as :func:`open_input` opens an input; anything but a regular file holds nothing.
 
     Raises:
         OSError: the file cannot be opened or read (missing, permissions).
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return False
+    try:
+        f = open_input(path, limit=sys.maxsize)
+    except UnreadableInput:
+        return False
+    with f:
         for piece in [data] if isinstance(data, bytes) else data:
             if f.read(len(piece)) != piece:
                 return False
