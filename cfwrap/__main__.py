@@ -1,5 +1,5 @@
 """Run the CLI as ``python -m cfwrap``."""
 
-from cfwrap.cli import main
+from cfwrap.cli import run
 
-raise SystemExit(main())
+run()

@@ -737,21 +737,28 @@ class TreeStaging:
         """Write a new file at ``relative`` inside the stage (its folders are made 0700)."""
         # Plain strings, not Path objects: a plan writes tens of thousands of these.
         path = f"{self.path}/{relative}"
-        with _os_errors(Path(path)):
+        try:
             self._folder(path.rpartition("/")[0])
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
             try:
                 os.fchmod(fd, mode)  # the umask cut the mode at creation
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                _write_all(fd, data)
             finally:
                 os.close(fd)
+        except OSError as e:
+            raise FileSystemError(Path(path), e) from e
 
     def _folder(self, folder: str) -> None:
-        if folder not in self._made:
-            os.makedirs(folder, mode=DIR_MODE, exist_ok=True)  # noqa: PTH103 (strings, as above)
-            self._made.add(folder)
+        if folder in self._made:
+            return
+        try:
+            os.mkdir(folder, DIR_MODE)  # noqa: PTH102 (strings, as above): its parent is there
+        except FileNotFoundError:
+            os.makedirs(folder, mode=DIR_MODE, exist_ok=True)  # noqa: PTH103 (the first of a kind)
+        except FileExistsError:
+            if not os.path.isdir(folder):  # noqa: PTH112 (as makedirs with exist_ok)
+                raise
+        self._made.add(folder)
 
     def sync(self) -> None:
         """Flush everything written so far to disk: once, before anything is placed."""

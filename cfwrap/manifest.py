@@ -13,6 +13,7 @@ import functools
 import hashlib
 import itertools
 import json
+import os
 import stat
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -156,12 +157,13 @@ def _parse_certificates(data: bytes) -> _Parsed:
 class _Read:
     """One file's bytes and what parsing them found."""
 
-    def __init__(self, path: Path, data: bytes, mode: int) -> None:
-        """Parse ``data``, the content of ``path`` (whose mode is ``mode``)."""
-        self.path = path
+    def __init__(self, name: str, data: bytes, mode: int) -> None:
+        """Parse ``data``, the content of the file ``name`` (whose mode is ``mode``)."""
+        self.name = name
         self.data = data
         self.mode = mode
-        self.pem = parsers.pem_kind(self.data) if path.suffix in (".pem", ".csr") else None
+        suffix = os.path.splitext(name)[1]  # noqa: PTH122 (Path.suffix, without a Path each)
+        self.pem = parsers.pem_kind(self.data) if suffix in (".pem", ".csr") else None
         self.cert: x509.Certificate | None = None
         self.facts: parsers.CertFacts | None = None
         #: The certificates after the first: a CA bundle's other CAs (during a CA rotation), or
@@ -178,7 +180,7 @@ class _Read:
         """Read ``path``."""
         from cfwrap.files import read_input
 
-        return cls(path, read_input(path), stat.S_IMODE(path.stat().st_mode))
+        return cls(path.name, read_input(path), stat.S_IMODE(path.stat().st_mode))
 
     def private_key_hash(self) -> str | None:
         """The SHA-256 of the public half of the private key this file holds; None if none.
@@ -221,7 +223,7 @@ def describe(entries: Mapping[str, tuple[bytes, int]]) -> list[Artifact]:
     them back cost a tenth of a fleet's issuance. Every other manifest is built by :func:`scan`.
     """
     return _artifacts(
-        {name: _Read(Path(name), data, mode) for name, (data, mode) in sorted(entries.items())}
+        {name: _Read(name, data, mode) for name, (data, mode) in sorted(entries.items())}
     )
 
 
@@ -274,7 +276,7 @@ def _certificate_info(
 ) -> CertificateInfo:
     assert read.facts is not None and read.cert is not None  # noqa: S101 (caller checked)
     facts = read.facts
-    key = reads.get(f"{_pair_stem(read.path.name)}-key.pem")
+    key = reads.get(f"{_pair_stem(read.name)}-key.pem")
     key_hash = key.private_key_hash() if key is not None else None
     return CertificateInfo(
         subject=facts.subject,

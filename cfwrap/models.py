@@ -7,6 +7,7 @@ runs. Serialised with :func:`to_cfssl_json`, they are exactly the files a person
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from datetime import timedelta
@@ -35,6 +36,7 @@ MIN_LIFETIME = timedelta(hours=1)
 MAX_LIFETIME = timedelta(days=365 * 30)
 
 
+@functools.lru_cache(maxsize=256)  # a plan's thousands of certificates share a few lifetimes
 def parse_duration(text: str) -> timedelta:
     """Parse a positive Go duration such as ``8760h`` or ``1h30m`` into a timedelta.
 

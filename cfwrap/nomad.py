@@ -8,6 +8,7 @@ wildcards), ``command/tls_cert_create.go`` (CN and SANs per role, ``localhost`` 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Sequence
@@ -288,7 +289,12 @@ class CertSpec(BaseModel):
 
     def profile(self) -> SigningProfile:
         """The signing profile for this certificate's role."""
-        return SigningProfile(usages=usages_for(self.role, self.key), expiry=self.expiry)
+        return _profile(self.role, self.key, self.expiry)
+
+
+@functools.lru_cache(maxsize=64)  # frozen, and the same for a plan's thousands of nodes
+def _profile(role: Role, key: KeySpec, expiry: str) -> SigningProfile:
+    return SigningProfile(usages=usages_for(role, key), expiry=expiry)
 
 
 def signing_config(specs: Sequence[CertSpec]) -> SigningConfig:

@@ -141,3 +141,45 @@ def test_sigterm_stops_both_processes_and_their_signers(tmp_path):
     assert _processes_with(str(path)) == [], "the second process outlived cfwrap"
     assert not (tree / "nodes").exists()
     assert not list(tree.glob(".cfwrap-stage-*"))
+
+
+def _taken(claims: shards.Claims, *, pause: float = 0.0, stop_after: int | None = None) -> list[int]:
+    taken: list[int] = []
+    for n, chunk in enumerate(claims.take()):
+        taken += chunk
+        time.sleep(pause)
+        if stop_after is not None and n + 1 >= stop_after:
+            break
+    return taken
+
+
+def test_claims_give_each_item_to_exactly_one_of_two_processes():
+    with shards.Claims(1000) as claims:
+        helper = shards.fork(lambda _: [json.dumps(_taken(claims, pause=0.001))])
+        try:
+            mine = _taken(claims, pause=0.001)
+            theirs = json.loads(next(iter(helper.join(on_wait=lambda: None))))
+        finally:
+            helper.stop()
+    assert mine and theirs, "both processes took part"
+    assert sorted(mine + theirs) == list(range(1000))  # every item once, none twice
+
+
+def test_a_process_that_stops_claiming_leaves_the_rest_to_the_other():
+    with shards.Claims(1000) as claims:
+        helper = shards.fork(lambda _: [json.dumps(_taken(claims, stop_after=1))])
+        try:
+            theirs = json.loads(next(iter(helper.join(on_wait=lambda: None))))
+            mine = _taken(claims)
+        finally:
+            helper.stop()
+    assert len(theirs) == claims.chunk
+    assert sorted(mine + theirs) == list(range(1000))
+
+
+def test_claims_of_any_size_fit_the_pipe_and_cover_every_item():
+    for total in (0, 1, shards.MIN_CHUNK + 1, 4096, 10**6 + 3):
+        with shards.Claims(total) as claims:  # would block here if the tokens outgrew the pipe
+            chunks = list(claims.take())
+        assert len(chunks) <= shards.MAX_TURNS
+        assert [i for chunk in chunks for i in chunk] == list(range(total))

@@ -11,6 +11,7 @@ written last, and only when its bytes change. An unchanged plan writes nothing.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -731,44 +732,53 @@ class _Run:
         self._done, self._total = 0, total
         for region_key, works in by_region.items():
             signer = self.signing.signer(region_key)
-            share = self._share(works)
-            helper = shards.fork(self._child(stage, signer, config, share)) if share else None
-            try:
-                chosen = {id(w) for w in share}
-                mine = [w for w in works if id(w) not in chosen]
-                updates += self._sign(stage, signer, config, mine, helper=helper)
-                if helper is not None:
+            shared = self._shared(works)
+            if not shared:
+                updates += self._sign(stage, signer, config, works, helper=None)
+                continue
+            rest = [w for w in works if w.kind != "create"]
+            with shards.Claims(len(shared)) as claims:
+                helper = shards.fork(self._child(stage, signer, config, shared, claims))
+                try:
+                    mine = itertools.chain(rest, _claimed(shared, claims))
+                    updates += self._sign(stage, signer, config, mine, helper=helper)
                     for line in helper.join(on_wait=functools.partial(self._tick, helper)):
                         folder, _, data = line.partition("\t")
                         self.records.put(folder, data.encode())
                     self._done += helper.done()
-            finally:
-                if helper is not None:
+                finally:
                     helper.stop()
         return updates
 
-    def _share(self, works: list[Work]) -> list[Work]:
-        """The new members a second process signs and stages: half of them, for a large plan.
+    def _shared(self, works: list[Work]) -> list[Work]:
+        """The new members this process and a second one share, for a large plan; else none.
 
         One Python process is the bottleneck of a fleet's issuance (keys, requests, checks,
         files); a second one, with a cfssl of its own, uses the machine's other core. Only
-        new members: they land in the shared stage, placed by this process afterwards.
+        new members: they land in the shared stage, placed by this process afterwards. Each
+        process takes the next few of them whenever it is free (:class:`shards.Claims`).
         """
         if self.d.remote is not None or (os.cpu_count() or 1) < 2:
             return []
         creates = [w for w in works if w.kind == "create"]
-        return creates[1::2] if len(creates) >= shards.MIN_SHARE else []
+        return creates if len(creates) >= shards.MIN_SHARE else []
 
     def _child(
-        self, stage: files.TreeStaging, signer: cas.Signer, config: SigningConfig, share: list[Work]
+        self,
+        stage: files.TreeStaging,
+        signer: cas.Signer,
+        config: SigningConfig,
+        shared: list[Work],
+        claims: shards.Claims,
     ) -> Callable[[shards.Report], Iterator[str]]:
-        """What the second process runs: sign and stage ``share``; its records, as JSON lines."""
+        """What the second process runs: its claims of ``shared``; its records, as JSON lines."""
 
         def run(report: shards.Report) -> Iterator[str]:
             self.progress = None
             self.records = state.Records()
             self._done = 0
-            self._sign(stage, signer, config, share, helper=None, report=report)
+            mine = _claimed(shared, claims)
+            self._sign(stage, signer, config, mine, helper=None, report=report)
             return (f"{folder}\t{data.decode()}" for folder, data in self.records.items())
 
         return run
@@ -782,7 +792,7 @@ class _Run:
         stage: files.TreeStaging,
         signer: cas.Signer,
         config: SigningConfig,
-        works: list[Work],
+        works: Iterable[Work],
         *,
         helper: shards.Helper | None,
         report: shards.Report | None = None,
@@ -846,7 +856,7 @@ class _Run:
         intermediates = self.plan.ca.intermediates and self.d.remote is None
         return work.member.region if intermediates else ""
 
-    def _requests(self, works: list[Work], keys: dict[str, bytes]) -> Iterator[SignRequest]:
+    def _requests(self, works: Iterable[Work], keys: dict[str, bytes]) -> Iterator[SignRequest]:
         from cfwrap import keys as keymaker
         from cfwrap.issuer import SignRequest
 
@@ -1043,6 +1053,12 @@ class _Run:
             from cfwrap.errors import FileSystemError
 
             raise FileSystemError(source, e) from e
+
+
+def _claimed(shared: list[Work], claims: shards.Claims) -> Iterator[Work]:
+    """The members of ``shared`` this process claims, as it gets free for each next chunk."""
+    for chunk in claims.take():
+        yield from (shared[i] for i in chunk)
 
 
 def _one_per_role(work: list[Work]) -> list[Work]:
