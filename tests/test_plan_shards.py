@@ -143,7 +143,9 @@ def test_sigterm_stops_both_processes_and_their_signers(tmp_path):
     assert not list(tree.glob(".cfwrap-stage-*"))
 
 
-def _taken(claims: shards.Claims, *, pause: float = 0.0, stop_after: int | None = None) -> list[int]:
+def _taken(
+    claims: shards.Claims, *, pause: float = 0.0, stop_after: int | None = None
+) -> list[int]:
     taken: list[int] = []
     for n, chunk in enumerate(claims.take()):
         taken += chunk
