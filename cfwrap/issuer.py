@@ -882,47 +882,104 @@ class LocalSigner:
                 something other than one certificate for the request's key.
             RuntimeError: called outside the ``with`` block.
         """
-        service = self._service
-        if service is None:
-            raise RuntimeError("the local signer is not running: use it inside its with block")
-        self._check_profile(request)
-        spki = _csr_public_key(request)
-        body = _body(self._auth_key, request)
-        for attempt in range(2):
-            with self._lock:
-                connection = self._idle.pop() if self._idle else None
-            reused = connection is not None
-            if connection is None:
-                connection = http.client.HTTPConnection("127.0.0.1", self._port, timeout=30.0)
-            try:
-                status, answer = _post(connection, AUTHSIGN, body)
-            except _CONNECTION_ERRORS as e:
-                connection.close()
-                if service.wait(0.2):  # a reset comes before the exit is seen: wait a moment
-                    raise self._died(request, service) from e
-                if reused and attempt == 0:
-                    continue  # a kept-alive connection the server had closed: once more, new
-                raise ToolFailedError(
-                    "cfssl",
-                    f"{request.where}: {_connection_failure(e)} at {self.url}",
-                    argv=service.call.argv,
-                    fix=_RESTART_FIX,
-                ) from e
-            with self._lock:
-                self._idle.append(connection)
-            return _certificate(request, spki, status, answer)
-        raise AssertionError("unreachable")  # pragma: no cover
+        return self._receive(self._send(request))
 
     def sign_all(self, requests: Iterable[SignRequest]) -> Iterator[tuple[SignRequest, bytes]]:
-        """Sign many requests, ``workers`` at a time, yielding each with its certificate in order.
+        """Sign many requests, ``workers`` in flight, yielding each with its certificate in order.
 
-        At most twice ``workers`` requests are pending at once, so memory stays flat however
-        many there are. The first failure (in input order) is raised, and the requests not yet
-        sent are dropped.
+        All from the calling thread: each request is sent on a kept-alive connection of its own
+        and the answers are read oldest first, so cfssl works on the next ones while the caller
+        handles one. (Worker threads cost more than they saved: handing each request to one and
+        its answer back took more than the HTTP exchange itself.) Requests are pulled as they
+        are sent, so memory stays flat however many there are. The first failure (in input
+        order) is raised, and the requests not yet sent are dropped.
 
         Raises:
             InputError: see :meth:`sign`.
             ToolFailedError: see :meth:`sign`.
         """
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="cfwrap-sign") as pool:
-            yield from _in_order(self.sign, requests, pool=pool, workers=self.workers)
+        in_flight: collections.deque[_Sent] = collections.deque()
+        try:
+            for request in requests:
+                in_flight.append(self._send(request))
+                if len(in_flight) >= self.workers:
+                    sent = in_flight.popleft()
+                    yield sent.request, self._receive(sent)
+            while in_flight:
+                sent = in_flight.popleft()
+                yield sent.request, self._receive(sent)
+        finally:
+            for sent in in_flight:  # sent, never read: its connection cannot be used again
+                sent.connection.close()
+
+    def _send(self, request: SignRequest, *, fresh: bool = False) -> _Sent:
+        """Check ``request`` and send it on an idle connection (a new one if ``fresh``)."""
+        service = self._running()
+        self._check_profile(request)
+        spki = _csr_public_key(request)
+        body = _body(self._auth_key, request)
+        for attempt in range(2):
+            connection = None
+            if not fresh:
+                with self._lock:
+                    connection = self._idle.pop() if self._idle else None
+            reused = connection is not None
+            if connection is None:
+                connection = http.client.HTTPConnection("127.0.0.1", self._port, timeout=30.0)
+            try:
+                connection.request(
+                    "POST", AUTHSIGN, body=body, headers={"Content-Type": "application/json"}
+                )
+            except _CONNECTION_ERRORS as e:
+                connection.close()
+                self._raise_if_died(request, service, e)
+                if reused and attempt == 0:
+                    continue  # a kept-alive connection the server had closed: once more, new
+                raise self._unreachable(request, service, e) from e
+            return _Sent(request, spki, connection, reused=reused)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _receive(self, sent: _Sent) -> bytes:
+        """Read the answer to ``sent``; once more on a new connection if a kept-alive one failed."""
+        service = self._running()
+        try:
+            response = sent.connection.getresponse()
+            status, answer = response.status, response.read()
+        except _CONNECTION_ERRORS as e:
+            sent.connection.close()
+            self._raise_if_died(sent.request, service, e)
+            if sent.reused:  # the server had closed it: once more, on a new one
+                return self._receive(self._send(sent.request, fresh=True))
+            raise self._unreachable(sent.request, service, e) from e
+        with self._lock:
+            self._idle.append(sent.connection)
+        return _certificate(sent.request, sent.spki, status, answer)
+
+    def _running(self) -> Service:
+        if self._service is None:
+            raise RuntimeError("the local signer is not running: use it inside its with block")
+        return self._service
+
+    def _raise_if_died(self, request: SignRequest, service: Service, error: BaseException) -> None:
+        if service.wait(0.2):  # a reset comes before the exit is seen: wait a moment
+            raise self._died(request, service) from error
+
+    def _unreachable(
+        self, request: SignRequest, service: Service, error: BaseException
+    ) -> ToolFailedError:
+        return ToolFailedError(
+            "cfssl",
+            f"{request.where}: {_connection_failure(error)} at {self.url}",
+            argv=service.call.argv,
+            fix=_RESTART_FIX,
+        )
+
+
+@dataclass(frozen=True)
+class _Sent:
+    """A request sent to the local signer, its answer not read yet."""
+
+    request: SignRequest
+    spki: bytes
+    connection: http.client.HTTPConnection
+    reused: bool
