@@ -533,6 +533,7 @@ def cli_env(*, address: str, ca_file: str, cert_file: str, key_file: str) -> str
     return "".join(f"{k}={_env_value(v)}\n" for k, v in pairs.items())
 
 
+@functools.lru_cache(maxsize=1024)  # every node's hosts hold localhost and 127.0.0.1
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)

@@ -148,7 +148,7 @@ class Helper:
 def fork(run: Callable[[Report], Iterable[str]]) -> Helper:
     """Run ``run`` in a forked child; ``run`` gets a function to report its progress with.
 
-    Call it before this process starts threads of its own (a signer's workers): a fork copies
+    Call it before this process starts threads of its own (those watching a cfssl): a fork copies
     only the calling thread.
     """
     counter = mmap.mmap(-1, 8)
