@@ -45,7 +45,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from cfwrap import files, parsers
-from cfwrap.errors import FileSystemError, InputError, ToolFailedError
+from cfwrap.errors import CfwrapError, FileSystemError, InputError, ToolFailedError
 from cfwrap.models import SigningConfig
 from cfwrap.runner import Call, Service, remember_private_keys, remember_secret, start_service
 from cfwrap.text import printable
@@ -154,7 +154,7 @@ def _refusal(status: int, body: bytes) -> str:
         data = json.loads(body)
         errors = data.get("errors") if isinstance(data, dict) else None
         first = errors[0] if isinstance(errors, list) and errors else None
-    except ValueError:
+    except (ValueError, RecursionError):
         first = None
     if isinstance(first, dict) and isinstance(first.get("message"), str):
         return _one_line(f"{first['message']} (code {first.get('code')}, HTTP {status})")
@@ -172,7 +172,7 @@ def _certificate(request: SignRequest, spki: bytes, status: int, body: bytes) ->
 
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past Python's stack
         data = None
     result = data.get("result") if isinstance(data, dict) else None
     if status != 200 or not isinstance(data, dict) or data.get("success") is not True:
@@ -182,7 +182,9 @@ def _certificate(request: SignRequest, spki: bytes, status: int, body: bytes) ->
             fix="check the request's profile and names against the signer's policy",
         )
     cert = result.get("certificate") if isinstance(result, dict) else None
-    pem = cert.encode().strip() + b"\n" if isinstance(cert, str) else b""
+    pem = b""
+    if isinstance(cert, str) and cert.isascii():  # a PEM is ASCII (a lone surrogate is not)
+        pem = cert.encode().strip() + b"\n"
     if (
         not pem.startswith(b"-----BEGIN CERTIFICATE-----\n")
         or not pem.endswith(b"-----END CERTIFICATE-----\n")
@@ -259,7 +261,10 @@ def _target(url: str, ssl_context: ssl.SSLContext | None) -> _Target:
 def _post(connection: http.client.HTTPConnection, path: str, body: bytes) -> tuple[int, bytes]:
     connection.request("POST", path, body=body, headers={"Content-Type": "application/json"})
     response = connection.getresponse()
-    return response.status, response.read()
+    try:
+        return response.status, response.read()
+    finally:
+        response.close()  # now, not in a finalizer: see LocalSigner._receive
 
 
 # What a kept-alive connection the server has closed raises on its next request (EOF before the
@@ -812,6 +817,7 @@ class LocalSigner:
             connection.request("GET", path)
             response = connection.getresponse()
             response.read()
+            response.close()
             return response.status
         except _CONNECTION_ERRORS:
             return None
@@ -901,7 +907,13 @@ class LocalSigner:
         in_flight: collections.deque[_Sent] = collections.deque()
         try:
             for request in requests:
-                in_flight.append(self._send(request))
+                try:
+                    in_flight.append(self._send(request))
+                except CfwrapError:  # the earlier requests' answers come first, failures too
+                    while in_flight:
+                        sent = in_flight.popleft()
+                        yield sent.request, self._receive(sent)
+                    raise
                 if len(in_flight) >= self.workers:
                     sent = in_flight.popleft()
                     yield sent.request, self._receive(sent)
@@ -932,9 +944,9 @@ class LocalSigner:
                 )
             except _CONNECTION_ERRORS as e:
                 connection.close()
-                self._raise_if_died(request, service, e)
-                if reused and attempt == 0:
+                if reused and attempt == 0 and service.alive():
                     continue  # a kept-alive connection the server had closed: once more, new
+                self._raise_if_died(request, service, e)
                 raise self._unreachable(request, service, e) from e
             return _Sent(request, spki, connection, reused=reused)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -944,12 +956,17 @@ class LocalSigner:
         service = self._running()
         try:
             response = sent.connection.getresponse()
-            status, answer = response.status, response.read()
+            try:
+                status, answer = response.status, response.read()
+            finally:
+                # Closed here: left to its finalizer (when the connection's next request drops
+                # it), a SIGTERM handled inside that close() would be swallowed by CPython.
+                response.close()
         except _CONNECTION_ERRORS as e:
             sent.connection.close()
-            self._raise_if_died(sent.request, service, e)
-            if sent.reused:  # the server had closed it: once more, on a new one
+            if sent.reused and service.alive():  # the server had closed it: once more, new
                 return self._receive(self._send(sent.request, fresh=True))
+            self._raise_if_died(sent.request, service, e)
             raise self._unreachable(sent.request, service, e) from e
         with self._lock:
             self._idle.append(sent.connection)

@@ -7,6 +7,7 @@ something other than a certificate, or lose its port to another process.
 from __future__ import annotations
 
 import base64
+import gc
 import hashlib
 import hmac
 import http.client
@@ -208,6 +209,35 @@ def test_sign_all_pulls_requests_lazily(signer):
     assert pulled <= 2 * signer.workers + 1  # pending stays bounded, so memory stays flat
     results.close()
     assert pulled < 100
+
+
+def test_every_answer_is_closed_where_it_is_read_never_by_a_finalizer(signer, monkeypatch):
+    # Signing runs in the main thread, where signal handlers run: a SIGTERM handled inside a
+    # close() that a finalizer runs is swallowed by CPython (exit 6 instead of 143).
+    by_finalizer = []
+    real_close = http.client.HTTPResponse.close
+
+    def close(self: http.client.HTTPResponse) -> None:
+        if getattr(self, "_finalizing", False):
+            by_finalizer.append(self)
+        real_close(self)
+
+    monkeypatch.setattr(http.client.HTTPResponse, "close", close)
+    request, _ = _request(SPECS["client"])
+    assert len(list(signer.sign_all([request] * 3 * signer.workers))) == 3 * signer.workers
+    signer.sign(request)
+    gc.collect()
+    assert by_finalizer == []
+
+
+def test_a_failure_sending_a_later_request_comes_after_the_earlier_answers(signer):
+    request, _ = _request(SPECS["client"])
+    bad = issuer.SignRequest(request.csr_pem, "no-such-profile", request.hosts, label="bad")
+    got = []
+    with pytest.raises(InputError, match="no-such-profile"):
+        for one, _pem in signer.sign_all([request, request, bad, request]):
+            got.append(one)
+    assert got == [request, request]  # in input order: the two before the bad one, then it
 
 
 # --- what the server exposes ----------------------------------------------------------------
@@ -751,3 +781,18 @@ def test_a_service_has_no_timeout_and_keeps_its_output_capped():
     result = service.stop()
     assert result.returncode == -signal.SIGTERM
     assert len(result.stderr) <= runner.OUTPUT_CAP + 200 and result.stderr_dropped > 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"success": true, "result": {"certificate": "\\ud800"}}',  # a lone surrogate
+        b"[" * 5000 + b"]" * 5000,  # nested past Python's stack
+    ],
+    ids=["lone-surrogate", "deep-nesting"],
+)
+def test_a_garbled_answer_is_a_tool_failure_not_a_traceback(body):
+    request, _ = _request(SPECS["client"])
+    with pytest.raises(ToolFailedError) as caught:
+        issuer._certificate(request, b"spki", 200, body)
+    assert "\n" not in str(caught.value)

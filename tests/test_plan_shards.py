@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 
 from cfwrap.plan import shards
@@ -185,3 +187,60 @@ def test_claims_of_any_size_fit_the_pipe_and_cover_every_item():
             chunks = list(claims.take())
         assert len(chunks) <= shards.MAX_TURNS
         assert [i for chunk in chunks for i in chunk] == list(range(total))
+
+
+def test_a_report_the_child_cannot_write_whole_is_never_taken_for_a_good_one():
+    # A full temporary folder (here a file size limit) made the last flush fail after "ok" was
+    # buffered: the child exited 0 and the parent read a cut-short record list.
+    def run(_: shards.Report) -> list[str]:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        return [f"nodes/a/client-{i}\t" + "x" * 100 for i in range(50)]  # 6 KB: all buffered
+
+    helper = shards.fork(run)
+    try:
+        with pytest.raises(shards.HelperFailedError) as caught:
+            list(helper.join(on_wait=lambda: None))
+    finally:
+        helper.stop()
+    assert "temporary folder" in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_stopped_child_is_killed_after_the_grace(monkeypatch):
+    monkeypatch.setattr(shards, "STOP_GRACE", 0.3)
+
+    def run(_: shards.Report) -> list[str]:
+        time.sleep(60)
+        return []
+
+    helper = shards.fork(run)
+    os.kill(helper.pid, signal.SIGSTOP)
+    started = time.monotonic()
+    helper.stop()  # SIGTERM cannot end a stopped process: SIGKILL after the grace
+    assert time.monotonic() - started < 5
+    status = helper._status
+    assert status is not None and os.WIFSIGNALED(status)
+    assert os.WTERMSIG(status) == signal.SIGKILL
+
+
+def test_the_parent_stops_claiming_once_the_child_has_failed():
+    from cfwrap.errors import ToolFailedError
+
+    def run(_: shards.Report) -> list[str]:
+        raise ToolFailedError("cfssl", "simulated: the second signer cannot start")
+
+    with shards.Claims(1000) as claims:
+        helper = shards.fork(run)
+        try:
+            mine: list[int] = []
+            for chunk in claims.take():
+                if helper.failed():
+                    break
+                mine += chunk
+                time.sleep(0.005)
+            with pytest.raises(shards.HelperFailedError, match="second signer cannot start"):
+                list(helper.join(on_wait=lambda: None))
+        finally:
+            helper.stop()
+    assert len(mine) < 1000

@@ -22,7 +22,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from cfwrap import files, gossip, manifest, parsers, verify
-from cfwrap.errors import ConflictError, InputError, VerificationError
+from cfwrap.errors import ConflictError, ExitCode, InputError, VerificationError
 from cfwrap.models import SigningConfig
 from cfwrap.nomad import CertSpec, signing_config
 from cfwrap.plan import cas, members, rotation, shards, state
@@ -740,7 +740,7 @@ class _Run:
             with shards.Claims(len(shared)) as claims:
                 helper = shards.fork(self._child(stage, signer, config, shared, claims))
                 try:
-                    mine = itertools.chain(rest, _claimed(shared, claims))
+                    mine = itertools.chain(rest, _claimed(shared, claims, give_up=helper.failed))
                     updates += self._sign(stage, signer, config, mine, helper=helper)
                     for line in helper.join(on_wait=functools.partial(self._tick, helper)):
                         folder, _, data = line.partition("\t")
@@ -748,6 +748,12 @@ class _Run:
                     self._done += helper.done()
                 finally:
                     helper.stop()
+                missing = [w.member.label for w in shared if w.member.folder not in self.records]
+                if missing:  # every member is signed and staged by one process or the other
+                    raise shards.HelperFailedError(
+                        f"{len(missing)} new members were never signed (the first: {missing[0]})",
+                        code=ExitCode.TOOL_FAILED,
+                    )
         return updates
 
     def _shared(self, works: list[Work]) -> list[Work]:
@@ -1055,9 +1061,16 @@ class _Run:
             raise FileSystemError(source, e) from e
 
 
-def _claimed(shared: list[Work], claims: shards.Claims) -> Iterator[Work]:
-    """The members of ``shared`` this process claims, as it gets free for each next chunk."""
+def _claimed(
+    shared: list[Work], claims: shards.Claims, *, give_up: Callable[[], bool] = lambda: False
+) -> Iterator[Work]:
+    """The members of ``shared`` this process claims, as it gets free for each next chunk.
+
+    ``give_up``: asked before each claim; once true (the other process failed), claim no more.
+    """
     for chunk in claims.take():
+        if give_up():
+            return
         yield from (shared[i] for i in chunk)
 
 

@@ -34,7 +34,11 @@ MAX_TURNS = 1024
 
 Report = Callable[[int], None]
 _OK = "ok"
+_END = "end"  # the child's last line: a report without it was cut short
 _TOKEN = 4
+#: How long a child told to stop may take before it is killed (a stopped one never ends).
+STOP_GRACE = 5.0
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 class Claims:
@@ -124,23 +128,57 @@ class Helper:
         self.result.seek(0)
         head = self.result.readline().decode("utf-8").removesuffix("\n")
         if os.waitstatus_to_exitcode(self._status) == 0 and head == _OK:
-            return (text for line in self.result if (text := line.decode("utf-8").rstrip("\n")))
+            return self._lines()
         try:
             failure = json.loads(head)
             raise HelperFailedError(str(failure["error"]), code=int(failure["code"]))
         except (ValueError, KeyError, TypeError):
+            how = os.waitstatus_to_exitcode(self._status)
+            ended = f"exit {how}" if how >= 0 else f"signal {-how}"
             raise HelperFailedError(
-                f"the second apply process ended with status {self._status} and no report",
+                f"the second apply process ended ({ended}) without a report; is the "
+                f"temporary folder ({tempfile.gettempdir()}) full?",
                 code=ExitCode.TOOL_FAILED,
             ) from None
+
+    def _lines(self) -> Iterator[str]:
+        for line in self.result:
+            text = line.decode("utf-8").rstrip("\n")
+            if text == _END:
+                return
+            if text:
+                yield text
+        raise HelperFailedError(
+            "the second apply process's report was cut short; is the temporary folder "
+            f"({tempfile.gettempdir()}) full?",
+            code=ExitCode.FILESYSTEM,
+        )
+
+    def failed(self) -> bool:
+        """Whether the child has ended, and not well (then stop giving it work to wait for)."""
+        if self._status is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid != self.pid:
+                return False
+            self._status = status
+        return os.waitstatus_to_exitcode(self._status) != 0
 
     def stop(self) -> None:
         """End the child if it still runs (an error or a stop in the parent); free its files."""
         if self._status is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGTERM)
+            deadline = time.monotonic() + STOP_GRACE
             with contextlib.suppress(ChildProcessError):
-                _, self._status = os.waitpid(self.pid, 0)
+                while self._status is None:
+                    pid, status = os.waitpid(self.pid, os.WNOHANG)
+                    if pid == self.pid:
+                        self._status = status
+                    elif time.monotonic() > deadline:  # stopped (SIGSTOP), or stuck
+                        os.kill(self.pid, signal.SIGKILL)
+                        _, self._status = os.waitpid(self.pid, 0)
+                    else:
+                        time.sleep(0.01)
         self.result.close()
         self.counter.close()
 
@@ -154,12 +192,22 @@ def fork(run: Callable[[Report], Iterable[str]]) -> Helper:
     counter = mmap.mmap(-1, 8)
     result = tempfile.TemporaryFile(prefix="cfwrap-shard-")  # noqa: SIM115 (Helper.stop closes it)
     die_with_parent = _die_with_parent()
+    # No stop signal is handled while os.fork runs its hooks (logging's, holding its lock: a
+    # handler raising there left that lock held and the run hung); it comes just after.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     pid = os.fork()
     if pid != 0:
-        return Helper(pid, result, counter)
+        helper = Helper(pid, result, counter)
+        try:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # a pending one: raised here
+        except BaseException:
+            helper.stop()
+            raise
+        return helper
     status = 1
     try:  # the child: never return into the parent's code (its with blocks would clean up)
         die_with_parent()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
         def report(done: int) -> None:
             counter[:8] = done.to_bytes(8, "little")
@@ -167,15 +215,31 @@ def fork(run: Callable[[Report], Iterable[str]]) -> Helper:
         lines = run(report)
         result.write(_OK.encode("utf-8") + b"\n")
         result.writelines(line.encode("utf-8") + b"\n" for line in lines)
+        result.write(_END.encode("utf-8") + b"\n")
+        # Blocked from here on: a second stop signal (the group's, then the parent's) must not
+        # unwind the child into the parent's code on its way out.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        result.flush()  # a full temporary folder fails here: reported below, never "ok"
         status = 0
     except BaseException as e:  # reported to the parent, which raises it
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         code = e.exit_code if isinstance(e, CfwrapError) else _code_of(e)
-        message = str(e) if isinstance(e, CfwrapError) else f"{type(e).__name__}: {e}"
-        result.write(json.dumps({"error": message, "code": int(code)}).encode("utf-8"))
+        message = str(e) if isinstance(e, CfwrapError) else _message_of(e)
+        with contextlib.suppress(BaseException):
+            result.seek(0)
+            result.truncate()
+            result.write(json.dumps({"error": message, "code": int(code)}).encode("utf-8"))
     finally:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         with contextlib.suppress(BaseException):
             result.flush()
         os._exit(status)
+
+
+def _message_of(error: BaseException) -> str:
+    if isinstance(error, KeyboardInterrupt) or type(error).__name__ == "_Terminated":
+        return "the second apply process was stopped by a signal"
+    return f"{type(error).__name__}: {error}"
 
 
 def _code_of(error: BaseException) -> int:

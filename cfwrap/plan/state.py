@@ -177,6 +177,10 @@ class Records:
         assert self._file is not None  # noqa: S101 (an index entry means a put)
         return os.pread(self._file.fileno(), at & 0xFFFFFF, at >> 24)
 
+    def __contains__(self, folder: object) -> bool:
+        """Whether ``folder`` has a record."""
+        return folder in (self._memory if self._memory is not None else self._at)
+
     def items(self) -> Iterator[tuple[str, bytes]]:
         """Every folder and its record, in the order they were first put."""
         for folder in self._memory if self._memory is not None else self._at:
