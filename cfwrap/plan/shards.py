@@ -175,7 +175,8 @@ class Helper:
                     if pid == self.pid:
                         self._status = status
                     elif time.monotonic() > deadline:  # stopped (SIGSTOP), or stuck
-                        os.kill(self.pid, signal.SIGKILL)
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(self.pid, signal.SIGKILL)
                         _, self._status = os.waitpid(self.pid, 0)
                     else:
                         time.sleep(0.01)
