@@ -182,11 +182,11 @@ def read_input_text(path: Path, *, limit: int = MAX_INPUT) -> str:
 
 
 @contextlib.contextmanager
-def _os_errors(path: Path) -> Iterator[None]:
+def _os_errors(path: Path | str) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        raise FileSystemError(path, e) from e
+        raise FileSystemError(Path(path), e) from e
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -737,7 +737,7 @@ class TreeStaging:
         """Write a new file at ``relative`` inside the stage (its folders are made 0700)."""
         # Plain strings, not Path objects: a plan writes tens of thousands of these.
         path = f"{self.path}/{relative}"
-        try:
+        with _os_errors(path):  # a Path only for an error
             self._folder(path.rpartition("/")[0])
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
             try:
@@ -745,8 +745,6 @@ class TreeStaging:
                 _write_all(fd, data)
             finally:
                 os.close(fd)
-        except OSError as e:
-            raise FileSystemError(Path(path), e) from e
 
     def _folder(self, folder: str) -> None:
         if folder in self._made:
