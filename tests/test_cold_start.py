@@ -94,6 +94,27 @@ def test_quickstart_and_manifest_need_neither_jsonschema_nor_hcl2(tmp_path: Path
     assert heavy(loaded(tmp_path, "manifest", kit)) & {"jsonschema", "hcl2", "lark", "sh"} == set()
 
 
+def test_replay_lists_its_guides_with_nothing_else_and_prints_one_without_running_parts(
+    tmp_path: Path,
+) -> None:
+    # --list reads a folder's names; --print loads and validates a guide (pydantic, jsonschema)
+    # but runs nothing, so it needs neither sh nor the checks a run ends with.
+    listed = subprocess.run(
+        [sys.executable, "-m", "cfwrap", "replay", "--list"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert "nomad-cfssl-corrected" in listed
+    modules = loaded(tmp_path, "replay", "--list")
+    assert heavy(modules) == set()
+    assert commands(modules) == {"replay"}
+    assert {m for m in modules if m.startswith("cfwrap.replay.")} == set()
+    printed = loaded(tmp_path, "replay", "nomad-cfssl-corrected", "--print")
+    assert heavy(printed) == {"pydantic", "jsonschema"}
+    assert {m for m in printed if m.startswith("cfwrap.replay.")} == {"cfwrap.replay.guide"}
+
+
 def test_every_command_module_is_in_the_table_with_its_own_help_line() -> None:
     on_disk = {p.stem for p in CLI_DIR.glob("*.py")} - NOT_COMMANDS
     assert set(cli.COMMANDS) == on_disk

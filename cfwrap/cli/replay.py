@@ -52,14 +52,15 @@ def configure(sub: Subparsers) -> None:
 
 def execute(args: argparse.Namespace) -> int:
     """Run the command; returns its exit code."""
-    from cfwrap import replay
+    from cfwrap.replay import shipped
+
+    if args.list:
+        for name in shipped():
+            emit(name)
+        return ExitCode.OK
     from cfwrap.errors import ToolFailedError, ToolMissingError, VerificationError
     from cfwrap.replay import guide
 
-    if args.list:
-        for name in guide.shipped():
-            emit(name)
-        return ExitCode.OK
     if args.guide is None:
         raise UsageError("cfwrap replay: give a GUIDE", fix="see `cfwrap replay --list`")
     loaded = guide.load(args.guide)
@@ -71,7 +72,9 @@ def execute(args: argparse.Namespace) -> int:
             "cfwrap replay: --out DIR is required to run a guide",
             fix="or pass --print to see it as a script",
         )
-    result = replay.replay(
+    from cfwrap.replay import run
+
+    result = run.replay(
         loaded, out=out_folder(args), cfssl_dir=args.cfssl_dir, force=args.force, wait=args.wait
     )
     transcript = result.transcript

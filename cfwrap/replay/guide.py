@@ -24,13 +24,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cfwrap import files
 from cfwrap.errors import InputError
+from cfwrap.replay import GUIDES, shipped
 
 if TYPE_CHECKING:
     import jsonschema
     from pydantic_core import ErrorDetails
 
 SCHEMA_FILE = "guide.schema.json"
-GUIDES = Path(__file__).resolve().parent / "guides"
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 _FILE_NAME = r"^[A-Za-z0-9_][A-Za-z0-9._-]*$"
 #: The largest guide file cfwrap reads; the shipped ones are about 4 KiB.
@@ -121,11 +121,6 @@ def json_schema() -> dict[str, Any]:
         "$id": "https://cfwrap.invalid/schemas/guide.schema.json",
         **Guide.model_json_schema(),
     }
-
-
-def shipped() -> list[str]:
-    """Names of the guides that ship with cfwrap."""
-    return sorted(p.stem for p in GUIDES.glob("*.toml"))
 
 
 def load(name_or_path: str) -> Guide:
