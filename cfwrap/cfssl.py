@@ -10,11 +10,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cfwrap.errors import InputError, ToolFailedError
-from cfwrap.models import CSR, SigningConfig, to_cfssl_json
 from cfwrap.runner import Call, Result, failure_reason
-from cfwrap.tools import Tool
+
+if TYPE_CHECKING:
+    # Only for what makes calls: key_path and the output checks serve doctor, which reads
+    # certificates and never loads pydantic.
+    from cfwrap.models import CSR, SigningConfig
+    from cfwrap.tools import Tool
 
 _PEM_LABELS = {
     "cert": (b"-----BEGIN CERTIFICATE-----",),
@@ -43,6 +48,8 @@ def key_path(cert: Path) -> Path:
 
 def initca(cfssl: Tool, csr: CSR) -> Call:
     """The call that makes a new CA from ``csr`` (``cfssl gencert -initca -``)."""
+    from cfwrap.models import to_cfssl_json
+
     return Call.of([cfssl.path, "gencert", "-initca", "-"], stdin=to_cfssl_json(csr))
 
 
@@ -77,6 +84,8 @@ def gencert(
         "-config", config_file, "-profile", profile,
         "-",
     ]  # fmt: skip
+    from cfwrap.models import to_cfssl_json
+
     return Call.of(argv, stdin=to_cfssl_json(csr))
 
 

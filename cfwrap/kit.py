@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from cfwrap import cfssl, files, gossip, manifest, nomad, parsers, runner, verify
 from cfwrap.errors import InputError, VerificationError
 from cfwrap.models import SigningConfig, parse_duration, to_cfssl_json
-from cfwrap.nomad import CASpec, CertSpec
+from cfwrap.specs import CASpec, CertSpec, signing_config
 from cfwrap.tools import Tool
 
 if TYPE_CHECKING:
@@ -237,7 +237,7 @@ def quickstart(
     if len(regions) != 1:
         raise InputError("regions", f"a quickstart kit is for one region, not {sorted(regions)}")
     region = regions.pop()
-    config = nomad.signing_config(specs)
+    config = signing_config(specs)
     final_dir = (tls_dir or out).absolute()
     try:
         nomad.check_config_text(str(final_dir), what="--tls-dir" if tls_dir else "--out")
@@ -410,7 +410,7 @@ def issue_cert(
             f"the certificate would outlive its CA, which expires on {ca.facts.not_after:%Y-%m-%d}",
             fix=f"use at most {int(left / timedelta(hours=1))}h, or make a new CA",
         )
-    config = nomad.signing_config([spec])
+    config = signing_config([spec])
     config_json = to_cfssl_json(config)
 
     def issue() -> cfssl.Issued:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from cfwrap import cfssl, files, issuer, keys, kit, parsers
 from cfwrap.errors import CfwrapError, InputError, ToolFailedError
-from cfwrap.nomad import CertSpec
+from cfwrap.specs import CertSpec
 
 if TYPE_CHECKING:
     from cfwrap.signer.info import SignerInfo

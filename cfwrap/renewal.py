@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 from cfwrap import files, issuer, kit, parsers, remote, runner
 from cfwrap.errors import CfwrapError, ConflictError, InputError, ToolMissingError
 from cfwrap.models import parse_duration
-from cfwrap.nomad import CertSpec, parse_file_stem, role_name
+from cfwrap.nomad import parse_file_stem, role_name
+from cfwrap.specs import CertSpec
 
 if TYPE_CHECKING:
     from cfwrap.tools import Tool
@@ -268,7 +269,7 @@ def through_local_ca(cfssl_tool: Tool, ca: kit.CA, specs: Sequence[CertSpec]) ->
         InputError: a renewal would outlive the CA, or two certificates of one role need
             different lifetimes.
     """
-    from cfwrap.nomad import signing_config
+    from cfwrap.specs import signing_config
 
     left = ca.facts.not_after - datetime.now(UTC)
     for spec in specs:

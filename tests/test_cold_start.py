@@ -115,6 +115,22 @@ def test_replay_lists_its_guides_with_nothing_else_and_prints_one_without_runnin
     assert {m for m in printed if m.startswith("cfwrap.replay.")} == {"cfwrap.replay.guide"}
 
 
+def test_doctor_loads_pydantic_only_for_a_kit_with_a_manifest(tmp_path: Path) -> None:
+    # A folder made by hand (cfssl from a guide) has no manifest: its check needs cryptography
+    # and python-hcl2 only. A cfwrap kit's manifest is loaded (and compared) with its model.
+    from cfwrap import doctor, manifest
+
+    assert doctor.MANIFEST_FILE == manifest.FILE_NAME
+    kit = tmp_path / "kit"
+    assert cli.main(["quickstart", "--out", str(kit)]) == 0
+    with_manifest = loaded(tmp_path, "doctor", kit)
+    assert {"pydantic", "cryptography", "hcl2"} <= heavy(with_manifest)
+    (kit / manifest.FILE_NAME).unlink()
+    by_hand = loaded(tmp_path, "doctor", kit)
+    assert heavy(by_hand) == {"cryptography", "hcl2", "lark"}
+    assert commands(by_hand) == {"doctor"}
+
+
 def test_every_command_module_is_in_the_table_with_its_own_help_line() -> None:
     on_disk = {p.stem for p in CLI_DIR.glob("*.py")} - NOT_COMMANDS
     assert set(cli.COMMANDS) == on_disk

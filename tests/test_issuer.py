@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cfwrap import issuer, keys, nomad, parsers, runner, tools, verify
 from cfwrap.errors import InputError, ToolFailedError
 from cfwrap.models import CSR, KeySpec
-from cfwrap.nomad import CertSpec
+from cfwrap.specs import CertSpec, signing_config
 from tests.conftest import ROOT
 from tests.handmade import CFSSL, make_ca, wrapped_cfssl
 from tests.tlspeer import Party, free_port, handshake, wait_for_port
@@ -41,7 +41,7 @@ from tests.tlspeer import Party, free_port, handshake, wait_for_port
 REGION = "eu"
 ROLES = ("server", "client", "cli")
 SPECS = {role: CertSpec(role=role, region=REGION, ip_addresses=("10.0.0.5",)) for role in ROLES}
-CONFIG = nomad.signing_config(list(SPECS.values()))
+CONFIG = signing_config(list(SPECS.values()))
 #: Every endpoint cfssl 1.6.5's ``serve`` registers: the ``endpoints`` map in cli/serve/serve.go
 #: at tag v1.6.5 (a copy kept apart from the issuer's own list, to catch a change to either).
 SERVE_ENDPOINTS = {
@@ -433,17 +433,18 @@ _SCRIPT = """
 import signal, sys, time
 from pathlib import Path
 
-from cfwrap import cli, issuer, nomad, tools
+from cfwrap import cli, issuer, tools
+from cfwrap.specs import CertSpec, signing_config
 
 ca = Path(sys.argv[1])
-specs = [nomad.CertSpec(role="client")]
+specs = [CertSpec(role="client")]
 signal.signal(signal.SIGTERM, cli._on_sigterm)  # what cfwrap's main installs
 try:
     with issuer.LocalSigner(
         tools.find("cfssl"),
         ca_cert_pem=ca.read_bytes(),
         ca_key_pem=ca.with_name("ca-key.pem").read_bytes(),
-        config=nomad.signing_config(specs),
+        config=signing_config(specs),
     ) as signer:
         print(signer.service.pid, signer.scratch, flush=True)
         time.sleep(60)

@@ -8,7 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from cfwrap.models import CSR, KeySpec, SigningConfig, parse_duration, to_cfssl_json
-from cfwrap.nomad import CASpec, CertSpec, agent_hcl, parse_role_name, signing_config, usages_for
+from cfwrap.nomad import agent_hcl, parse_role_name
+from cfwrap.specs import CASpec, CertSpec, signing_config, usages_for
 
 
 def test_server_spec_builds_the_csr_nomad_needs():

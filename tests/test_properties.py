@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from cfwrap import cfssl, parsers, runner, tools
 from cfwrap.cli import main
 from cfwrap.models import SigningConfig, SigningProfile, parse_duration, to_cfssl_json
-from cfwrap.nomad import CertSpec, check_dns_name, check_region, signing_config
+from cfwrap.nomad import check_dns_name, check_region
+from cfwrap.specs import CertSpec, signing_config
 
 LABEL = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", fullmatch=True)
 REGION = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,49}[a-z0-9])?", fullmatch=True)  # CN <= 64

@@ -31,7 +31,7 @@ import pytest
 
 from cfwrap import issuer, keys, parsers, remote, verify
 from cfwrap.errors import InputError, ToolFailedError
-from cfwrap.nomad import CertSpec
+from cfwrap.specs import CertSpec
 from tests.conftest import assert_kit_manifest
 from tests.test_signer import ROOT, RunningSigner, make_ca, start_signer
 from tests.tlspeer import Party, free_port, handshake
@@ -364,7 +364,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from cfwrap import remote
-from cfwrap.nomad import CertSpec
+from cfwrap.specs import CertSpec
 url, key, ca, role, count = sys.argv[1:6]
 signer = remote.load(url=url, auth_key_file=Path(key), ca_file=Path(ca))
 spec = CertSpec(role=role, dns_names=() if role == "cli" else ("node.example.com",))

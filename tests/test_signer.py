@@ -29,7 +29,7 @@ import pytest
 
 from cfwrap import keys, parsers, verify
 from cfwrap.models import CSR
-from cfwrap.nomad import CertSpec
+from cfwrap.specs import CertSpec
 from tests.tlspeer import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent

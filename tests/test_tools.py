@@ -129,7 +129,7 @@ def test_fake_cfssl_failures_are_named_and_write_nothing(cli, tmp_path, script, 
 def test_unknown_profile_is_refused_before_cfssl_runs(kits):
     from cfwrap import cfssl
     from cfwrap.errors import InputError
-    from cfwrap.nomad import CertSpec, signing_config
+    from cfwrap.specs import CertSpec, signing_config
 
     spec = CertSpec(role="server")
     with pytest.raises(InputError, match="cfssl would silently use the default"):

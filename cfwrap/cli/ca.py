@@ -23,7 +23,7 @@ from cfwrap.errors import InputError
 
 if TYPE_CHECKING:
     from cfwrap.cli.options import Subparsers
-    from cfwrap.nomad import CASpec
+    from cfwrap.specs import CASpec
 
 
 def configure(sub: Subparsers) -> None:
@@ -48,7 +48,7 @@ def configure(sub: Subparsers) -> None:
 def execute(args: argparse.Namespace) -> int:
     """Run the command; returns its exit code."""
     from cfwrap import kit
-    from cfwrap.nomad import CASpec
+    from cfwrap.specs import CASpec
 
     if args.csr is not None:
         clashing = given(args, "cn", "expiry", "key_algo", "key_size")
@@ -80,7 +80,7 @@ def _ca_from_csr_file(path: Path) -> CASpec:
     """
     from cfwrap import files
     from cfwrap.models import CSR, parse_model
-    from cfwrap.nomad import CASpec
+    from cfwrap.specs import CASpec
 
     try:
         data = json.loads(files.read_input(path, limit=SMALL_INPUT))

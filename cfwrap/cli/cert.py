@@ -20,7 +20,7 @@ from cfwrap.errors import InputError
 
 if TYPE_CHECKING:
     from cfwrap.cli.options import Subparsers
-    from cfwrap.nomad import CertSpec
+    from cfwrap.specs import CertSpec
 
 EXAMPLES = """example:
   cfwrap cert --ca nomad-tls/ca.pem --ca-key nomad-tls/ca-key.pem --role client \\

@@ -226,7 +226,7 @@ def to_spec(cls: type[M], data: dict[str, Any]) -> M:
 
 def cert_specs(args: argparse.Namespace, roles: Sequence[str]) -> list[Any]:
     """One certificate spec per role from the name and key flags."""
-    from cfwrap.nomad import CertSpec
+    from cfwrap.specs import CertSpec
 
     specs = []
     for role in roles:

@@ -62,7 +62,7 @@ def configure(sub: Subparsers) -> None:
 def execute(args: argparse.Namespace) -> int:
     """Run the command; returns its exit code."""
     from cfwrap import kit
-    from cfwrap.nomad import CASpec
+    from cfwrap.specs import CASpec
 
     specs = cert_specs(args, ("server", "client", "cli"))
     ca = to_spec(CASpec, {"expiry": args.ca_expiry, "key": specs[0].key.model_dump()})

@@ -16,8 +16,8 @@ if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
     from cfwrap.cli.options import Subparsers
-    from cfwrap.nomad import CertSpec
     from cfwrap.renewal import Outcome
+    from cfwrap.specs import CertSpec
 
 EXAMPLES = """exit codes (renew): 0 nothing was due, 10 renewed (and --exec ran), 11 renewed but
 --exec failed; a failure to renew exits with its error's code (3 bad input, 4 folder busy,

@@ -195,14 +195,18 @@ def _leaves(
     return list(leaves.values())
 
 
+#: ``manifest.FILE_NAME``, named here so that checking a folder without one loads no pydantic.
+MANIFEST_FILE = "manifest.json"
+
+
 def _check_manifest(folder: Path) -> list[Finding]:
     """A kit's manifest, when it has one, still describes the files (else: changed since)."""
-    from cfwrap import manifest
-    from cfwrap.errors import VerificationError
-
-    path = folder / manifest.FILE_NAME
+    path = folder / MANIFEST_FILE
     if not path.is_file():
         return []
+    from cfwrap import manifest  # pydantic: only for a folder that has a manifest
+    from cfwrap.errors import VerificationError
+
     write = shlex.join(["cfwrap", "manifest", "--write", str(folder)])
     fix = f"inspect the change; {write} records the folder as it is"
     try:

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Literal, Protocol
 from cfwrap import files, gossip, manifest, parsers, verify
 from cfwrap.errors import ConflictError, ExitCode, InputError, VerificationError
 from cfwrap.models import SigningConfig
-from cfwrap.nomad import CertSpec, signing_config
 from cfwrap.plan import cas, members, rotation, shards, state
 from cfwrap.plan.members import BUNDLE, Configs, Current, Names
 from cfwrap.plan.model import Member, Plan
+from cfwrap.specs import CertSpec, signing_config
 from cfwrap.tools import Tool
 
 if TYPE_CHECKING:

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 from cfwrap import cfssl, files, kit, manifest, parsers, runner
 from cfwrap.errors import InputError, VerificationError
 from cfwrap.models import CSR, CAConstraint, Signing, SigningConfig, SigningProfile, to_cfssl_json
-from cfwrap.nomad import CASpec
 from cfwrap.plan.model import Plan
+from cfwrap.specs import CASpec
 from cfwrap.tools import Tool
 
 if TYPE_CHECKING:

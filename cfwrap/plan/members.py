@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Literal
 from cfwrap import files, manifest, nomad, parsers
 from cfwrap.errors import InputError
 from cfwrap.models import parse_duration
-from cfwrap.nomad import CertSpec
 from cfwrap.plan import state
 from cfwrap.plan.model import Member, Plan
+from cfwrap.specs import CertSpec
 
 if TYPE_CHECKING:
     from cryptography import x509

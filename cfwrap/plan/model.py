@@ -27,7 +27,8 @@ from pydantic import (
 
 from cfwrap.errors import InputError
 from cfwrap.models import Duration, KeySpec, Text, parse_duration
-from cfwrap.nomad import DnsName, IPAddress, Region, Role, check_config_text, check_label
+from cfwrap.nomad import Role, check_config_text, check_label
+from cfwrap.specs import DnsName, IPAddress, Region
 
 PLAN_SCHEMA_FILE = "plan.schema.json"
 #: More nodes than this in one plan is a typo, not a cluster.

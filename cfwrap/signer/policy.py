@@ -15,8 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cfwrap.nomad import ROLES, Role, check_dns_name, role_name, usages_for
+from cfwrap.nomad import ROLES, Role, check_dns_name, role_name
 from cfwrap.signer import authkeys
+from cfwrap.specs import usages_for
 
 #: Names under an allowed domain: lowercase DNS labels, any depth.
 _LABELS = r"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*"
