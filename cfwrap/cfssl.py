@@ -16,8 +16,8 @@ from cfwrap.errors import InputError, ToolFailedError
 from cfwrap.runner import Call, Result, failure_reason
 
 if TYPE_CHECKING:
-    # Only for what makes calls: key_path and the output checks serve doctor, which reads
-    # certificates and never loads pydantic.
+    # Types only: the models are loaded where a call is built, so that doctor (which uses
+    # key_path) loads no pydantic for a folder made by hand.
     from cfwrap.models import CSR, SigningConfig
     from cfwrap.tools import Tool
 
