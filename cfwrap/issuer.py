@@ -260,11 +260,20 @@ def _target(url: str, ssl_context: ssl.SSLContext | None) -> _Target:
 
 def _post(connection: http.client.HTTPConnection, path: str, body: bytes) -> tuple[int, bytes]:
     connection.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+    return _answer(connection)
+
+
+def _answer(connection: http.client.HTTPConnection) -> tuple[int, bytes]:
+    """Read the answer to the request just sent on ``connection``: its status and body.
+
+    The response is closed here, not left to its finalizer (when the connection's next request
+    drops it): a SIGTERM handled inside that close() would be swallowed by CPython.
+    """
     response = connection.getresponse()
     try:
         return response.status, response.read()
     finally:
-        response.close()  # now, not in a finalizer: see LocalSigner._receive
+        response.close()
 
 
 # What a kept-alive connection the server has closed raises on its next request (EOF before the
@@ -815,10 +824,7 @@ class LocalSigner:
         connection = http.client.HTTPConnection("127.0.0.1", self._port, timeout=1.0)
         try:
             connection.request("GET", path)
-            response = connection.getresponse()
-            response.read()
-            response.close()
-            return response.status
+            return _answer(connection)[0]
         except _CONNECTION_ERRORS:
             return None
         finally:
@@ -955,13 +961,7 @@ class LocalSigner:
         """Read the answer to ``sent``; once more on a new connection if a kept-alive one failed."""
         service = self._running()
         try:
-            response = sent.connection.getresponse()
-            try:
-                status, answer = response.status, response.read()
-            finally:
-                # Closed here: left to its finalizer (when the connection's next request drops
-                # it), a SIGTERM handled inside that close() would be swallowed by CPython.
-                response.close()
+            status, answer = _answer(sent.connection)
         except _CONNECTION_ERRORS as e:
             sent.connection.close()
             if sent.reused and service.alive():  # the server had closed it: once more, new
