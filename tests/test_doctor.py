@@ -314,6 +314,23 @@ def test_bad_gossip_key_in_hcl_is_reported_without_the_key(cli, kits, tmp_path):
     assert_no_secrets(json.dumps(report), key, key[:10])
 
 
+@pytest.mark.parametrize(
+    "value", ['file("gossip.key")', '"${file(\\"gossip.key\\")}"', '"k${var.gossip}"']
+)
+def test_gossip_key_given_as_an_expression_is_named_as_one(cli, kits, tmp_path, value):
+    # Nomad's HCL 1 evaluates no expression or template: say so, not "not standard base64".
+    kit = copy_kit(kits["global"], tmp_path / "kit")
+    hcl = kit / "global-server.hcl"
+    key = (kit / "gossip.key").read_text().strip()
+    hcl.write_text(hcl.read_text().replace(f'"{key}"', value))
+    code, report = _doctor(cli, kit)
+    assert code == 7
+    finding = _checks(report)["global-server.hcl:hcl.encrypt"]
+    assert finding["message"].startswith("encrypt is an expression or template (${...}), not")
+    assert finding["fix"].startswith("write the base64 key itself in quotes")
+    assert_no_secrets(json.dumps(report), key)
+
+
 def test_unparseable_hcl(cli, kits, tmp_path):
     kit = copy_kit(kits["global"], tmp_path / "kit")
     (kit / "global-client.hcl").write_text("tls {\n  http = \n")

@@ -184,21 +184,33 @@ def check(config: AgentConfig) -> list[Finding]:
     findings += _check_min_version(config)
     findings += _check_mode(config)
     if config.encrypt is not None:
-        try:
-            gossip.check(config.encrypt)
-        except ValueError as e:
-            findings.append(
-                Finding(
-                    "error",
-                    path,
-                    "hcl.encrypt",
-                    str(e),
-                    fix="cfwrap keygen, then rotate with nomad operator "
-                    "gossip keyring install/use/remove",
-                )
-            )
+        findings += _check_encrypt(path, config.encrypt)
     findings += _check_ciphers(config)
     return findings
+
+
+def _check_encrypt(path: str, encrypt: str) -> list[Finding]:
+    """A gossip key Nomad cannot use; the findings never quote it.
+
+    An expression or a template is named as such: python-hcl2 gives both (``file("k")``,
+    ``"${var.k}"``) as text with ``${...}`` in it, and Nomad reads its agent files with HCL 1
+    (command/agent/config_parse.go, ``hcl.Decode``), which evaluates neither. A bare one does
+    not parse; a quoted one is taken as its literal text, which is no base64 key.
+    """
+    if "${" in encrypt or "%{" in encrypt:  # never in base64
+        message = (
+            "encrypt is an expression or template (${...}), not the key: Nomad reads agent "
+            "files as HCL 1, which evaluates neither"
+        )
+        fix = 'write the base64 key itself in quotes: encrypt = "..." (cfwrap keygen makes one)'
+    else:
+        try:
+            gossip.check(encrypt)
+            return []
+        except ValueError as e:
+            message = str(e)
+        fix = "cfwrap keygen, then rotate with nomad operator gossip keyring install/use/remove"
+    return [Finding("error", path, "hcl.encrypt", message, fix=fix)]
 
 
 #: helper/tlsutil config.go supportedTLSVersions; "" means tls12.
