@@ -129,6 +129,9 @@ def test_doctor_loads_pydantic_only_for_a_kit_with_a_manifest(tmp_path: Path) ->
     by_hand = loaded(tmp_path, "doctor", kit)
     assert heavy(by_hand) == {"cryptography", "hcl2", "lark"}
     assert commands(by_hand) == {"doctor"}
+    # The loopback handshakes (and ssl) are for --probe only.
+    assert {"ssl", "cfwrap.doctor.probe"} & (with_manifest | by_hand) == set()
+    assert {"ssl", "cfwrap.doctor.probe"} <= loaded(tmp_path, "doctor", kit, "--probe")
 
 
 def test_every_command_module_is_in_the_table_with_its_own_help_line() -> None:

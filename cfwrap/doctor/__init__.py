@@ -10,13 +10,16 @@ import shlex
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cfwrap import files, gossip, parsers
 from cfwrap.cfssl import key_path
-from cfwrap.doctor import agent, certs, probe
+from cfwrap.doctor import agent, certs
 from cfwrap.doctor.findings import Finding, sort_findings
 from cfwrap.nomad import DEFAULT_REGION, Role, parse_file_stem, role_of
+
+if TYPE_CHECKING:  # the handshakes (and ssl) load only for --probe
+    from cfwrap.doctor import probe
 
 
 @dataclass
@@ -237,6 +240,8 @@ def _check_gossip_file(path: Path) -> list[Finding]:
 
 
 def _probe_kit(ca: Path, leaves: list[certs.Leaf]) -> list[probe.ProbeResult]:
+    from cfwrap.doctor import probe
+
     def side(role: str) -> tuple[probe.Side, str] | None:
         for leaf in leaves:
             if leaf.role == role and leaf.key is not None:
