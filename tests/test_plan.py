@@ -390,6 +390,39 @@ def test_one_node_added_and_one_removed(cli, tmp_path):
     assert recorded["retired"] == [str(kept.relative_to(root))]
 
 
+def test_what_a_failed_apply_retired_is_still_recorded_by_the_next(cli, tmp_path):
+    # The apply retires nomad-2, then fails on nomad-3's in-place reissue (another process
+    # holds its folder): it ends before its plan manifest. The next apply lists the retired
+    # folder all the same: the move is not lost from the record.
+    from cfwrap.files import FolderLock
+
+    path = write_plan(tmp_path, _NAMED.format(second="nomad-2"))
+    applied(cli, path)
+    root = tmp_path / "tree"
+    changed = _NAMED.format(second="nomad-9").replace(
+        'name = "nomad-3"', 'name = "nomad-3"\ndns = ["n3.example.com"]'
+    )
+    path.write_text(changed)
+    with FolderLock(root / "nodes" / "eu" / "nomad-3"):
+        failed = cli("apply", path)
+    assert failed.code == 4, failed.err
+    assert "another cfwrap" in failed.err
+    (kept,) = root.glob("retired/*/removed/nodes/eu/nomad-2")
+    assert json.loads((root / "plan-manifest.json").read_text())["retired"] == []
+    result = applied(cli, path)
+    assert change_lines(result.out) == ["-/+ eu/nomad-3 (names changed (+n3.example.com))"]
+    recorded = json.loads((root / "plan-manifest.json").read_text())
+    assert recorded["retired"] == [str(kept.relative_to(root))]
+    assert sorted(m["name"] for m in recorded["members"]) == ["nomad-1", "nomad-3", "nomad-9"]
+    # Folders of other shapes, and symlinks, under retired/ are not taken for retired ones.
+    (root / "retired" / "notes").mkdir()
+    (root / "retired" / "notes" / "removed" / "nodes" / "eu" / "x").mkdir(parents=True)
+    (kept.parent / "elsewhere").symlink_to(tmp_path, target_is_directory=True)
+    before = tree_state(root)
+    assert "No changes" in applied(cli, path).out
+    assert tree_state(root) == before
+
+
 def test_a_fresh_dry_run_creates_no_tree(cli, tmp_path):
     path = write_plan(tmp_path, SMALL)
     dry = applied(cli, path, "--dry-run")

@@ -14,6 +14,7 @@ import functools
 import itertools
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -235,7 +236,7 @@ def diff(
         unchanged=state.Records(),
         retire=[],
         make_gossip=plan.gossip and not (root / GOSSIP_FILE).exists(),
-        previously_retired=list(recorded.retired) if recorded is not None else [],
+        previously_retired=_previously_retired(root, recorded),
         remote=remote,
     )
     if make_gen is not None:
@@ -527,6 +528,45 @@ class Outcome:
     diff: Diff
     steps: list[str]
     manifest_written: bool
+
+
+def _previously_retired(root: Path, recorded: state.PlanManifest | None) -> list[str]:
+    """What earlier runs moved under retired/: the plan manifest's list, then any it lacks.
+
+    A run that failed after moving folders there (a later write refused, a full disk) ended
+    before it could record them; the folders themselves are the record that survives. Only
+    the shapes a run makes count (``<stamp>/removed/nodes/<region>/<node>``,
+    ``<stamp>/removed/operators/<name>``, ``<stamp>/ca/ca/gen-N``), and no symlink is followed.
+    """
+    listed = list(recorded.retired) if recorded is not None else []
+    known = set(listed)
+    shapes = (("removed", NODES, 2), ("removed", OPERATORS, 1), ("ca", cas.CA_ROOT, 1))
+    for stamp in filter(_STAMP.fullmatch, _real_folders(root / RETIRED)):
+        for why, top, depth in shapes:
+            if (root / RETIRED / stamp / why).is_symlink():
+                continue
+            for found in _real_folders(root / RETIRED / stamp / why / top, depth=depth):
+                relative = f"{RETIRED}/{stamp}/{why}/{top}/{found}"
+                if relative not in known and (why != "ca" or cas.is_generation(found)):
+                    listed.append(relative)
+    return listed
+
+
+def _real_folders(folder: Path, *, depth: int = 1) -> list[str]:
+    """The folders ``depth`` levels down in ``folder`` ("a/b" for two), sorted; no symlinks."""
+    if folder.is_symlink():
+        return []
+    try:
+        entries = sorted(e.name for e in os.scandir(folder) if e.is_dir(follow_symlinks=False))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    if depth == 1:
+        return entries
+    return [f"{e}/{below}" for e in entries for below in _real_folders(folder / e, depth=depth - 1)]
+
+
+#: A run's folder under retired/ (:func:`_retired_folder`).
+_STAMP = re.compile(r"\d{8}T\d{6}Z(-\d+)?")
 
 
 def _retired_folder(root: Path, now: datetime) -> str:
