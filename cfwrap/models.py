@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from typing import Annotated, Literal, TypeVar
 
@@ -218,22 +218,60 @@ def to_cfssl_json(model: BaseModel) -> bytes:
     return (model.model_dump_json(exclude_none=True, indent=2) + "\n").encode()
 
 
+def _first_untyped(data: object, where: str = "") -> tuple[str, object]:
+    """The path and value of the first value in ``data`` that JSON has no type for."""
+    if isinstance(data, dict):
+        items: Iterable[tuple[object, object]] = data.items()
+    elif isinstance(data, list | tuple):
+        items = enumerate(data)
+    elif data is None or isinstance(data, str | int | float | bool):
+        return "", None
+    else:
+        return where, data
+    for key, value in items:
+        found = _first_untyped(value, f"{where}.{key}" if where else str(key))
+        if found[0]:
+            return found
+    return "", None
+
+
 def parse_model(
-    cls: type[M], data: object, *, what: str, flags: Mapping[str, str] | None = None
+    cls: type[M],
+    data: object,
+    *,
+    what: str,
+    flags: Mapping[str, str] | None = None,
+    exact: bool = False,
 ) -> M:
     """Validate ``data`` as ``cls``, turning pydantic's report into one line that names the field.
 
     ``flags`` maps field names to the command-line flags they came from, so the line names what
-    the user typed (``--region``) rather than the model's field.
+    the user typed (``--region``) rather than the model's field. ``exact``: for data from a
+    typed format (TOML): a value of the wrong type is refused, never converted (pydantic would
+    read ``"3"`` as 3 and ``"no"`` or ``0`` as false). It is checked as JSON, whose types TOML's
+    map onto; a TOML date or time, which no field takes, is refused first.
 
     Raises:
         InputError: the first problem pydantic found, with the path of the offending field.
     """
+    import json
+
     from pydantic import ValidationError
 
     from cfwrap.errors import InputError
 
     try:
+        if exact:
+            try:
+                text = json.dumps(data)
+            except TypeError:  # a date or a time: JSON has none
+                where, value = _first_untyped(data)
+                raise InputError(
+                    f"{what}: {where or '(top)'}",
+                    f"a {type(value).__name__}, which no field takes",
+                    fix="write it as a string",
+                ) from None
+            return cls.model_validate_json(text, strict=True)
         return cls.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]

@@ -152,7 +152,7 @@ _REGION = st.from_regex(r"[a-zA-Z][a-zA-Z0-9-]{0,8}[a-zA-Z0-9]", fullmatch=True)
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
-    regions=st.lists(_REGION, min_size=1, max_size=3, unique=True),
+    regions=st.lists(_REGION, min_size=1, max_size=3, unique_by=str.lower),
     servers=st.integers(0, 4),
     clients=st.integers(0, 4),
     operators=st.integers(0, 3),
@@ -168,6 +168,15 @@ def test_plan_init_is_valid_for_any_small_counts_and_regions(
     plan = model.load(write_plan(tmp_path_factory.mktemp("init"), printed.out))
     assert list(plan.regions) == regions
     assert len(list(plan.members())) == len(regions) * (servers + clients) + operators
+
+
+@pytest.mark.parametrize("regions", ["eu,eu", "eu,EU"])
+def test_plan_init_refuses_a_region_twice_in_any_case(cli, regions):
+    result = cli("plan", "init", "--regions", regions)
+    assert result.code == 2
+    assert result.out == ""
+    assert result.err.count("\n") == 1
+    assert "a region is named twice (Go compares names in any case)" in result.err
 
 
 _NAMED_NODE_ERRORS = {
@@ -212,6 +221,26 @@ _BAD_PLANS = {
     ),
     "tls-dir-relative": ('node_tls_dir = "etc/nomad.d/tls"\n[regions.eu]\n', "node_tls_dir"),
     "key-algo": ('[key]\nalgo = "ed25519"\nsize = 256\n[regions.eu]\n', "key"),
+    # Go would take EU's server certificate as server.eu.nomad (it ignores case).
+    "regions-differ-in-case": (
+        "[regions.EU]\nservers = 1\n[regions.eu]\nservers = 1\n",
+        "regions 'EU' and 'eu' differ only in case",
+    ),
+    # TOML's types are exact: a value of another type is refused, never converted.
+    "count-as-string": ('[regions.eu]\nservers = "3"\n', "regions.eu.servers '3': a count must"),
+    "count-as-float": ("[regions.eu]\nservers = 3.0\n", "regions.eu.servers: a count must"),
+    "gossip-as-string": ('gossip = "no"\n[regions.eu]\n', "gossip 'no'"),
+    "gossip-as-number": ("gossip = 0\n[regions.eu]\n", "gossip: Input should be a valid boolean"),
+    "key-size-as-string": ('[key]\nsize = "256"\n[regions.eu]\n', "key.size '256'"),
+    "intermediates-as-string": (
+        '[ca]\nintermediates = "yes"\n[regions.eu]\n',
+        "ca.intermediates 'yes'",
+    ),
+    "expiry-as-number": ("leaf_expiry = 720\n[regions.eu]\n", "leaf_expiry: Input should be"),
+    "a-date": (
+        '[[regions.eu.servers]]\nname = "a"\nip = [1979-05-27]\n',
+        "regions.eu.servers.0.ip.0: a date, which no field takes",
+    ),
 }
 
 

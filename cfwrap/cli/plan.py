@@ -25,8 +25,8 @@ def _regions(text: str) -> list[str]:
         checked = [check_region(name) for name in names]
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    if len(set(checked)) != len(checked):
-        raise argparse.ArgumentTypeError("a region is named twice")
+    if len({name.lower() for name in checked}) != len(checked):
+        raise argparse.ArgumentTypeError("a region is named twice (Go compares names in any case)")
     return checked
 
 

@@ -113,6 +113,8 @@ class RegionPlan(BaseModel):
             return nodes
         if isinstance(value, bool):  # TOML's true would pass as 1
             raise ValueError("a count must be a whole number, not true or false")
+        if not isinstance(value, int):  # the plan is read exactly: "3" and 3.0 are no counts
+            raise ValueError("a count must be a whole number, or a list of named nodes")
         count: NodeList = handler(value)
         return count
 
@@ -197,7 +199,7 @@ class Plan(BaseModel):
     def _names_as_operators(cls, value: object) -> object:
         """``operators = ["alice", "bob"]`` is short for tables with a name each."""
         if isinstance(value, list | tuple):
-            return [{"name": v} if isinstance(v, str) else v for v in value]
+            return tuple({"name": v} if isinstance(v, str) else v for v in value)
         return value
 
     @model_validator(mode="after")
@@ -218,6 +220,16 @@ class Plan(BaseModel):
                 f"leaf_expiry {self.leaf_expiry} outlives the CA that signs it "
                 f"({self.ca.intermediate_expiry if self.ca.intermediates else self.ca.expiry})"
             )
+        folded: dict[str, str] = {}
+        for region in self.regions:
+            other = folded.setdefault(region.lower(), region)
+            if other != region:
+                # Go matches names without regard to case: a server of one would be accepted
+                # as server.<region>.nomad of the other, under the root both trust.
+                raise ValueError(
+                    f"regions {other!r} and {region!r} differ only in case; Go's name checks "
+                    "ignore case, so each one's servers would pass as the other's"
+                )
         names = [o.name for o in self.operators]
         for name in names:
             if names.count(name) > 1:
@@ -311,4 +323,4 @@ def load(path: Path) -> Plan:
         raise InputError(
             str(path), "not valid TOML (nested too deeply)", fix="write a plan as plan init does"
         ) from None
-    return parse_model(Plan, data, what=str(path))
+    return parse_model(Plan, data, what=str(path), exact=True)
