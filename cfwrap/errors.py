@@ -12,7 +12,12 @@ from pathlib import Path
 
 
 class ExitCode(enum.IntEnum):
-    """The named exit codes of the ``cfwrap`` command."""
+    """The named exit codes of the ``cfwrap`` command.
+
+    A plan's apply makes its changes one member folder at a time, each whole. A stop or a
+    failure rolls back what it had not placed yet, and its one line says how many of its
+    changes had been made; the same apply again finishes the rest.
+    """
 
     OK = 0
     USAGE = 2  # argparse's own code for bad flags

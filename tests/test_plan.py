@@ -436,6 +436,12 @@ def test_what_a_failed_apply_retired_is_still_recorded_by_the_next(cli, tmp_path
         failed = cli("apply", path)
     assert failed.code == 4, failed.err
     assert "another cfwrap" in failed.err
+    # One line that also says what had landed before the failure.
+    assert failed.err.count("\n") == 1
+    assert failed.err.rstrip().endswith(
+        "(2 of the 3 changes had been made, each whole (what a reissue replaced is under "
+        "retired/); run the same apply again to finish)"
+    ), failed.err
     (kept,) = root.glob("retired/*/removed/nodes/eu/nomad-2")
     assert json.loads((root / "plan-manifest.json").read_text())["retired"] == []
     result = applied(cli, path)
@@ -450,6 +456,39 @@ def test_what_a_failed_apply_retired_is_still_recorded_by_the_next(cli, tmp_path
     before = tree_state(root)
     assert "No changes" in applied(cli, path).out
     assert tree_state(root) == before
+
+
+def test_a_renewal_stopped_midway_says_how_much_of_it_was_made(cli, tmp_path, monkeypatch):
+    # In-place reissues land one folder at a time. A stop between two of them (Ctrl-C: the
+    # handler raises KeyboardInterrupt in the main thread, as here) must not claim that
+    # nothing was done: it says how many changes were made, and the next apply finishes.
+    from cfwrap.plan import apply
+
+    path = write_plan(tmp_path, _NAMED.format(second="nomad-2"))
+    applied(cli, path)
+    real_update = apply._Run._update
+    calls: list[int] = []
+
+    def update_then_stop(self, *args):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        real_update(self, *args)
+
+    monkeypatch.setattr(apply._Run, "_update", update_then_stop)
+    stopped = cli("apply", path, "--renew-within", "400d")
+    assert stopped.code == 130
+    assert stopped.err == (
+        "cfwrap: stopped; nothing was left half-written, but 1 of the 3 changes had been made, "
+        "each whole (what a reissue replaced is under retired/); run the same apply again to "
+        "finish\n"
+    )
+    monkeypatch.setattr(apply._Run, "_update", real_update)
+    # The leaves live 30 days: status looks 1 day ahead, to see only what the stop left.
+    assert cli("status", path, "--within", "1d").code == 9  # one renewed, not yet recorded
+    again = applied(cli, path, "--renew-within", "400d")
+    assert "Plan: 0 to add, 3 to change, 0 to retire." in again.out  # every one is due again
+    assert cli("status", path, "--within", "1d").code == 0
 
 
 def test_a_fresh_dry_run_creates_no_tree(cli, tmp_path):

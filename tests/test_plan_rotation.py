@@ -86,9 +86,13 @@ def rotation(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         code, dry = run("apply", plan, "--rotate-ca", "--dry-run")
         assert code == 0, dry
         assert tree_state(r.root) == r.state[last], f"{step}: the dry run wrote"
+        # It shows the phase's steps as what follows the real apply, never as done.
+        assert "Dry run: nothing was made." in dry, dry
+        assert " done: " not in dry, dry
         code, text = run("apply", plan, "--rotate-ca")
         assert code == 0, text
         assert change_lines(text) == change_lines(dry), step
+        assert f"phase {step[-1]} of 3 done: " in text, text
         r.record(step, text)
         for member in MEMBERS:
             r.save(step, member)

@@ -37,6 +37,8 @@ address = "127.0.0.1:{port3}"
 """
 
 NODES = ["eu/nomad-1", "eu/nomad-2", "eu/nomad-3", "eu/client-1", "operators/alice"]
+#: The servers' gossip key has a row of its own.
+GOSSIP = {"gossip.key": "ok"}
 
 
 def _plan(folder: Path, *, expiry: str = "2160h", ports: tuple[int, int, int] = (1, 2, 3)) -> Path:
@@ -61,8 +63,8 @@ def test_healthy_plan_is_all_ok(cli, tmp_path):
     result = cli("status", plan)
     assert result.code == 0, result.out
     table = _table(result.out)
-    assert table == {"ca gen-1": "ok", **dict.fromkeys(NODES, "ok")}, result.out
-    assert result.out.splitlines()[-1] == "6 ok, 0 need action (phase: steady)"
+    assert table == {"ca gen-1": "ok", **dict.fromkeys(NODES, "ok"), **GOSSIP}, result.out
+    assert result.out.splitlines()[-1] == "7 ok, 0 need action (phase: steady)"
     data = json.loads(cli("status", plan, "--json").out)
     assert data["needs_action"] == 0
     assert data["phase"] == "steady"
@@ -80,10 +82,12 @@ def test_expiring_plan_needs_action(cli, tmp_path):
     result = cli("status", plan, "--within", "30d")
     assert result.code == 9, result.out
     table = _table(result.out)
-    assert table == {"ca gen-1": "ok", **dict.fromkeys(NODES, "expiring")}, result.out
+    assert table == {"ca gen-1": "ok", **dict.fromkeys(NODES, "expiring"), **GOSSIP}, result.out
     data = json.loads(cli("status", plan, "--within", "30d", "--json").out)
     assert data["needs_action"] == len(NODES)
-    assert all(9 < r["days_left"] <= 10 for r in data["certificates"] if r["role"] != "ca")
+    leaves = [r for r in data["certificates"] if r["role"] not in ("ca", "gossip-key")]
+    assert len(leaves) == len(NODES)
+    assert all(9 < r["days_left"] <= 10 for r in leaves)
     # Outside the window, the same tree is healthy.
     assert cli("status", plan, "--within", "9d").code == 0
     # And the installed command exits 9 too (cron and monitoring read the code).
@@ -150,8 +154,103 @@ def test_planned_node_not_applied_is_missing(cli, tmp_path):
     assert rows["eu/nomad-4"]["days_left"] is None
     assert rows["eu/nomad-4"]["detail"] == "not issued yet: run apply"
     assert {n: r["state"] for n, r in rows.items() if n != "eu/nomad-4"} == {
-        "ca gen-1": "ok", **dict.fromkeys(NODES, "ok")
+        "ca gen-1": "ok", **dict.fromkeys(NODES, "ok"), **GOSSIP
     }  # fmt: skip
+
+
+def test_a_missing_or_damaged_gossip_key_needs_action_and_apply_keeps_the_clusters_key(
+    cli, tmp_path
+):
+    # Deleting gossip.key once made apply write a new key into every server's agent file:
+    # the running cluster's key was then gone from the tree, and new servers would not join.
+    plan = _plan(tmp_path)
+    applied(cli, plan)
+    root = tmp_path / "tree"
+    key_file = root / "gossip.key"
+    key = key_file.read_text().strip()
+    server_hcl = root / "nodes/eu/nomad-1/eu-server.hcl"
+    assert f'encrypt = "{key}"' in server_hcl.read_text()
+    key_file.unlink()
+    result = cli("status", plan)
+    assert result.code == 9, result.out
+    assert _table(result.out)["gossip.key"] == "missing", result.out
+    before = tree_state(root)
+    for argv in (("apply", plan), ("apply", plan, "--dry-run")):
+        line = one_line_error(cli(*argv), 4)
+        assert "gossip.key: is missing, but 3 servers' agent files hold" in line, line
+        assert key not in line
+    assert tree_state(root) == before
+    key_file.write_text("not a key\n")
+    row = {r["node"]: r for r in json.loads(cli("status", plan, "--json").out)["certificates"]}
+    assert (row["gossip.key"]["state"], row["gossip.key"]["role"]) == ("changed", "gossip-key")
+    key_file.write_text(key + "\n")
+    assert cli("status", plan).code == 0
+    assert "No changes" in applied(cli, plan).out
+    assert f'encrypt = "{key}"' in server_hcl.read_text()
+
+
+def test_a_key_mode_and_a_ca_file_changed_on_disk_are_changed(cli, tmp_path):
+    plan = _plan(tmp_path)
+    applied(cli, plan)
+    root = tmp_path / "tree"
+    (root / "nodes/eu/nomad-1/eu-server-nomad-key.pem").chmod(0o644)
+    with (root / "ca/gen-1/ca.pem").open("a") as f:
+        f.write("x\n")
+    result = cli("status", plan)
+    assert result.code == 9
+    rows = {r["node"]: r for r in json.loads(cli("status", plan, "--json").out)["certificates"]}
+    assert rows["eu/nomad-1"]["state"] == "changed"
+    assert rows["eu/nomad-1"]["detail"] == (
+        "eu-server-nomad-key.pem has mode 0644, its manifest says 0600"
+    )
+    assert rows["ca gen-1"]["state"] == "changed"
+    assert rows["ca gen-1"]["detail"].startswith("ca.pem: content changed")
+    before = tree_state(root)
+    line = one_line_error(cli("apply", plan), 4)
+    assert "nodes/eu/nomad-1: changed on disk" in line and "mode 0644" in line, line
+    assert tree_state(root) == before
+
+
+def test_a_folder_copied_from_another_node_is_changed_and_apply_refuses_it(cli, tmp_path):
+    # nomad-2's files (its manifest too) copied over nomad-1's: each folder agrees with its own
+    # manifest, but two servers now share one key. status compares each certificate with the
+    # plan manifest's record; apply refuses two members holding one certificate.
+    plan = _plan(tmp_path)
+    applied(cli, plan)
+    root = tmp_path / "tree"
+    for path in (root / "nodes/eu/nomad-2").iterdir():
+        (root / "nodes/eu/nomad-1" / path.name).write_bytes(path.read_bytes())
+    rows = {r["node"]: r for r in json.loads(cli("status", plan, "--json").out)["certificates"]}
+    assert rows["eu/nomad-1"]["state"] == "changed"
+    assert rows["eu/nomad-1"]["detail"].startswith(
+        "its certificate is not the one the plan manifest records"
+    )
+    assert rows["eu/nomad-2"]["state"] == "ok"
+    before = tree_state(root)
+    line = one_line_error(cli("apply", plan), 4)
+    assert "nodes/eu/nomad-1: holds the same certificate (and so the same key) as " in line
+    assert tree_state(root) == before
+
+
+def test_an_apply_that_did_not_finish_shows_in_status_until_the_next_apply(cli, tmp_path):
+    # An apply writes its plan manifest last: one cut short (Ctrl-C, a full disk) leaves
+    # renewed folders the manifest does not record. Here the old manifest is put back.
+    plan = _plan(tmp_path)
+    applied(cli, plan)
+    root = tmp_path / "tree"
+    old_manifest = (root / "plan-manifest.json").read_bytes()
+    applied(cli, plan, "--renew-within", "400d")
+    (root / "plan-manifest.json").write_bytes(old_manifest)
+    result = cli("status", plan)
+    assert result.code == 9
+    assert {_table(result.out)[n] for n in NODES} == {"changed"}, result.out
+    healed = applied(cli, plan)
+    assert healed.out.splitlines() == [
+        "No changes. The tree matches the plan.",
+        "The plan manifest was rewritten to match the tree (the plan file changed, or an "
+        "earlier apply did not finish).",
+    ]
+    assert cli("status", plan).code == 0
 
 
 def test_status_of_a_plan_never_applied(cli, tmp_path):

@@ -228,18 +228,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         try:
             return _main(argv)
-        except _Terminated:  # came while an error was being reported: still a clean stop
-            return _stopped(ExitCode.TERMINATED)
-        except KeyboardInterrupt:
-            return _stopped(ExitCode.INTERRUPTED)
+        except _Terminated as e:  # came while an error was being reported: still a clean stop
+            return _stopped(ExitCode.TERMINATED, e)
+        except KeyboardInterrupt as e:
+            return _stopped(ExitCode.INTERRUPTED, e)
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, previous_int)
         sys.unraisablehook = previous_hook
 
 
-def _stopped(code: ExitCode) -> int:
-    say("cfwrap: stopped; nothing was left half-written")
+def _stopped(code: ExitCode, stop: BaseException) -> int:
+    """Say that the run stopped, and what it left: nothing half-written, and what had landed.
+
+    A plan's apply notes how many of its changes were made before the stop (each whole).
+    """
+    notes = getattr(stop, "__notes__", None) or []
+    if notes:
+        say(f"cfwrap: stopped; nothing was left half-written, but {notes[0]}")
+    else:
+        say("cfwrap: stopped; nothing was left half-written")
     return code
 
 
@@ -271,7 +279,8 @@ def _main(argv: Sequence[str] | None) -> int:
         detail = getattr(e, "stderr", "")
         if detail:
             log.debug("tool stderr:\n%s", detail)
-        say(f"cfwrap: error: {e}")
+        notes = getattr(e, "__notes__", None) or []
+        say(f"cfwrap: error: {e}" + "".join(f" ({note})" for note in notes))
         return e.exit_code
     except OSError as e:
         # The operating system refused something no command anticipated (a name too long, a
@@ -279,11 +288,14 @@ def _main(argv: Sequence[str] | None) -> int:
         where = f"{e.filename}: " if e.filename is not None else ""
         with contextlib.suppress(OSError):
             flush_stdout()  # keep what was printed if stdout can take it; else drop it
-        say(f"cfwrap: error: {where}{e.strerror or e}; check the path and try again")
+        notes = "".join(f" ({note})" for note in getattr(e, "__notes__", None) or [])
+        say(f"cfwrap: error: {where}{e.strerror or e}; check the path and try again{notes}")
         return ExitCode.FILESYSTEM
     except (KeyboardInterrupt, _Terminated) as e:
         # The with blocks have already removed staging folders and temporary files.
-        return _stopped(ExitCode.TERMINATED if isinstance(e, _Terminated) else ExitCode.INTERRUPTED)
+        return _stopped(
+            ExitCode.TERMINATED if isinstance(e, _Terminated) else ExitCode.INTERRUPTED, e
+        )
 
 
 def _check_paths(args: argparse.Namespace) -> None:

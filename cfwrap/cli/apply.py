@@ -88,12 +88,15 @@ def execute(args: argparse.Namespace) -> int:
                          fix="add --renew-within 30d, or drop --keep-key")  # fmt: skip
     plan = model.load(args.plan)
     remote = _remote(args, plan)
+    rewritten = False
     if args.dry_run:
         result = apply.diff(
             plan, args.plan, renew_within=args.renew_within, keep_key=args.keep_key,
             rotate=args.rotate_ca, remote=remote,
         )  # fmt: skip
-        steps = rotation.steps(plan, result.new_phase, result) if result.changes else []
+        steps = (
+            rotation.steps(plan, result.new_phase, result, dry_run=True) if result.changes else []
+        )
     else:
         outcome = apply.apply(
             plan,
@@ -108,6 +111,7 @@ def execute(args: argparse.Namespace) -> int:
             progress=ProgressBar("cfwrap: issuing"),
         )
         result, steps = outcome.diff, outcome.steps
+        rewritten = outcome.manifest_written and result.empty
     if args.json:
         emit(
             json.dumps(
@@ -131,6 +135,11 @@ def execute(args: argparse.Namespace) -> int:
         result.summary()
         + (" (dry run: nothing was changed)" if args.dry_run and result.changes else "")
     )
+    if rewritten:
+        emit(
+            "The plan manifest was rewritten to match the tree (the plan file changed, or an "
+            "earlier apply did not finish)."
+        )
     if steps:
         emit("")
         for step in steps:

@@ -21,7 +21,8 @@ EXAMPLES = """examples:
   cfwrap status cluster.toml --connect      # also dial every node that has an address
 
 states: ok, expiring (inside --within), expired, missing, changed (on disk since cfwrap wrote
-it); with --connect also serving-other and unreachable.
+it, or not what the plan manifest records); with --connect also serving-other and unreachable.
+The servers' gossip.key has a row too (missing, or changed when it holds no valid key).
 exit codes: 0 all ok; 9 something needs action; 3 a bad plan.
 """
 

@@ -283,6 +283,9 @@ def _diff_members(
     signers = {g.number: g for g in result.generations}
     configs = Configs(plan, root=root, gossip_key=_gossip_key(plan, root))
     changed: list[str] = []
+    keyed: list[str] = []  # servers whose agent file holds a gossip key already
+    holders: dict[str, str] = {}  # certificate fingerprint -> the first member holding it
+    shared: list[tuple[str, str]] = []
     # A bundle holding a CA made by this apply cannot be known yet; it differs from every one.
     bundle = None if make_gen is not None else cas.bundle(result.generations, result.trusted)
     for member in plan.members():
@@ -297,7 +300,13 @@ def _diff_members(
         if current.changed:
             changed.append(f"{member.folder}: {current.changed[0]}")
             continue
+        if current.facts is not None:
+            first = holders.setdefault(current.facts.fingerprint_sha256, member.folder)
+            if first != member.folder:
+                shared.append((member.folder, first))
         new_gossip = result.make_gossip and member.role == "server"
+        if new_gossip and current.config is not None and b"encrypt" in current.config:
+            keyed.append(member.label)
         work = _member_work(
             plan,
             member,
@@ -322,6 +331,36 @@ def _diff_members(
             symbol = "~" if work.kind == "update" else "-/+"
             result.changes.append(Change(symbol, member.label, work.reason))
     _refuse_changed(root, changed)
+    if shared:
+        later, first = shared[0]
+        raise ConflictError(
+            root / first,
+            f"holds the same certificate (and so the same key) as {later}: no two nodes may "
+            "share a key",
+            fix="move the copy away so that apply issues it anew (`cfwrap status` names the "
+            "one the plan manifest does not record)",
+        )
+    _refuse_new_gossip_key(root, keyed)
+
+
+def _refuse_new_gossip_key(root: Path, keyed: list[str]) -> None:
+    """Refuse to make a gossip key when the tree's servers hold one already.
+
+    ``gossip.key`` went missing: a new one would be written into every server's agent file,
+    the running cluster's key would be gone from the tree, and servers set up from it later
+    would not join (Nomad seeds its keyring from ``encrypt`` once, and keeps it).
+
+    Raises:
+        ConflictError: ``keyed`` (servers with a key in their agent file) is not empty.
+    """
+    if keyed:
+        raise ConflictError(
+            root / GOSSIP_FILE,
+            f"is missing, but {len(keyed)} servers' agent files hold the cluster's gossip key "
+            f"(the first: {keyed[0]}); a new one would not reach the running cluster",
+            fix="restore it (it is the encrypt value in a server's HCL under nodes/); to change "
+            "the key, rotate it with nomad operator gossip keyring, then write it there",
+        )
 
 
 def _check_generations(
@@ -621,9 +660,17 @@ def apply(
         if not root.exists():  # only now: a refused plan leaves no trace
             root.mkdir(mode=files.DIR_MODE)
         run = _Run(plan, result, cfssl_tool=cfssl_tool, workers=workers, progress=progress)
-        run.go()
         try:
+            run.go()
             written = state.write(root, run.plan_manifest(), run.member_records)
+        except BaseException as e:  # a stop (Ctrl-C, SIGTERM) too: say what is on disk
+            if run.landed:
+                e.add_note(
+                    f"{run.landed} of the {len(result.changes)} changes had been made, each "
+                    "whole (what a reissue replaced is under retired/); run the same apply "
+                    "again to finish"
+                )
+            raise
         finally:
             run.records.close()
     return Outcome(result, rotation.steps(plan, result.new_phase, result), written)
@@ -708,6 +755,8 @@ class _Run:
         self._kept: list[str] = []
         self.schema_checked = False
         self.retired_now: list[str] = []
+        #: How many of the diff's changes are on disk, each whole (for a run cut short).
+        self.landed = 0
         #: Each member's record in the plan manifest, as a line of JSON, by folder.
         self.records = result.unchanged
 
@@ -722,6 +771,7 @@ class _Run:
                 )
                 stage.sync()
                 stage.place(made, self.root / made)
+                self.landed += 1
                 stage.settle(self.root / cas.CA_ROOT)
                 d.generations = cas.find(self.root)
             if d.remote is not None:
@@ -732,6 +782,7 @@ class _Run:
                     gossip.generate(gossip.DEFAULT_SIZE).encode() + b"\n",
                     mode=files.SECRET_MODE,
                 )
+                self.landed += 1
             key = _gossip_key(self.plan, self.root)
             self.configs = Configs(self.plan, root=self.root, gossip_key=key)
             self.bundle = cas.bundle(d.generations, d.trusted)
@@ -743,6 +794,7 @@ class _Run:
                 if work.kind == "create":
                     target = self.root / work.member.folder
                     stage.place(work.member.folder, target)
+                    self.landed += 1
                     placed.append(target.parent)
             for relative in self._kept:
                 stage.place(relative, self.root / relative)
@@ -751,6 +803,7 @@ class _Run:
             stage.settle(*placed)
         for work, new_files, facts in updates:
             self._update(work, new_files, facts)
+            self.landed += 1
             work.done()
         if d.retire_generation is not None:
             self._retire(f"{cas.CA_ROOT}/gen-{d.retire_generation}", "ca")
@@ -1099,6 +1152,7 @@ class _Run:
             from cfwrap.errors import FileSystemError
 
             raise FileSystemError(source, e) from e
+        self.landed += 1
 
 
 def _claimed(

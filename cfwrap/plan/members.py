@@ -10,6 +10,7 @@ kit manifest of the folder.
 from __future__ import annotations
 
 import hashlib
+import stat
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -151,8 +152,11 @@ def recover(folder: Path) -> None:
             files.recover(folder)
 
 
-def recorded_hashes(folder: Path) -> dict[str, str] | None:
-    """The file hashes the folder's manifest records; None when it has no readable manifest."""
+def recorded_files(folder: Path) -> dict[str, tuple[str, str]] | None:
+    """Each file's hash and mode ("0600") as the folder's manifest records them.
+
+    None when the folder has no readable manifest.
+    """
     data = _read(folder / manifest.FILE_NAME)
     if data is None:
         return None
@@ -160,7 +164,7 @@ def recorded_hashes(folder: Path) -> dict[str, str] | None:
         recorded = manifest.Manifest.model_validate_json(data)
     except ValueError:
         return None
-    return {a.path: a.sha256 for a in recorded.artifacts}
+    return {a.path: (a.sha256, a.mode) for a in recorded.artifacts}
 
 
 def read_current(folder: Path, spec: CertSpec) -> Current:
@@ -180,7 +184,7 @@ def read_current(folder: Path, spec: CertSpec) -> Current:
     current.key_pem = _read(folder / names.key)
     current.bundle = _read(folder / BUNDLE)
     current.config = _read(folder / names.config)
-    recorded = recorded_hashes(folder)
+    recorded = recorded_files(folder)
     if recorded is None:
         current.changed.append(f"{manifest.FILE_NAME} is missing or damaged")
         recorded = {}
@@ -189,19 +193,25 @@ def read_current(folder: Path, spec: CertSpec) -> Current:
     if links:
         current.changed.append(f"{links[0]} is a symlink (cfwrap never writes through one)")
         return current
-    present = {
-        p.name: hashlib.sha256(files.read_input(p)).hexdigest()
+    listed = [
+        p
         for p in entries
         if p.is_file() and not p.name.startswith(".") and p.name != manifest.FILE_NAME
-    }
+    ]
+    present = {p.name: hashlib.sha256(files.read_input(p)).hexdigest() for p in listed}
+    modes = {p.name: f"0{stat.S_IMODE(p.stat().st_mode):03o}" for p in listed}
     current.hashes = present
     for name in sorted(recorded.keys() | present.keys()):
         if name not in present:
             current.changed.append(f"{name} is gone")
         elif name not in recorded:
             current.changed.append(f"{name} is not in its manifest")
-        elif present[name] != recorded[name]:
+        elif present[name] != recorded[name][0]:
             current.changed.append(f"{name} changed")
+        elif modes[name] != recorded[name][1]:
+            current.changed.append(
+                f"{name} has mode {modes[name]}, its manifest says {recorded[name][1]}"
+            )
     if current.cert_pem is not None:
         try:
             current.cert = parsers.load_certificate(current.cert_pem)

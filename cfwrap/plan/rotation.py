@@ -23,11 +23,20 @@ if TYPE_CHECKING:
     from cfwrap.plan.state import Phase
 
 
-def steps(plan: Plan, phase: Phase, d: Diff) -> list[str]:
+def steps(plan: Plan, phase: Phase, d: Diff, *, dry_run: bool = False) -> list[str]:
     """The ordered steps for the operator after an apply that ended in ``phase``.
 
-    Empty outside a rotation (and when a rotation phase changed nothing).
+    Empty outside a rotation (and when a rotation phase changed nothing). ``dry_run``: the
+    phase is only shown, so its steps are said to follow the real apply.
     """
+    lines = _steps(plan, phase, d)
+    if not dry_run or d.phase == phase or not lines:
+        return lines
+    first = lines[0].replace(" done: ", ", once applied: ", 1)
+    return ["Dry run: nothing was made. After the same apply without --dry-run:", first, *lines[1:]]
+
+
+def _steps(plan: Plan, phase: Phase, d: Diff) -> list[str]:
     tls = plan.node_tls_dir
     reload = "send SIGHUP to its Nomad agent (`systemctl reload nomad`, or `kill -HUP <pid>`)"
     if d.phase == phase:

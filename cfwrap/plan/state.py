@@ -309,6 +309,35 @@ def load(root: Path) -> PlanManifest | None:
     return head
 
 
+def fingerprints(root: Path) -> dict[str, str]:
+    """Each member's certificate fingerprint as the plan manifest records it, by folder.
+
+    Read a line at a time, as :func:`write` lays the members out (a file laid out otherwise is
+    read whole, within the usual 16 MiB). Call :func:`load` first: it checks the file.
+
+    Raises:
+        FileNotFoundError: there is no plan manifest.
+        OSError: it cannot be read.
+        ValueError: it is not JSON.
+    """
+    from cfwrap import files
+
+    found: dict[str, str] = {}
+    with files.open_input(root / FILE_NAME, limit=MAX_FILE) as f:
+        inside = False
+        for line in f:
+            if not inside:
+                inside = line == _OPEN
+            elif line.startswith(_MEMBER):
+                member = json.loads(line.rstrip(b"\n").removesuffix(b","))
+                found[member["folder"]] = member["fingerprint_sha256"]
+            else:
+                return found  # the list's end
+        f.seek(0)  # not laid out as write() does it (load() then read it whole)
+        data = json.loads(f.read(files.MAX_INPUT + 1))
+    return {m["folder"]: m["fingerprint_sha256"] for m in data["members"]}
+
+
 #: How :func:`write` lays the members out: the list opens on a line of its own, each member
 #: is one line, and the list closes on a line of its own.
 _OPEN = b'  "members": [\n'

@@ -3,9 +3,10 @@
 With ``--connect`` it also dials each node that has an address and compares what it serves.
 
 States: ``ok``; ``expiring`` (inside the window); ``expired``; ``missing`` (no folder or no
-certificate); ``changed`` (a file differs from the folder's manifest: changed on disk). With
-``--connect``: ``serving-other`` (the agent at the node's address serves another certificate)
-and ``unreachable``.
+certificate); ``changed`` (a file or its mode differs from the folder's manifest, or the
+certificate is not the one the plan manifest records). With ``--connect``: ``serving-other``
+(the agent at the node's address serves another certificate) and ``unreachable``. The servers'
+``gossip.key`` has a row of its own (missing, or changed when it holds no valid key).
 """
 
 from __future__ import annotations
@@ -71,10 +72,15 @@ def rows(
     table: list[Row] = []
     if not generations:
         table.append(Row("ca", "ca", "-", "-", None, None, "missing", "no CA yet: run apply"))
+    recorded = state.load(root)
     for g in generations:
         name = "ca signer" if g.number == cas.SIGNER_GENERATION else f"ca gen-{g.number}"
+        changed = _ca_changed(g, recorded)
         for region, ca in [("-", g.root), *g.intermediates.items()]:
             left = (ca.facts.not_after - now) / timedelta(days=1)
+            row_state = _dated_state(ca.facts.not_after, now, within)
+            if changed.get(region):
+                row_state = "changed"
             table.append(
                 Row(
                     name + (f" {region}" if region != "-" else ""),
@@ -83,12 +89,73 @@ def rows(
                     "gen-" + str(g.number) if region != "-" else "self",
                     round(left, 1),
                     ca.facts.not_after.isoformat(),
-                    _dated_state(ca.facts.not_after, now, within),
+                    row_state,
+                    changed.get(region, ""),
                 )
             )
+    known = state.fingerprints(root) if recorded is not None else None
     for member in plan.members():
-        table.append(_member_row(plan, member, root, generations, within=within, now=now))
+        table.append(_member_row(plan, member, root, generations, known, within=within, now=now))
+    gossip_row = _gossip_row(plan, root)
+    if gossip_row is not None:
+        table.append(gossip_row)
     return table
+
+
+def _gossip_row(plan: Plan, root: Path) -> Row | None:
+    """The servers' gossip key (``gossip.key``), when the plan has servers that use one.
+
+    Missing while servers exist, or not a key Nomad takes: apply would refuse to go on (a new
+    key would not reach the running cluster), so it needs action.
+    """
+    from cfwrap import gossip
+    from cfwrap.plan.apply import GOSSIP_FILE
+
+    servers = [m for m in plan.members() if m.role == "server"]
+    if not plan.gossip or not servers:
+        return None
+
+    def row(kind: str, detail: str = "") -> Row:
+        return Row(GOSSIP_FILE, "gossip-key", "-", "-", None, None, kind, detail)
+
+    try:
+        gossip.check(files.read_input_text(root / GOSSIP_FILE))
+    except FileNotFoundError:
+        if not any((root / m.folder).is_dir() for m in servers):
+            return row("missing", "not made yet: run apply")
+        return row("missing", "restore it: the servers' agent files hold the key (encrypt)")
+    except ValueError as e:
+        return row("changed", f"{e}; restore it")
+    except (OSError, UnicodeDecodeError) as e:
+        return row("changed", f"cannot be read ({e}); restore it")
+    return row("ok")
+
+
+def _ca_changed(g: cas.Generation, recorded: state.PlanManifest | None) -> dict[str, str]:
+    """What changed in a CA generation's folder since cfwrap wrote it, by region ("-": root).
+
+    The root's files are checked against the folder's manifest, and each certificate against
+    the fingerprint the plan manifest records for it.
+    """
+    from cfwrap import manifest
+
+    if g.number == cas.SIGNER_GENERATION:  # the signer's CA: one file, kept as the signer gave it
+        return {}
+    changed: dict[str, str] = {}
+    try:
+        lines = manifest.differences(manifest.load(g.folder), manifest.scan(g.folder))
+    except VerificationError as e:
+        lines = [str(e)]
+    if lines:
+        changed["-"] = lines[0]
+    record = next((c for c in recorded.cas if c.generation == g.number), None) if recorded else None
+    if record is not None:
+        if "-" not in changed and g.root.facts.fingerprint_sha256 != record.fingerprint_sha256:
+            changed["-"] = "its certificate is not the one the plan manifest records"
+        for region, ca in g.intermediates.items():
+            if ca.facts.fingerprint_sha256 != record.intermediates.get(region):
+                changed[region] = "its certificate is not the one the plan manifest records"
+    return changed
 
 
 def _dated_state(not_after: datetime, now: datetime, within: timedelta) -> str:
@@ -99,11 +166,33 @@ def _dated_state(not_after: datetime, now: datetime, within: timedelta) -> str:
     return "ok"
 
 
+def _unrecorded(
+    member: Member, facts: parsers.CertFacts, known: dict[str, str] | None
+) -> str | None:
+    """Why a whole folder's certificate is not the one the plan manifest records; None if it is.
+
+    An apply that did not finish leaves such folders (the plan manifest is written last), and
+    so do files copied in from another folder with their manifest. Either way, apply is due.
+    """
+    if known is None:
+        return "the tree has no plan manifest (an apply that did not finish?): run apply"
+    fingerprint = known.get(member.folder)
+    if fingerprint is None:
+        return "not in the plan manifest (an apply that did not finish?): run apply"
+    if fingerprint != facts.fingerprint_sha256:
+        return (
+            "its certificate is not the one the plan manifest records (an apply that did not "
+            "finish, or files copied in from elsewhere): run apply, or restore the folder"
+        )
+    return None
+
+
 def _member_row(
     plan: Plan,
     member: Member,
     root: Path,
     generations: list[cas.Generation],
+    known: dict[str, str] | None,
     *,
     within: timedelta,
     now: datetime,
@@ -128,6 +217,8 @@ def _member_row(
     detail = ""
     if current.changed:
         row_state, detail = "changed", current.changed[0]
+    elif (why := _unrecorded(member, facts, known)) is not None:
+        row_state, detail = "changed", why
     return Row(**base, issuer=issuer, days_left=left, not_after=facts.not_after.isoformat(),
                state=row_state, detail=detail)  # fmt: skip
 
