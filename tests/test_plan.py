@@ -491,6 +491,32 @@ def test_a_renewal_stopped_midway_says_how_much_of_it_was_made(cli, tmp_path, mo
     assert cli("status", path, "--within", "1d").code == 0
 
 
+def test_changed_ca_settings_are_named_as_waiting_for_the_next_rotation(cli, tmp_path):
+    # A CA cannot change: new ca settings apply to the next generation. The apply says so
+    # instead of a bare "No changes", and changes no certificate.
+    path = write_plan(tmp_path, SMALL)
+    applied(cli, path)
+    root = tmp_path / "tree"
+    before = {k: v for k, v in tree_state(root).items() if k not in (".", "plan-manifest.json")}
+    path.write_text(SMALL + '\n[ca]\ncommon_name = "Other CA"\nintermediates = true\n')
+    for extra in (["--dry-run"], []):
+        out = applied(cli, path, *extra).out
+        assert out.splitlines()[0] == "No changes. The tree matches the plan.", out
+        assert (
+            "The plan's ca settings differ from CA gen-1 (its name is 'Nomad Agent CA 1', the "
+            "plan's would be 'Other CA 1'; its root signs the leaves, the plan wants "
+            "intermediates): a CA cannot change, so they take effect with the next rotation "
+            "(apply --rotate-ca)."
+        ) in out.splitlines(), out
+    assert {
+        k: v for k, v in tree_state(root).items() if k not in (".", "plan-manifest.json")
+    } == before
+    rotated = applied(cli, path, "--rotate-ca")
+    assert "+ ca gen-2 (a new CA)" in change_lines(rotated.out)
+    assert load_cert(root / "ca/gen-2/ca.pem").subject.rfc4514_string() == "CN=Other CA 2"
+    assert load_cert(root / "ca/gen-2/eu/ca.pem").issuer.rfc4514_string() == "CN=Other CA 2"
+
+
 def test_a_fresh_dry_run_creates_no_tree(cli, tmp_path):
     path = write_plan(tmp_path, SMALL)
     dry = applied(cli, path, "--dry-run")

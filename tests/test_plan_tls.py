@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import subprocess
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -24,7 +25,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cfwrap import verify
 from cfwrap.cli import main
 from tests.test_go_agreement import build_gopeer
-from tests.test_plan import load_cert, write_plan
+from tests.test_plan import change_lines, load_cert, write_plan
 from tests.tlspeer import Party, handshake
 
 PLAN = """\
@@ -350,3 +351,58 @@ def test_go_judges_cross_region_rpc_as_nomad_does(tree):
         region = _side(tree, listener)["region"]
         assert verify.rpc_peer_ok(leaf, region) is accepted, name
         assert verify.raft_ok(leaf, region) is raft, name
+
+
+_GROWN = """\
+out = "tree"
+leaf_expiry = "720h"
+
+[ca]
+intermediates = true
+
+[[regions.global.servers]]
+name = "nomad-a1"
+"""
+
+
+def test_a_region_added_to_a_plan_with_intermediates_gets_its_own(tmp_path):
+    # The generation's root signs an intermediate for the new region; nothing else changes,
+    # and the new region's server federates with the old one's under the same root.
+    plan = write_plan(tmp_path, _GROWN)
+    assert main(["apply", str(plan)]) == 0
+    root = tmp_path / "tree"
+    global_files = sorted((root / "nodes/global/nomad-a1").iterdir())
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in global_files}
+    plan.write_text(_GROWN + '\n[[regions.us.servers]]\nname = "nomad-u1"\n')
+    dry = subprocess.run(
+        [sys.executable, "-m", "cfwrap", "apply", plan, "--dry-run"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert change_lines(dry.stdout) == [
+        "+ ca gen-1 us (an intermediate CA for a new region)",
+        "+ us/nomad-u1 (server)",
+    ], dry.stdout
+    assert main(["apply", str(plan)]) == 0
+    gen = root / "ca/gen-1"
+    intermediate = load_cert(gen / "us/ca.pem")
+    assert intermediate.subject.rfc4514_string() == "CN=Nomad Agent CA 1 us"
+    assert intermediate.issuer == load_cert(gen / "ca.pem").subject
+    assert (gen / "us/ca-key.pem").stat().st_mode & 0o777 == 0o600
+    leaf = root / "nodes/us/nomad-u1/us-server-nomad.pem"
+    assert load_cert(leaf).issuer == intermediate.subject
+    # openssl, with the bundle as the only trust and the leaf file's own chain.
+    verified = subprocess.run(
+        ["openssl", "verify", "-CAfile", root / "nodes/us/nomad-u1/ca.pem", "-untrusted", leaf,
+         "-purpose", "sslserver", "-verify_hostname", "server.us.nomad", leaf],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    us = Party(leaf, leaf.with_name("us-server-nomad-key.pem"), leaf.with_name("ca.pem"))
+    glob = _party(Tree(plan, root, True), "nodes/global/nomad-a1")
+    assert handshake(us, glob, "server.us.nomad").ok
+    assert handshake(glob, us, "server.global.nomad").ok
+    after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in global_files}
+    assert after == before
+    recorded = json.loads((root / "plan-manifest.json").read_text())
+    assert sorted(recorded["cas"][0]["intermediates"]) == ["global", "us"]
+    assert main(["apply", str(plan)]) == 0  # and then nothing more to do

@@ -124,6 +124,7 @@ def execute(args: argparse.Namespace) -> int:
                         for c in result.changes
                     ],
                     "steps": steps,
+                    "notes": result.notes,
                 },
                 indent=2,
             )
@@ -135,6 +136,8 @@ def execute(args: argparse.Namespace) -> int:
         result.summary()
         + (" (dry run: nothing was changed)" if args.dry_run and result.changes else "")
     )
+    for note in result.notes:
+        emit(note)
     if rewritten:
         emit(
             "The plan manifest was rewritten to match the tree (the plan file changed, or an "

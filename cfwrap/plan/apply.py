@@ -123,6 +123,11 @@ class Diff:
     make_gossip: bool
     previously_retired: list[str] = field(default_factory=list)
     remote: cas.RemoteCA | None = None
+    #: Regions added to a plan with intermediates: the signing generation's root signs one
+    #: for each before their leaves.
+    add_intermediates: list[str] = field(default_factory=list)
+    #: What the apply cannot change and the operator should know (printed after the summary).
+    notes: list[str] = field(default_factory=list)
     changes: list[Change] = field(default_factory=list)
     wanted: set[str] = field(default_factory=set)
 
@@ -247,12 +252,31 @@ def diff(
         result.changes.append(Change("-", f"ca gen-{retire_gen}", "the old CA, after rotation"))
     if result.make_gossip:
         result.changes.append(Change("+", GOSSIP_FILE, "the servers' gossip key"))
+    if make_gen != signing and remote is None:
+        by_number = {g.number: g for g in generations}
+        result.add_intermediates = cas.missing_intermediates(plan, by_number[signing])
+        # During a rotation the newest generation, made from the plan, is not yet signing.
+        drift = _ca_drift(plan, by_number[signing]) if signing == max(by_number) else []
+        if drift:
+            result.notes.append(
+                f"The plan's ca settings differ from CA gen-{signing} ({'; '.join(drift)}): a "
+                "CA cannot change, so they take effect with the next rotation (apply "
+                "--rotate-ca)."
+            )
+        for region in result.add_intermediates:
+            result.changes.append(
+                Change("+", f"ca gen-{signing} {region}", "an intermediate CA for a new region")
+            )
     try:
         _diff_members(plan, result, renew_within=renew_within, keep_key=keep_key, now=now)
     except BaseException:
         result.unchanged.close()
         raise
-    issuing = [w for w in result.work if w.kind != "update"]
+    issuing = [
+        w
+        for w in result.work
+        if w.kind != "update" and w.member.region not in result.add_intermediates
+    ]
     if issuing and make_gen != signing and remote is None:
         by_number = {g.number: g for g in generations}
         _check_signer_outlives(plan, by_number[signing], issuing, now)
@@ -263,6 +287,30 @@ def diff(
                 Change("-", relative.removeprefix(f"{NODES}/"), "not in the plan")
             )
     return result
+
+
+def _ca_drift(plan: Plan, generation: cas.Generation) -> list[str]:
+    """Where the plan's ``ca`` settings (and key) differ from a generation that exists."""
+    from cfwrap.models import parse_duration
+
+    facts = generation.root.facts
+    drift = []
+    name = f"{plan.ca.common_name} {generation.number}"
+    if facts.common_name != name:
+        drift.append(f"its name is {facts.common_name!r}, the plan's would be {name!r}")
+    lifetime = facts.not_after - facts.not_before
+    if abs(lifetime - parse_duration(plan.ca.expiry)) > timedelta(days=1):
+        drift.append(f"it lives {lifetime.days} days, ca.expiry says {plan.ca.expiry}")
+    if plan.ca.intermediates != bool(generation.intermediates):
+        drift.append(
+            "it has intermediates, the plan has none"
+            if generation.intermediates
+            else "its root signs the leaves, the plan wants intermediates"
+        )
+    if (facts.key.algorithm, facts.key.size) != (plan.key.algo, plan.key.size):
+        drift.append(f"its key is {facts.key.algorithm} {facts.key.size}, the plan's "
+                     f"{plan.key.algo} {plan.key.size}")  # fmt: skip
+    return drift
 
 
 def _diff_members(
@@ -312,7 +360,9 @@ def _diff_members(
             member,
             spec,
             current,
-            signer=None if make_gen == signing else signers[signing].signer(member.region),
+            signer=None
+            if make_gen == signing or member.region in result.add_intermediates
+            else signers[signing].signer(member.region),
             signer_name=f"gen-{signing}",
             bundle=bundle,
             config=None if new_gossip else configs.text(member, spec),
@@ -774,6 +824,8 @@ class _Run:
                 self.landed += 1
                 stage.settle(self.root / cas.CA_ROOT)
                 d.generations = cas.find(self.root)
+            if d.add_intermediates:
+                self._add_intermediates(stage)
             if d.remote is not None:
                 self._keep_signer_ca(d.remote)
             if d.make_gossip:
@@ -807,6 +859,24 @@ class _Run:
             work.done()
         if d.retire_generation is not None:
             self._retire(f"{cas.CA_ROOT}/gen-{d.retire_generation}", "ca")
+
+    def _add_intermediates(self, stage: files.TreeStaging) -> None:
+        """Give the signing generation an intermediate for each region added to the plan."""
+        d = self.d
+        generation = {g.number: g for g in d.generations}[d.signing]
+        made = cas.add_intermediates(
+            self.plan,
+            stage=stage,
+            generation=generation,
+            regions=d.add_intermediates,
+            cfssl_tool=self.tool,
+        )
+        stage.sync()
+        for relative in made:
+            stage.place(relative, self.root / relative)
+            self.landed += 1
+        stage.settle(generation.folder)
+        d.generations = cas.find(self.root)
 
     def _issue(self, stage: files.TreeStaging) -> list[_Update]:
         """Sign every certificate the work needs; stage new folders, return in-place updates."""

@@ -208,7 +208,7 @@ def make(plan: Plan, *, stage: files.TreeStaging, number: int, cfssl_tool: Tool)
     stage.write(f"{relative}/ca.pem", issued.cert, mode=files.PUBLIC_MODE)
     stage.write(f"{relative}/ca-key.pem", issued.key, mode=files.SECRET_MODE)
     if plan.ca.intermediates:
-        _make_intermediates(plan, stage, relative, issued, cfssl_tool, number)
+        _make_intermediates(plan, stage, relative, issued, list(plan.regions), cfssl_tool, number)
     folder = files.StagedFolder(stage, relative)
     manifest.write(
         folder.path, manifest.build(folder.path, [manifest.tool_record(cfssl_tool)]), into=folder
@@ -216,11 +216,47 @@ def make(plan: Plan, *, stage: files.TreeStaging, number: int, cfssl_tool: Tool)
     return relative
 
 
-def _make_intermediates(  # noqa: PLR0917 (private helper of make, called once)
+def missing_intermediates(plan: Plan, generation: Generation) -> list[str]:
+    """The plan's regions that ``generation`` has no intermediate for (regions added since).
+
+    None for a generation made without intermediates: its root signs every region's leaves
+    until the next rotation makes a generation with them.
+    """
+    if not plan.ca.intermediates or not generation.intermediates:
+        return []
+    return [r for r in plan.regions if r not in generation.intermediates]
+
+
+def add_intermediates(
+    plan: Plan,
+    *,
+    stage: files.TreeStaging,
+    generation: Generation,
+    regions: list[str],
+    cfssl_tool: Tool,
+) -> list[str]:
+    """Make intermediates for ``regions`` under ``generation``'s root, inside ``stage``.
+
+    Returns each one's folder relative to the tree's root (``ca/gen-N/<region>``), ready to be
+    placed into the generation's folder.
+
+    Raises:
+        ToolFailedError: cfssl failed.
+        VerificationError: what cfssl made is not a CA signed by the root.
+    """
+    issued = cfssl.Issued(cert=generation.root.cert_pem, key=generation.root.key_pem, csr=b"")
+    _make_intermediates(
+        plan, stage, generation.relative, issued, regions, cfssl_tool, generation.number
+    )
+    return [f"{generation.relative}/{region}" for region in regions]
+
+
+def _make_intermediates(  # noqa: PLR0917 (private helper of make and add_intermediates)
     plan: Plan,
     stage: files.TreeStaging,
     relative: str,
     root: cfssl.Issued,
+    regions: list[str],
     cfssl_tool: Tool,
     number: int,
 ) -> None:
@@ -235,7 +271,7 @@ def _make_intermediates(  # noqa: PLR0917 (private helper of make, called once)
         files.write_new(ca_file, root.cert, mode=files.PUBLIC_MODE)
         files.write_new(key_file, root.key, mode=files.SECRET_MODE)
         files.write_new(config_file, to_cfssl_json(config), mode=files.PUBLIC_MODE)
-        for region in plan.regions:
+        for region in regions:
             csr = CSR(CN=f"{plan.ca.common_name} {number} {region}"[:64], key=plan.key)
             key = keys.new_private_key(plan.key)
             request = keys.csr_pem(key, csr)
