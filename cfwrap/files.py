@@ -277,10 +277,17 @@ class FolderLock:
     holding it are stale.
     """
 
-    def __init__(self, target: Path, *, wait: float = 0.0) -> None:
-        """Prepare a lock for ``target`` (the folder need not exist yet); wait up to ``wait`` s."""
+    def __init__(self, target: Path, *, wait: float = 0.0, sweep_beside: bool = True) -> None:
+        """Prepare a lock for ``target`` (the folder need not exist yet); wait up to ``wait`` s.
+
+        ``sweep_beside=False``: leave staging folders beside the target to the next run that
+        makes one. Looking for them lists the target's parent, which for a plan's member is a
+        region's folder of thousands: once per member, a renewal of the fleet grew with its
+        square. Such folders are only made by a command on that one member (never by apply).
+        """
         self.target = target
         self.wait = wait
+        self.sweep_beside = sweep_beside
         self.path = target.parent / f".{target.name}.cfwrap.lock"
         self._fd: int | None = None
 
@@ -339,7 +346,7 @@ class FolderLock:
         this process now holds, so no live run owns them.
         """
         staging = re.compile(re.escape(staging_prefix(self.target)) + _RANDOM)
-        for stale in _entries(self.target.parent):
+        for stale in _entries(self.target.parent) if self.sweep_beside else []:
             if staging.fullmatch(stale.name) and stale.is_dir() and not stale.is_symlink():
                 shutil.rmtree(stale, ignore_errors=True)
         if self.target.is_dir() and not self.target.is_symlink():

@@ -1166,7 +1166,7 @@ class _Run:
     ) -> None:
         """Replace a member's changed files and its manifest together."""
         folder = self.root / work.member.folder
-        with files.FolderLock(folder):
+        with files.FolderLock(folder, sweep_beside=False):
             batch = files.FileSet(folder, replace=True, later=(manifest.FILE_NAME,))
             for name, (data, mode) in new.items():
                 batch.add(name, data, mode=mode)
