@@ -275,8 +275,11 @@ def parse_model(
         return cls.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
-        loc = [str(p) for p in first["loc"]]
+        # A union's branch names its validator ("lax-or-strict[...]"), not a field: dropped.
+        loc = [str(p) for p in first["loc"] if "[" not in str(p)]
         message = str(first["msg"]).removeprefix("Value error, ")
+        if first["type"] in ("ip_v4_address", "ip_v6_address"):  # both branches failed
+            message = "not an IPv4 or IPv6 address"
         if flags and loc and loc[0] in flags:
             where = flags[loc[0]]
         else:

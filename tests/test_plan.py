@@ -237,6 +237,12 @@ _BAD_PLANS = {
         "ca.intermediates 'yes'",
     ),
     "expiry-as-number": ("leaf_expiry = 720\n[regions.eu]\n", "leaf_expiry: Input should be"),
+    "version-true": ("version = true\n[regions.eu]\n", "version: version must be the integer 1"),
+    "version-float": ("version = 1.0\n[regions.eu]\n", "version: version must be the integer 1"),
+    "bad-ip-named-plainly": (
+        '[[regions.eu.servers]]\nname = "a"\nip = ["::g"]\n',
+        "regions.eu.servers.0.ip.0 '::g': not an IPv4 or IPv6 address",
+    ),
     "a-date": (
         '[[regions.eu.servers]]\nname = "a"\nip = [1979-05-27]\n',
         "regions.eu.servers.0.ip.0: a date, which no field takes",

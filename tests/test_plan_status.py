@@ -183,7 +183,21 @@ def test_a_missing_or_damaged_gossip_key_needs_action_and_apply_keeps_the_cluste
     key_file.write_text("not a key\n")
     row = {r["node"]: r for r in json.loads(cli("status", plan, "--json").out)["certificates"]}
     assert (row["gossip.key"]["state"], row["gossip.key"]["role"]) == ("changed", "gossip-key")
+    # Renaming the servers while it is missing does not make a new key either: the servers
+    # on disk (retired by this apply, still running) hold the cluster's key.
+    key_file.unlink()
+    before = tree_state(root)
+    renamed = write_plan(tmp_path, plan.read_text().replace("nomad-", "srv-"), name="renamed.toml")
+    line = one_line_error(cli("apply", renamed), 4)
+    assert "gossip.key: is missing, but 3 servers' agent files hold" in line, line
+    assert tree_state(root) == before
     key_file.write_text(key + "\n")
+    key_file.chmod(0o644)
+    row = {r["node"]: r for r in json.loads(cli("status", plan, "--json").out)["certificates"]}
+    assert row["gossip.key"]["detail"].startswith("mode 0644"), row
+    line = one_line_error(cli("apply", plan), 4)
+    assert "gossip.key: has mode 0644, but it holds the servers' shared secret" in line
+    key_file.chmod(0o600)
     assert cli("status", plan).code == 0
     assert "No changes" in applied(cli, plan).out
     assert f'encrypt = "{key}"' in server_hcl.read_text()
@@ -205,10 +219,37 @@ def test_a_key_mode_and_a_ca_file_changed_on_disk_are_changed(cli, tmp_path):
     )
     assert rows["ca gen-1"]["state"] == "changed"
     assert rows["ca gen-1"]["detail"].startswith("ca.pem: content changed")
+    # apply refuses both: the CA first (every bundle and signature comes from it).
     before = tree_state(root)
     line = one_line_error(cli("apply", plan), 4)
+    assert "ca/gen-1: changed on disk since cfwrap wrote it: ca.pem: content changed" in line
+    ca_pem = root / "ca/gen-1/ca.pem"
+    ca_pem.write_bytes(ca_pem.read_bytes().removesuffix(b"x\n"))
+    (root / "ca/gen-1/ca-key.pem").chmod(0o644)
+    line = one_line_error(cli("apply", plan), 4)
+    assert "ca/gen-1: changed on disk since cfwrap wrote it: ca-key.pem: mode 0644" in line
+    (root / "ca/gen-1/ca-key.pem").chmod(0o600)
+    line = one_line_error(cli("apply", plan), 4)
     assert "nodes/eu/nomad-1: changed on disk" in line and "mode 0644" in line, line
+    assert {k: v for k, v in tree_state(root).items() if k != "ca/gen-1/ca.pem"} == {
+        k: v for k, v in before.items() if k != "ca/gen-1/ca.pem"
+    }
+
+
+def test_a_foreign_ca_appended_to_the_ca_never_reaches_a_bundle(cli, tmp_path):
+    plan = _plan(tmp_path)
+    applied(cli, plan)
+    other = write_plan(tmp_path / "other", 'out = "tree"\n[regions.eu]\n')
+    applied(cli, other)
+    root = tmp_path / "tree"
+    with (root / "ca/gen-1/ca.pem").open("ab") as f:
+        f.write((tmp_path / "other/tree/ca/gen-1/ca.pem").read_bytes())
+    before = tree_state(root)
+    for argv in (("apply", plan), ("apply", plan, "--dry-run")):
+        line = one_line_error(cli(*argv), 4)
+        assert "ca/gen-1: changed on disk since cfwrap wrote it" in line, line
     assert tree_state(root) == before
+    assert (root / "nodes/eu/nomad-1/ca.pem").read_bytes().count(b"BEGIN") == 1
 
 
 def test_a_folder_copied_from_another_node_is_changed_and_apply_refuses_it(cli, tmp_path):
@@ -251,6 +292,51 @@ def test_an_apply_that_did_not_finish_shows_in_status_until_the_next_apply(cli, 
         "earlier apply did not finish).",
     ]
     assert cli("status", plan).code == 0
+
+
+def test_status_reads_a_plan_manifest_formatted_by_hand(cli, tmp_path):
+    # jq, or json.dump with an indent: one member over several lines, in another order.
+    plan = _plan(tmp_path)
+    applied(cli, plan)
+    path = tmp_path / "tree/plan-manifest.json"
+    data = json.loads(path.read_text())
+    data["members"].reverse()
+    path.write_text(json.dumps(data, indent=2))
+    result = cli("status", plan)
+    assert (result.code, result.err) == (0, ""), result.out + result.err
+    assert set(_table(result.out).values()) == {"ok"}
+
+
+def test_a_region_renamed_only_in_case_is_refused(cli, tmp_path):
+    # To Go, EU and eu are one name: two intermediates and two folders for one region.
+    text = 'out = "tree"\n[ca]\nintermediates = true\n[regions.global]\n[regions.eu]\n'
+    plan = write_plan(tmp_path, text)
+    applied(cli, plan)
+    before = tree_state(tmp_path / "tree")
+    plan.write_text(text.replace("[regions.eu]", "[regions.EU]"))
+    for argv in (("apply", plan), ("apply", plan, "--dry-run")):
+        line = one_line_error(cli(*argv), 4)
+        assert "the tree's region 'eu' and the plan's 'EU' differ only in case" in line, line
+    assert tree_state(tmp_path / "tree") == before
+
+
+def test_an_intermediates_key_mode_or_an_extra_certificate_is_changed(cli, tmp_path):
+    plan = write_plan(
+        tmp_path, 'out = "tree"\n[ca]\nintermediates = true\n[regions.eu]\nservers = 1\n'
+    )
+    applied(cli, plan)
+    gen = tmp_path / "tree/ca/gen-1"
+    (gen / "eu/ca-key.pem").chmod(0o644)
+    rows = {r["node"]: r for r in json.loads(cli("status", plan, "--json").out)["certificates"]}
+    assert rows["ca gen-1 eu"]["state"] == "changed"
+    assert rows["ca gen-1 eu"]["detail"] == "eu/ca-key.pem has mode 0644, cfwrap wrote it 0600"
+    assert "ca/gen-1/eu: changed on disk" in one_line_error(cli("apply", plan), 4)
+    (gen / "eu/ca-key.pem").chmod(0o600)
+    with (gen / "eu/ca.pem").open("ab") as f:
+        f.write((gen / "ca.pem").read_bytes())
+    rows = {r["node"]: r for r in json.loads(cli("status", plan, "--json").out)["certificates"]}
+    assert rows["ca gen-1 eu"]["detail"] == "eu/ca.pem holds more than its one certificate"
+    assert "ca/gen-1/eu: changed on disk" in one_line_error(cli("apply", plan), 4)
 
 
 def test_status_of_a_plan_never_applied(cli, tmp_path):

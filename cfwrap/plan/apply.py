@@ -15,6 +15,7 @@ import itertools
 import logging
 import os
 import re
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -218,6 +219,8 @@ def diff(
     generations = cas.find(root)
     numbers = [g.number for g in generations]
     _check_generations(root, recorded, generations, remote=remote)
+    _refuse_changed_cas(generations, recorded)
+    _refuse_case_renames(plan, root, generations)
     if remote is not None:
         _remote_fits(generations, rotate=rotate)
         generations = [remote.generation(root)]
@@ -331,7 +334,6 @@ def _diff_members(
     signers = {g.number: g for g in result.generations}
     configs = Configs(plan, root=root, gossip_key=_gossip_key(plan, root))
     changed: list[str] = []
-    keyed: list[str] = []  # servers whose agent file holds a gossip key already
     holders: dict[str, str] = {}  # certificate fingerprint -> the first member holding it
     shared: list[tuple[str, str]] = []
     # A bundle holding a CA made by this apply cannot be known yet; it differs from every one.
@@ -353,8 +355,6 @@ def _diff_members(
             if first != member.folder:
                 shared.append((member.folder, first))
         new_gossip = result.make_gossip and member.role == "server"
-        if new_gossip and current.config is not None and b"encrypt" in current.config:
-            keyed.append(member.label)
         work = _member_work(
             plan,
             member,
@@ -390,7 +390,65 @@ def _diff_members(
             fix="move the copy away so that apply issues it anew (`cfwrap status` names the "
             "one the plan manifest does not record)",
         )
-    _refuse_new_gossip_key(root, keyed)
+    if result.make_gossip:
+        _refuse_new_gossip_key(root, _servers_holding_a_key(root))
+
+
+def _refuse_changed_cas(
+    generations: list[cas.Generation], recorded: state.PlanManifest | None
+) -> None:
+    """Refuse a tree whose CA folders changed on disk: their bundles and keys sign and trust.
+
+    Raises:
+        ConflictError: the first change, named (a foreign CA appended to ca.pem, a key's mode).
+    """
+    for generation in generations:
+        for region, why in cas.changed_on_disk(generation, recorded).items():
+            folder = generation.folder if region == "-" else generation.folder / region
+            raise ConflictError(
+                folder,
+                f"changed on disk since cfwrap wrote it: {why}",
+                fix="restore it from a backup (a key's mode: chmod 600); every member's bundle "
+                "and signature comes from it",
+            )
+
+
+def _refuse_case_renames(plan: Plan, root: Path, generations: list[cas.Generation]) -> None:
+    """Refuse a plan region that differs only in case from one the tree already has.
+
+    Go compares names without case: ``server.EU.nomad`` passes as ``server.eu.nomad``, so the
+    two would be one region to Nomad with two intermediates, and on a file system that ignores
+    case their folders would be one.
+
+    Raises:
+        ConflictError: such a region.
+    """
+    have = set()
+    if (root / NODES).is_dir():
+        have |= {p.name for p in (root / NODES).iterdir() if p.is_dir()}
+    for generation in generations:
+        have |= set(generation.intermediates)
+    for region in plan.regions:
+        other = next((h for h in sorted(have) if h != region and h.lower() == region.lower()), None)
+        if other is not None:
+            raise ConflictError(
+                root,
+                f"the tree's region {other!r} and the plan's {region!r} differ only in case; "
+                "Go's name checks ignore case, so they would pass for one region",
+                fix=f"name it {other!r} in the plan: to Nomad it is the same region",
+            )
+
+
+def _servers_holding_a_key(root: Path) -> list[str]:
+    """The server folders on disk whose agent file holds a gossip key (in the plan or not)."""
+    holding = []
+    for relative in _existing_members(root):
+        folder = root / relative
+        for hcl in sorted(folder.glob("*-server.hcl")):
+            if hcl.is_file() and not hcl.is_symlink() and b"encrypt" in files.read_input(hcl):
+                holding.append(relative.removeprefix(f"{NODES}/"))
+                break
+    return holding
 
 
 def _refuse_new_gossip_key(root: Path, keyed: list[str]) -> None:
@@ -499,8 +557,15 @@ def _gossip_key(plan: Plan, root: Path) -> str | None:
         gossip.check(key)
     except ValueError as e:
         raise VerificationError(
-            str(path), str(e), fix="restore it, or move it away for a new one"
+            str(path), str(e), fix="restore it (the encrypt value of a server's HCL under nodes/)"
         ) from None
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode != files.SECRET_MODE:
+        raise ConflictError(
+            path,
+            f"has mode 0{mode:03o}, but it holds the servers' shared secret",
+            fix="chmod 600 it",
+        )
     return key
 
 

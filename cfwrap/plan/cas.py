@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import re
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,6 +27,8 @@ from cfwrap.tools import Tool
 
 if TYPE_CHECKING:
     from cryptography import x509
+
+    from cfwrap.plan import state
 
 CA_ROOT = "ca"
 #: ``ca/signer/ca.pem``: the CA of a central signer that issues the tree (``apply --remote``);
@@ -214,6 +217,47 @@ def make(plan: Plan, *, stage: files.TreeStaging, number: int, cfssl_tool: Tool)
         folder.path, manifest.build(folder.path, [manifest.tool_record(cfssl_tool)]), into=folder
     )
     return relative
+
+
+def changed_on_disk(generation: Generation, recorded: state.PlanManifest | None) -> dict[str, str]:
+    """What changed in a generation's folder since cfwrap wrote it, by region ("-": the root).
+
+    The root's files are checked against the folder's manifest (content and mode); each
+    intermediate's key must still be 0600 and its ``ca.pem`` one certificate; and each
+    certificate must be the one the plan manifest records, when it records one (a run cut
+    short may have added an intermediate it had no time to record).
+    """
+    if generation.number == SIGNER_GENERATION:  # one file, as the signer gave it
+        return {}
+    changed: dict[str, str] = {}
+    try:
+        lines = manifest.differences(
+            manifest.load(generation.folder), manifest.scan(generation.folder)
+        )
+    except VerificationError as e:
+        lines = [str(e)]
+    if lines:
+        changed["-"] = lines[0]
+    for region, ca in generation.intermediates.items():
+        mode = stat.S_IMODE(ca.key_path.stat().st_mode)
+        if mode != files.SECRET_MODE:
+            changed[region] = f"{region}/ca-key.pem has mode 0{mode:03o}, cfwrap wrote it 0600"
+        elif ca.cert_pem.count(b"-----BEGIN") != 1:
+            changed[region] = f"{region}/ca.pem holds more than its one certificate"
+    record = None
+    if recorded is not None:
+        record = next((c for c in recorded.cas if c.generation == generation.number), None)
+    if record is not None:
+        if (
+            "-" not in changed
+            and generation.root.facts.fingerprint_sha256 != record.fingerprint_sha256
+        ):
+            changed["-"] = "its certificate is not the one the plan manifest records"
+        for region, ca in generation.intermediates.items():
+            known = record.intermediates.get(region)
+            if region not in changed and known not in (None, ca.facts.fingerprint_sha256):
+                changed[region] = "its certificate is not the one the plan manifest records"
+    return changed
 
 
 def missing_intermediates(plan: Plan, generation: Generation) -> list[str]:

@@ -188,6 +188,14 @@ class Plan(BaseModel):
     regions: dict[Region, RegionPlan] = Field(min_length=1)
     operators: tuple[Operator, ...] = ()
 
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_is_the_integer_one(cls, value: object) -> object:
+        """``version = 1`` exactly: Python takes true and 1.0 for 1."""
+        if type(value) is not int:
+            raise ValueError("version must be the integer 1")
+        return value
+
     @field_validator("out")
     @classmethod
     def _out_is_a_path(cls, value: str) -> str:

@@ -328,12 +328,16 @@ def fingerprints(root: Path) -> dict[str, str]:
         for line in f:
             if not inside:
                 inside = line == _OPEN
-            elif line.startswith(_MEMBER):
-                member = json.loads(line.rstrip(b"\n").removesuffix(b","))
-                found[member["folder"]] = member["fingerprint_sha256"]
+            elif line.startswith(_CLOSE):
+                return found
             else:
-                return found  # the list's end
-        f.seek(0)  # not laid out as write() does it (load() then read it whole)
+                try:  # one member a line, as write() lays them out
+                    member = json.loads(line.rstrip(b"\n").removesuffix(b","))
+                    found[member["folder"]] = member["fingerprint_sha256"]
+                except (ValueError, TypeError, KeyError):
+                    break  # laid out otherwise (reformatted by hand)
+        # Not laid out as write() does it: load() read it whole, within 16 MiB, and so do we.
+        f.seek(0)
         data = json.loads(f.read(files.MAX_INPUT + 1))
     return {m["folder"]: m["fingerprint_sha256"] for m in data["members"]}
 

@@ -11,6 +11,7 @@ certificate is not the one the plan manifest records). With ``--connect``: ``ser
 
 from __future__ import annotations
 
+import stat
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -75,7 +76,7 @@ def rows(
     recorded = state.load(root)
     for g in generations:
         name = "ca signer" if g.number == cas.SIGNER_GENERATION else f"ca gen-{g.number}"
-        changed = _ca_changed(g, recorded)
+        changed = cas.changed_on_disk(g, recorded)
         for region, ca in [("-", g.root), *g.intermediates.items()]:
             left = (ca.facts.not_after - now) / timedelta(days=1)
             row_state = _dated_state(ca.facts.not_after, now, within)
@@ -108,54 +109,35 @@ def _gossip_row(plan: Plan, root: Path) -> Row | None:
     Missing while servers exist, or not a key Nomad takes: apply would refuse to go on (a new
     key would not reach the running cluster), so it needs action.
     """
-    from cfwrap import gossip
     from cfwrap.plan.apply import GOSSIP_FILE
 
     servers = [m for m in plan.members() if m.role == "server"]
     if not plan.gossip or not servers:
         return None
 
-    def row(kind: str, detail: str = "") -> Row:
-        return Row(GOSSIP_FILE, "gossip-key", "-", "-", None, None, kind, detail)
+    issued = any((root / m.folder).is_dir() for m in servers)
+    kind, detail = _gossip_state(root / GOSSIP_FILE, issued=issued)
+    return Row(GOSSIP_FILE, "gossip-key", "-", "-", None, None, kind, detail)
+
+
+def _gossip_state(path: Path, *, issued: bool) -> tuple[str, str]:
+    """The gossip key file's state and why: ``issued``, servers of the plan are on disk."""
+    from cfwrap import gossip
 
     try:
-        gossip.check(files.read_input_text(root / GOSSIP_FILE))
+        gossip.check(files.read_input_text(path))
+        mode = stat.S_IMODE(path.stat().st_mode)
     except FileNotFoundError:
-        if not any((root / m.folder).is_dir() for m in servers):
-            return row("missing", "not made yet: run apply")
-        return row("missing", "restore it: the servers' agent files hold the key (encrypt)")
+        if not issued:
+            return "missing", "not made yet: run apply"
+        return "missing", "restore it: the servers' agent files hold the key (encrypt)"
     except ValueError as e:
-        return row("changed", f"{e}; restore it")
+        return "changed", f"{e}; restore it"
     except (OSError, UnicodeDecodeError) as e:
-        return row("changed", f"cannot be read ({e}); restore it")
-    return row("ok")
-
-
-def _ca_changed(g: cas.Generation, recorded: state.PlanManifest | None) -> dict[str, str]:
-    """What changed in a CA generation's folder since cfwrap wrote it, by region ("-": root).
-
-    The root's files are checked against the folder's manifest, and each certificate against
-    the fingerprint the plan manifest records for it.
-    """
-    from cfwrap import manifest
-
-    if g.number == cas.SIGNER_GENERATION:  # the signer's CA: one file, kept as the signer gave it
-        return {}
-    changed: dict[str, str] = {}
-    try:
-        lines = manifest.differences(manifest.load(g.folder), manifest.scan(g.folder))
-    except VerificationError as e:
-        lines = [str(e)]
-    if lines:
-        changed["-"] = lines[0]
-    record = next((c for c in recorded.cas if c.generation == g.number), None) if recorded else None
-    if record is not None:
-        if "-" not in changed and g.root.facts.fingerprint_sha256 != record.fingerprint_sha256:
-            changed["-"] = "its certificate is not the one the plan manifest records"
-        for region, ca in g.intermediates.items():
-            if ca.facts.fingerprint_sha256 != record.intermediates.get(region):
-                changed[region] = "its certificate is not the one the plan manifest records"
-    return changed
+        return "changed", f"cannot be read ({e}); restore it"
+    if mode != files.SECRET_MODE:
+        return "changed", f"mode 0{mode:03o}: it holds the servers' secret; chmod 600 it"
+    return "ok", ""
 
 
 def _dated_state(not_after: datetime, now: datetime, within: timedelta) -> str:
