@@ -22,7 +22,7 @@ EXAMPLES = """examples:
 
 states: ok, expiring (inside --within), expired, missing, changed (on disk since cfwrap wrote
 it, or not what the plan manifest records); with --connect also serving-other and unreachable.
-The servers' gossip.key has a row too (missing, or changed when it holds no valid key).
+The servers' gossip.key has a row too (missing; changed: no valid key in it, or not 0600).
 exit codes: 0 all ok; 9 something needs action; 3 a bad plan.
 """
 

@@ -6,7 +6,7 @@ States: ``ok``; ``expiring`` (inside the window); ``expired``; ``missing`` (no f
 certificate); ``changed`` (a file or its mode differs from the folder's manifest, or the
 certificate is not the one the plan manifest records). With ``--connect``: ``serving-other``
 (the agent at the node's address serves another certificate) and ``unreachable``. The servers'
-``gossip.key`` has a row of its own (missing, or changed when it holds no valid key).
+``gossip.key`` has a row of its own (missing; changed: no valid key in it, or not 0600).
 """
 
 from __future__ import annotations
