@@ -263,3 +263,64 @@ def test_status_reports_the_phase_and_issuers(rotation):
     assert data["phase"] == "steady"
     issuers = {row["node"]: row["issuer"] for row in data["certificates"]}
     assert issuers["eu/server-1"] == issuers["eu/client-1"] == "gen-2"
+
+
+def test_a_phase_1_that_stopped_is_finished_by_the_same_apply(tmp_path):
+    # Phase 1 makes the new CA first and records it last. Stopped between the two (here a
+    # client's folder is held by another process), the new CA is unrecorded: status says so,
+    # and `apply --rotate-ca` again finishes phase 1 with it, not a third CA.
+    from cfwrap.files import FolderLock
+
+    plan = write_plan(tmp_path, PLAN.format(intermediates="false"))
+    assert run("apply", plan)[0] == 0
+    root = tmp_path / "tree"
+    with FolderLock(root / CLIENT):
+        code, text = run("apply", plan, "--rotate-ca")
+    assert code == 4, text
+    assert "changes had been made" in text and "run the same apply again to finish" in text
+    assert (root / "ca/gen-2/ca.pem").is_file()
+    code, text = run("status", plan, "--json")
+    assert code == 9
+    rows = {r["node"]: r for r in json.loads(text)["certificates"]}
+    assert rows["ca gen-2"]["state"] == "changed"
+    assert rows["ca gen-2"]["detail"].startswith("not in plan-manifest.json")
+    code, text = run("apply", plan)  # a plain apply does not guess: it says what to run
+    assert code == 7 and "run apply --rotate-ca again to finish it" in text, text
+    gen2 = (root / "ca/gen-2/ca.pem").read_bytes()
+    code, text = run("apply", plan, "--rotate-ca")
+    assert code == 0, text
+    assert "~ ca gen-2 (made by a phase 1 that stopped; it goes on now)" in change_lines(text)
+    assert "phase 1 of 3 done" in text
+    assert (root / "ca/gen-2/ca.pem").read_bytes() == gen2
+    assert not (root / "ca/gen-3").exists()
+    for member in MEMBERS:  # every bundle holds both CAs now
+        assert (root / member / "ca.pem").read_bytes().count(b"BEGIN CERTIFICATE") == 2
+    code, text = run("status", plan, "--json", "--within", "7d")  # the leaves live 30 days
+    assert code == 0, text
+    assert json.loads(text)["phase"] == "trust-both"
+
+
+def test_intermediates_turned_off_then_a_region_added_still_applies(tmp_path):
+    # The signing CA keeps its intermediates until a rotation: the new region gets one.
+    plan = write_plan(tmp_path, PLAN.format(intermediates="true"))
+    assert run("apply", plan)[0] == 0
+    root = tmp_path / "tree"
+    plan.write_text(
+        PLAN.format(intermediates="false") + "\n[regions.asia]\nservers = 1\nclients = 1\n"
+    )
+    code, text = run("apply", plan)
+    assert code == 0, text
+    assert "+ ca gen-1 asia (an intermediate CA for a new region)" in change_lines(text)
+    assert "it has intermediates, the plan has none" in text
+    leaf = load_cert(root / "nodes/asia/server-1/asia-server-nomad.pem")
+    assert leaf.issuer == load_cert(root / "ca/gen-1/asia/ca.pem").subject
+    assert run("status", plan, "--within", "7d")[0] == 0
+    for _ in range(3):  # and the rotation the note names goes through
+        code, text = run("apply", plan, "--rotate-ca")
+        assert code == 0, text
+    assert not (root / "ca/gen-2/asia").exists()  # the new CA follows the plan: no intermediates
+    assert (
+        load_cert(root / "nodes/asia/server-1/asia-server-nomad.pem").issuer
+        == load_cert(root / "ca/gen-2/ca.pem").subject
+    )
+    assert run("status", plan, "--within", "7d")[0] == 0

@@ -339,6 +339,51 @@ def test_an_intermediates_key_mode_or_an_extra_certificate_is_changed(cli, tmp_p
     assert "ca/gen-1/eu: changed on disk" in one_line_error(cli("apply", plan), 4)
 
 
+def test_gossip_turned_on_later_makes_a_key_even_where_paths_say_encrypt(cli, tmp_path):
+    # No server holds a key while gossip is off: turning it on makes one. A node_tls_dir with
+    # "encrypt" in it is a path, not a key (the check reads the setting, not the word).
+    text = (
+        'out = "tree"\ngossip = false\nnode_tls_dir = "/etc/nomad.d/encrypted/tls"\n'
+        "[regions.eu]\nservers = 2\n"
+    )
+    plan = write_plan(tmp_path, text)
+    applied(cli, plan)
+    plan.write_text(text.replace("gossip = false", "gossip = true"))
+    rows = {r["node"]: r for r in json.loads(cli("status", plan, "--json").out)["certificates"]}
+    assert (rows["gossip.key"]["state"], rows["gossip.key"]["detail"]) == (
+        "missing",
+        "not made yet: run apply",
+    )
+    result = applied(cli, plan)
+    assert "+ gossip.key (the servers' gossip key)" in result.out
+    key = (tmp_path / "tree/gossip.key").read_text().strip()
+    assert f'encrypt = "{key}"' in (tmp_path / "tree/nodes/eu/server-1/eu-server.hcl").read_text()
+    assert cli("status", plan).code == 0
+
+
+def test_a_region_folder_its_members_left_empty_does_not_block_a_case_rename(cli, tmp_path):
+    text = 'out = "tree"\n[regions.global]\n[regions.EU]\n'
+    plan = write_plan(tmp_path, text)
+    applied(cli, plan)
+    plan.write_text('out = "tree"\n[regions.global]\n')
+    applied(cli, plan)  # EU's members are retired; its folder stays, empty
+    assert list((tmp_path / "tree/nodes/EU").iterdir()) == []
+    plan.write_text('out = "tree"\n[regions.global]\n[regions.eu]\n')
+    assert "+ eu/server-1 (server)" in applied(cli, plan).out
+
+
+def test_apply_json_carries_every_note(cli, tmp_path):
+    plan = _plan(tmp_path)
+    applied(cli, plan)
+    plan.write_text(plan.read_text() + '\n[ca]\ncommon_name = "Other CA"\n')
+    data = json.loads(applied(cli, plan, "--json").out)
+    assert data["changes"] == []
+    assert [n.split(" (")[0] for n in data["notes"]] == [
+        "The plan's ca settings differ from CA gen-1",
+        "The plan manifest was rewritten to match the tree",
+    ]
+
+
 def test_status_of_a_plan_never_applied(cli, tmp_path):
     plan = _plan(tmp_path)
     result = cli("status", plan)

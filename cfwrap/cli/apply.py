@@ -112,6 +112,12 @@ def execute(args: argparse.Namespace) -> int:
         )
         result, steps = outcome.diff, outcome.steps
         rewritten = outcome.manifest_written and result.empty
+    notes = list(result.notes)
+    if rewritten:
+        notes.append(
+            "The plan manifest was rewritten to match the tree (the plan file changed, or an "
+            "earlier apply did not finish)."
+        )
     if args.json:
         emit(
             json.dumps(
@@ -124,7 +130,7 @@ def execute(args: argparse.Namespace) -> int:
                         for c in result.changes
                     ],
                     "steps": steps,
-                    "notes": result.notes,
+                    "notes": notes,
                 },
                 indent=2,
             )
@@ -136,13 +142,8 @@ def execute(args: argparse.Namespace) -> int:
         result.summary()
         + (" (dry run: nothing was changed)" if args.dry_run and result.changes else "")
     )
-    for note in result.notes:
+    for note in notes:
         emit(note)
-    if rewritten:
-        emit(
-            "The plan manifest was rewritten to match the tree (the plan file changed, or an "
-            "earlier apply did not finish)."
-        )
     if steps:
         emit("")
         for step in steps:

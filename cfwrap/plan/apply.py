@@ -218,17 +218,17 @@ def diff(
     recorded = state.load(root)
     generations = cas.find(root)
     numbers = [g.number for g in generations]
-    _check_generations(root, recorded, generations, remote=remote)
+    resumed = _cut_short_rotation(recorded, numbers) if rotate and remote is None else None
+    _check_generations(root, recorded, generations, remote=remote, resumed=resumed)
     _refuse_changed_cas(generations, recorded)
     _refuse_case_renames(plan, root, generations)
     if remote is not None:
         _remote_fits(generations, rotate=rotate)
         generations = [remote.generation(root)]
         numbers = [cas.SIGNER_GENERATION]
-    phase = _current_phase(recorded, numbers)
     if rotate and not numbers:
         raise InputError("--rotate-ca", "the tree has no CA yet", fix="run apply without it first")
-    new_phase, make_gen, retire_gen = _phase_after(phase, numbers, rotate=rotate)
+    phase, new_phase, make_gen, retire_gen = _phases(recorded, numbers, rotate, resumed)
     trusted, signing = _trust(numbers, new_phase, make_gen, retire_gen)
     result = Diff(
         root=root,
@@ -247,29 +247,7 @@ def diff(
         previously_retired=_previously_retired(root, recorded),
         remote=remote,
     )
-    if make_gen is not None:
-        result.changes.append(
-            Change("+", f"ca gen-{make_gen}", "a new CA" if numbers else "the CA")
-        )
-    if retire_gen is not None:
-        result.changes.append(Change("-", f"ca gen-{retire_gen}", "the old CA, after rotation"))
-    if result.make_gossip:
-        result.changes.append(Change("+", GOSSIP_FILE, "the servers' gossip key"))
-    if make_gen != signing and remote is None:
-        by_number = {g.number: g for g in generations}
-        result.add_intermediates = cas.missing_intermediates(plan, by_number[signing])
-        # During a rotation the newest generation, made from the plan, is not yet signing.
-        drift = _ca_drift(plan, by_number[signing]) if signing == max(by_number) else []
-        if drift:
-            result.notes.append(
-                f"The plan's ca settings differ from CA gen-{signing} ({'; '.join(drift)}): a "
-                "CA cannot change, so they take effect with the next rotation (apply "
-                "--rotate-ca)."
-            )
-        for region in result.add_intermediates:
-            result.changes.append(
-                Change("+", f"ca gen-{signing} {region}", "an intermediate CA for a new region")
-            )
+    _ca_changes(plan, result, resumed=resumed)
     try:
         _diff_members(plan, result, renew_within=renew_within, keep_key=keep_key, now=now)
     except BaseException:
@@ -290,6 +268,37 @@ def diff(
                 Change("-", relative.removeprefix(f"{NODES}/"), "not in the plan")
             )
     return result
+
+
+def _ca_changes(plan: Plan, result: Diff, *, resumed: int | None) -> None:
+    """Add the CA's and the gossip key's changes (and notes) to ``result``."""
+    make_gen, retire_gen, signing = result.make_generation, result.retire_generation, result.signing
+    if make_gen is not None:
+        what = "a new CA" if result.generations else "the CA"
+        result.changes.append(Change("+", f"ca gen-{make_gen}", what))
+    if resumed is not None:
+        result.changes.append(
+            Change("~", f"ca gen-{resumed}", "made by a phase 1 that stopped; it goes on now")
+        )
+    if retire_gen is not None:
+        result.changes.append(Change("-", f"ca gen-{retire_gen}", "the old CA, after rotation"))
+    if result.make_gossip:
+        result.changes.append(Change("+", GOSSIP_FILE, "the servers' gossip key"))
+    if make_gen == signing or result.remote is not None:
+        return
+    by_number = {g.number: g for g in result.generations}
+    result.add_intermediates = cas.missing_intermediates(plan, by_number[signing])
+    for region in result.add_intermediates:
+        result.changes.append(
+            Change("+", f"ca gen-{signing} {region}", "an intermediate CA for a new region")
+        )
+    # During a rotation the newest generation, made from the plan, is not yet signing.
+    drift = _ca_drift(plan, by_number[signing]) if signing == max(by_number) else []
+    if drift:
+        result.notes.append(
+            f"The plan's ca settings differ from CA gen-{signing} ({'; '.join(drift)}): a CA "
+            "cannot change, so they take effect with the next rotation (apply --rotate-ca)."
+        )
 
 
 def _ca_drift(plan: Plan, generation: cas.Generation) -> list[str]:
@@ -391,7 +400,7 @@ def _diff_members(
             "one the plan manifest does not record)",
         )
     if result.make_gossip:
-        _refuse_new_gossip_key(root, _servers_holding_a_key(root))
+        _refuse_new_gossip_key(root, servers_holding_a_key(root))
 
 
 def _refuse_changed_cas(
@@ -408,8 +417,8 @@ def _refuse_changed_cas(
             raise ConflictError(
                 folder,
                 f"changed on disk since cfwrap wrote it: {why}",
-                fix="restore it from a backup (a key's mode: chmod 600); every member's bundle "
-                "and signature comes from it",
+                fix="restore it from a backup (a mode: chmod it back to what its manifest says); "
+                "every member's bundle and signature comes from it",
             )
 
 
@@ -424,8 +433,8 @@ def _refuse_case_renames(plan: Plan, root: Path, generations: list[cas.Generatio
         ConflictError: such a region.
     """
     have = set()
-    if (root / NODES).is_dir():
-        have |= {p.name for p in (root / NODES).iterdir() if p.is_dir()}
+    if (root / NODES).is_dir():  # a region's folder that its retired members left empty: no
+        have |= {p.name for p in (root / NODES).iterdir() if p.is_dir() and any(p.iterdir())}
     for generation in generations:
         have |= set(generation.intermediates)
     for region in plan.regions:
@@ -439,13 +448,17 @@ def _refuse_case_renames(plan: Plan, root: Path, generations: list[cas.Generatio
             )
 
 
-def _servers_holding_a_key(root: Path) -> list[str]:
+#: A gossip key set in an agent file (a path may hold the word "encrypt" too).
+_ENCRYPT = re.compile(rb"^\s*encrypt\s*=", re.MULTILINE)
+
+
+def servers_holding_a_key(root: Path) -> list[str]:
     """The server folders on disk whose agent file holds a gossip key (in the plan or not)."""
     holding = []
     for relative in _existing_members(root):
         folder = root / relative
         for hcl in sorted(folder.glob("*-server.hcl")):
-            if hcl.is_file() and not hcl.is_symlink() and b"encrypt" in files.read_input(hcl):
+            if hcl.is_file() and not hcl.is_symlink() and _ENCRYPT.search(files.read_input(hcl)):
                 holding.append(relative.removeprefix(f"{NODES}/"))
                 break
     return holding
@@ -471,12 +484,38 @@ def _refuse_new_gossip_key(root: Path, keyed: list[str]) -> None:
         )
 
 
+def _phases(
+    recorded: state.PlanManifest | None, numbers: list[int], rotate: bool, resumed: int | None
+) -> tuple[state.Phase, state.Phase, int | None, int | None]:
+    """The phase now, the one this apply leaves, and the generation it makes or retires."""
+    if resumed is not None:  # phase 1 made its CA, then stopped: this run finishes phase 1
+        return "steady", "trust-both", None, None
+    phase = _current_phase(recorded, numbers)
+    return (phase, *_phase_after(phase, numbers, rotate=rotate))
+
+
+def _cut_short_rotation(recorded: state.PlanManifest | None, numbers: list[int]) -> int | None:
+    """The CA generation a rotation's phase 1 made before it stopped, unrecorded; else None.
+
+    Phase 1 makes the next generation first and records it last, with the bundles. Cut short
+    between the two (Ctrl-C, a member's folder locked), the tree holds one recorded generation
+    in the steady phase and the next one, unrecorded: ``apply --rotate-ca`` again finishes
+    phase 1 with it instead of refusing it as placed by hand.
+    """
+    if recorded is None or recorded.phase != "steady" or len(numbers) != 2:
+        return None
+    known = {ca.generation for ca in recorded.cas}
+    old, new = numbers
+    return new if old in known and new not in known and new == old + 1 else None
+
+
 def _check_generations(
     root: Path,
     recorded: state.PlanManifest | None,
     generations: list[cas.Generation],
     *,
     remote: cas.RemoteCA | None,
+    resumed: int | None = None,
 ) -> None:
     """Refuse CA folders that disagree with the plan manifest, and a signer's tree without it.
 
@@ -508,11 +547,14 @@ def _check_generations(
     known = {ca.generation: ca.fingerprint_sha256 for ca in recorded.cas}
     for generation in generations:
         fingerprint = generation.root.facts.fingerprint_sha256
+        if generation.number == resumed:
+            continue
         if generation.number not in known:
             raise VerificationError(
                 str(generation.folder),
                 "is not in plan-manifest.json: placed by hand, or a rotation cut short",
-                fix="move it away (apply --rotate-ca makes a new CA itself)",
+                fix="if a rotation's phase 1 stopped, run apply --rotate-ca again to finish it; "
+                "else move it away",
             )
         if known[generation.number] != fingerprint:
             raise VerificationError(
@@ -580,7 +622,8 @@ def _refuse_changed(root: Path, changed: list[str]) -> None:
         raise ConflictError(
             root / changed[0].partition(":")[0],
             f"changed on disk since cfwrap wrote it: {changed[0].partition(': ')[2]}{more}",
-            fix="restore it, or move the folder away so that apply issues it anew",
+            fix="restore it (a mode: chmod it back to what its manifest says), or move the folder "
+            "away so that apply issues it anew",
         )
 
 
@@ -1087,7 +1130,12 @@ class _Run:
         files.write_replace(path, remote.ca_pem, mode=files.PUBLIC_MODE)
 
     def _signer_key(self, work: Work) -> str:
-        intermediates = self.plan.ca.intermediates and self.d.remote is None
+        """Which of the signing generation's signers signs ``work`` ("": its root).
+
+        Its region's intermediate when the generation has them: not the plan's
+        ``ca.intermediates``, which the next rotation's CA follows.
+        """
+        intermediates = bool(self.signing.intermediates) and self.d.remote is None
         return work.member.region if intermediates else ""
 
     def _requests(self, works: Iterable[Work], keys: dict[str, bytes]) -> Iterator[SignRequest]:

@@ -263,10 +263,11 @@ def changed_on_disk(generation: Generation, recorded: state.PlanManifest | None)
 def missing_intermediates(plan: Plan, generation: Generation) -> list[str]:
     """The plan's regions that ``generation`` has no intermediate for (regions added since).
 
-    None for a generation made without intermediates: its root signs every region's leaves
-    until the next rotation makes a generation with them.
+    It follows the generation, not the plan's ``ca.intermediates`` (which the next rotation's
+    CA follows): one made with intermediates needs one for every region it signs, and one made
+    without them signs every region with its root.
     """
-    if not plan.ca.intermediates or not generation.intermediates:
+    if not generation.intermediates:
         return []
     return [r for r in plan.regions if r not in generation.intermediates]
 

@@ -77,6 +77,11 @@ def rows(
     for g in generations:
         name = "ca signer" if g.number == cas.SIGNER_GENERATION else f"ca gen-{g.number}"
         changed = cas.changed_on_disk(g, recorded)
+        if recorded is not None and g.number not in {c.generation for c in recorded.cas}:
+            changed["-"] = (
+                "not in plan-manifest.json (a rotation's phase 1 that stopped?): run apply "
+                "--rotate-ca to finish it"
+            )
         for region, ca in [("-", g.root), *g.intermediates.items()]:
             left = (ca.facts.not_after - now) / timedelta(days=1)
             row_state = _dated_state(ca.facts.not_after, now, within)
@@ -109,26 +114,25 @@ def _gossip_row(plan: Plan, root: Path) -> Row | None:
     Missing while servers exist, or not a key Nomad takes: apply would refuse to go on (a new
     key would not reach the running cluster), so it needs action.
     """
-    from cfwrap.plan.apply import GOSSIP_FILE
+    from cfwrap.plan.apply import GOSSIP_FILE, servers_holding_a_key
 
     servers = [m for m in plan.members() if m.role == "server"]
     if not plan.gossip or not servers:
         return None
 
-    issued = any((root / m.folder).is_dir() for m in servers)
-    kind, detail = _gossip_state(root / GOSSIP_FILE, issued=issued)
+    kind, detail = _gossip_state(root / GOSSIP_FILE, held=bool(servers_holding_a_key(root)))
     return Row(GOSSIP_FILE, "gossip-key", "-", "-", None, None, kind, detail)
 
 
-def _gossip_state(path: Path, *, issued: bool) -> tuple[str, str]:
-    """The gossip key file's state and why: ``issued``, servers of the plan are on disk."""
+def _gossip_state(path: Path, *, held: bool) -> tuple[str, str]:
+    """The gossip key file's state and why: ``held``, server folders on disk hold a key."""
     from cfwrap import gossip
 
     try:
         gossip.check(files.read_input_text(path))
         mode = stat.S_IMODE(path.stat().st_mode)
     except FileNotFoundError:
-        if not issued:
+        if not held:
             return "missing", "not made yet: run apply"
         return "missing", "restore it: the servers' agent files hold the key (encrypt)"
     except ValueError as e:
