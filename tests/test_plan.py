@@ -425,6 +425,77 @@ def test_one_node_added_and_one_removed(cli, tmp_path):
     assert recorded["retired"] == [str(kept.relative_to(root))]
 
 
+_TWO_REGIONS = """\
+out = "tree"
+operators = ["alice"]
+
+[regions.{first}]
+[regions.{second}]
+
+[[regions.eu.servers]]
+name = "eu-1"
+
+[[regions.global.{role}]]
+name = "edge"
+"""
+
+
+def test_a_member_moved_to_another_region_or_role_is_issued_anew(cli, tmp_path):
+    """An operator follows the first region and keeps its folder; a named node may change role.
+
+    Their files are named after region and role, so the folder holds what cfwrap wrote for
+    another certificate: it is retired whole and the member issued anew (once refused as
+    "changed on disk", with the operator shown missing and no way forward).
+    """
+    path = write_plan(tmp_path, _TWO_REGIONS.format(first="global", second="eu", role="servers"))
+    applied(cli, path)
+    root = tmp_path / "tree"
+    alice, edge = root / "operators/alice", root / "nodes/global/edge"
+    old = {p.name: p.read_bytes() for p in alice.iterdir()}
+    # The region tables swapped (alice now follows eu), and edge moved from servers to clients.
+    path.write_text(_TWO_REGIONS.format(first="eu", second="global", role="clients"))
+    before = tree_state(root)
+    dry = applied(cli, path, "--dry-run")
+    assert tree_state(root) == before
+    result = applied(cli, path)
+    assert change_lines(result.out) == change_lines(dry.out)
+    assert sorted(change_lines(result.out)) == [
+        "+ global/server-1 (server)",  # a region's servers default to one
+        "-/+ global/edge (it holds global-server-nomad.pem, the plan now gives it "
+        "global-client-nomad.pem; its folder is retired)",
+        "-/+ operators/alice (it holds global-cli-nomad.pem, the plan now gives it "
+        "eu-cli-nomad.pem; its folder is retired)",
+    ], result.out
+    # Each folder holds exactly what its new role and region need, and nothing of the old.
+    assert sorted(p.name for p in alice.iterdir()) == [
+        "ca.pem", "eu-cli-nomad-key.pem", "eu-cli-nomad.pem", "eu-cli.env", "manifest.json"
+    ]  # fmt: skip
+    assert sorted(p.name for p in edge.iterdir()) == [
+        "ca.pem", "global-client-nomad-key.pem", "global-client-nomad.pem", "global-client.hcl",
+        "manifest.json",
+    ]  # fmt: skip
+    cli_cert = load_cert(alice / "eu-cli-nomad.pem")
+    san = cli_cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["cli.eu.nomad"]
+    assert cli_cert.subject.rfc4514_string() == "CN=cli.eu.nomad"
+    eku = cli_cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]
+    client = load_cert(edge / "global-client-nomad.pem")
+    san = client.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "client.global.nomad" in san.get_values_for_type(x509.DNSName)
+    assert "server.global.nomad" not in san.get_values_for_type(x509.DNSName)
+    assert "encrypt" not in (edge / "global-client.hcl").read_text()  # no gossip key now
+    # The old folders are kept whole under retired/<stamp>/replaced/, and recorded.
+    (stamp,) = (root / "retired").iterdir()
+    kept = stamp / "replaced/operators/alice"
+    assert {p.name: p.read_bytes() for p in kept.iterdir()} == old
+    assert (stamp / "replaced/nodes/global/edge/global-server-nomad-key.pem").is_file()
+    recorded = json.loads((root / "plan-manifest.json").read_text())
+    assert str(kept.relative_to(root)) in recorded["retired"]
+    assert cli("status", path).code == 0
+    assert change_lines(applied(cli, path).out) == []
+
+
 def test_what_a_failed_apply_retired_is_still_recorded_by_the_next(cli, tmp_path):
     # The apply retires nomad-2, then fails on nomad-3's in-place reissue (another process
     # holds its folder): it ends before its plan manifest. The next apply lists the retired

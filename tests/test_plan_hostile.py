@@ -7,6 +7,7 @@ key left in TMPDIR by a killed run, values the plan should never have accepted.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from cfwrap.cli import main
+from tests.test_plan import applied, one_line_error, tree_state, write_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAN = 'out = "tree"\noperators = ["alice"]\n[regions.global]\nservers = 1\nclients = 2\n'
@@ -280,3 +282,117 @@ def test_a_symlinked_plan_manifest_is_refused_by_every_command_alike(tmp_path, t
         assert "plan-manifest.json: is a symlink" in one_line(result)
     assert manifest.is_symlink()
     assert elsewhere.exists() == (target == "a copy")
+
+
+# --- a fourth attack: what was lost, swapped or put in a file's place -------------------------
+
+
+def test_a_lost_ca_generation_is_refused_never_made_anew(cli, tmp_path):
+    """A CA folder moved away (a root kept offline) once got a new, unrelated CA of the same
+    number, and the whole fleet was reissued under it; status said "no CA yet: run apply"."""
+    plan = write_plan(tmp_path, PLAN)
+    applied(cli, plan)
+    tree = tmp_path / "tree"
+    (tree / "ca/gen-1").rename(tmp_path / "offline")
+    before = tree_state(tree)
+    for argv in (("apply", plan), ("apply", plan, "--dry-run"), ("apply", plan, "--rotate-ca")):
+        line = one_line_error(cli(*argv), 7)
+        assert "ca/gen-1: is missing, but plan-manifest.json records it" in line, line
+    assert tree_state(tree) == before
+    status = cli("status", plan, "--json")
+    assert status.code == 9
+    rows = {r["node"]: r for r in json.loads(status.out)["certificates"]}
+    assert rows["ca gen-1"]["state"] == "missing"
+    assert "put the CA folder back" in rows["ca gen-1"]["detail"]
+    assert "ca" not in rows  # not "no CA yet: run apply"
+    (tmp_path / "offline").rename(tree / "ca/gen-1")
+    assert cli("status", plan).code == 0
+    assert "No changes" in applied(cli, plan).out
+
+
+def test_the_new_ca_lost_mid_rotation_is_refused(cli, tmp_path):
+    plan = write_plan(tmp_path, PLAN)
+    applied(cli, plan)
+    applied(cli, plan, "--rotate-ca")  # phase 1: gen-2 made, bundles trust both
+    tree = tmp_path / "tree"
+    (tree / "ca/gen-2").rename(tmp_path / "gen-2")
+    before = tree_state(tree)
+    for argv in (("apply", plan), ("apply", plan, "--rotate-ca")):
+        assert "ca/gen-2: is missing" in one_line_error(cli(*argv), 7)
+    assert tree_state(tree) == before
+    rows = {r["node"]: r for r in json.loads(cli("status", plan, "--json").out)["certificates"]}
+    assert rows["ca gen-2"]["state"] == "missing"
+
+
+def test_a_phase_3_stopped_after_retiring_the_old_ca_is_still_finished(cli, tmp_path):
+    """Phase 3 moves the old CA under retired/ last, then records: a stop between the two
+    leaves a manifest that still names the old CA. That one is not lost: apply finishes."""
+    plan = write_plan(tmp_path, PLAN)
+    applied(cli, plan)
+    applied(cli, plan, "--rotate-ca")
+    applied(cli, plan, "--rotate-ca")
+    tree = tmp_path / "tree"
+    recorded = (tree / "plan-manifest.json").read_bytes()
+    applied(cli, plan, "--rotate-ca")  # phase 3
+    (tree / "plan-manifest.json").write_bytes(recorded)  # as if it stopped before recording
+    assert not (tree / "ca/gen-1").exists()
+    assert list(tree.glob("retired/*/ca/ca/gen-1"))
+    applied(cli, plan)
+    assert json.loads((tree / "plan-manifest.json").read_text())["phase"] == "steady"
+    assert cli("status", plan).code == 0
+
+
+def test_a_key_that_does_not_pair_is_changed_even_under_a_rewritten_manifest(cli, tmp_path):
+    plan = write_plan(tmp_path, PLAN)
+    applied(cli, plan)
+    folder = tmp_path / "tree/nodes/global/client-2"
+    key = folder / "global-client-nomad-key.pem"
+    key.write_bytes(
+        (tmp_path / "tree/nodes/global/client-1/global-client-nomad-key.pem").read_bytes()
+    )
+    assert cli("manifest", folder, "--write").code == 0  # the manifest now agrees with the swap
+    tree = tmp_path / "tree"
+    before = tree_state(tree)
+    line = one_line_error(cli("apply", plan), 4)
+    assert "global-client-nomad-key.pem does not belong to global-client-nomad.pem" in line
+    assert tree_state(tree) == before
+    rows = {r["node"]: r for r in json.loads(cli("status", plan, "--json").out)["certificates"]}
+    assert rows["global/client-2"]["state"] == "changed"
+    assert rows["global/client-2"]["detail"] == (
+        "global-client-nomad-key.pem does not belong to global-client-nomad.pem"
+    )
+    assert rows["global/client-1"]["state"] == "ok"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_a_member_file_that_is_no_file_is_a_row_not_an_abort(cli, tmp_path, kind):
+    plan = write_plan(tmp_path, PLAN)
+    applied(cli, plan)
+    cert = tmp_path / "tree/nodes/global/client-1/global-client-nomad.pem"
+    cert.unlink()
+    os.mkfifo(cert) if kind == "fifo" else cert.mkdir()
+    status = cli("status", plan, "--json")
+    assert status.code == 9, status.err
+    rows = {r["node"]: r for r in json.loads(status.out)["certificates"]}
+    what = "a FIFO" if kind == "fifo" else "a folder"
+    assert rows["global/client-1"] == rows["global/client-1"] | {
+        "state": "changed",
+        "detail": f"global-client-nomad.pem is {what}, not a regular file",
+    }
+    assert rows["global/client-2"]["state"] == "ok"
+    line = one_line_error(cli("apply", plan), 4)
+    assert f"global-client-nomad.pem is {what}, not a regular file" in line
+
+
+@pytest.mark.parametrize("out", ["afile", "afile/tree", "afile/deeper/tree"])
+def test_an_out_that_runs_into_a_file_gets_one_answer_from_every_command(cli, tmp_path, out):
+    (tmp_path / "afile").write_text("not a folder\n")
+    plan = write_plan(tmp_path, PLAN.replace('out = "tree"', f'out = "{out}"'))
+    lines = {
+        " ".join(argv): one_line_error(cli(*argv, plan), 4)
+        for argv in (("apply",), ("apply", "--dry-run"), ("status",))
+    }
+    assert len(set(lines.values())) == 1, lines
+    assert "is not a folder; point the plan's out at a folder" in lines["apply"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "plan.toml"]
+    assert (tmp_path / "afile").read_text() == "not a folder\n"

@@ -462,3 +462,86 @@ def test_connect_compares_what_each_node_serves(cli, tmp_path):
         _tls_server(ports[2], *files("nomad-3")),
     ):
         assert cli("status", plan, "--connect").code == 0
+
+
+def test_connect_on_a_damaged_folder_or_an_unusable_operator_key_gives_rows(cli, tmp_path):
+    """Once a traceback (a certificate that does not parse) or exit 3 naming doctor's flags
+    (the operator's key swapped, a bundle gone) for the whole table: now each is a row."""
+    ports = (free_port(), free_port(), free_port())
+    plan = _plan(tmp_path, ports=ports)
+    applied(cli, plan)
+    eu = tmp_path / "tree/nodes/eu"
+
+    def served(node: str) -> tuple[Path, Path, Path]:
+        folder = eu / node
+        return folder / "eu-server-nomad.pem", folder / "eu-server-nomad-key.pem", folder / "ca.pem"
+
+    (eu / "nomad-1/eu-server-nomad.pem").write_text("garbage\n")
+    (eu / "nomad-2/ca.pem").unlink()
+    alice = tmp_path / "tree/operators/alice/eu-cli-nomad-key.pem"
+    alice.write_bytes((eu / "nomad-3/eu-server-nomad-key.pem").read_bytes())
+    with (
+        _tls_server(ports[0], *served("nomad-3")),
+        _tls_server(ports[1], *served("nomad-3")),
+        _tls_server(ports[2], *served("nomad-3")),
+    ):
+        result = cli("status", plan, "--connect", "--json")
+    assert result.code == 9, result.err
+    assert "Traceback" not in result.err
+    rows = {r["node"]: r for r in json.loads(result.out)["certificates"]}
+    assert rows["eu/nomad-1"]["state"] == "changed"  # not dialled: not the tree's certificate
+    assert rows["eu/nomad-1"]["served"] is None
+    assert rows["eu/nomad-2"]["state"] == "changed"
+    assert rows["eu/nomad-2"]["detail"] == "ca.pem is gone"
+    assert rows["operators/alice"]["state"] == "changed"
+    # Dialled without the operator's unusable pair: the agent does not demand one here.
+    assert rows["eu/nomad-3"]["state"] == "ok"
+    assert rows["eu/nomad-3"]["served"] == "same"
+
+
+def test_connect_dials_every_node_at_once(cli, tmp_path):
+    """Three agents that accept and never answer: dialled one after another, each waited out
+    its timeout in turn (ten seconds a node). The listener lets go once all three are open."""
+    port = free_port()
+    plan = _plan(tmp_path, ports=(port, port, port))
+    applied(cli, plan)
+    listener = socket.create_server(("127.0.0.1", port), backlog=16)
+    listener.settimeout(0.2)
+    most = 0
+    stop = threading.Event()
+
+    def hold() -> None:
+        nonlocal most
+        held: list[socket.socket] = []
+        while not stop.is_set() and len(held) < 3:
+            try:
+                held.append(listener.accept()[0])
+            except TimeoutError:
+                continue
+            most = max(most, sum(map(_still_open, held)))
+        for conn in held:
+            conn.close()
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    try:
+        result = cli("status", plan, "--connect")
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+    assert most == 3, "the three dials were never open at the same time"
+    table = _table(result.out)
+    assert [table[f"eu/nomad-{i}"] for i in (1, 2, 3)] == ["unreachable"] * 3, result.out
+
+
+def _still_open(conn: socket.socket) -> bool:
+    """The peer has not closed ``conn`` (what it sent so far is read and dropped)."""
+    try:
+        while conn.recv(65536, socket.MSG_DONTWAIT):
+            pass
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False

@@ -72,7 +72,7 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _client_context(ca: Path | None, cert: Path | None, key: Path | None) -> ssl.SSLContext:
+def client_context(ca: Path | None, cert: Path | None, key: Path | None) -> ssl.SSLContext:
     """A client context with the CLI's certificate; a bad certificate or key is the user's input.
 
     Raises:
@@ -101,7 +101,7 @@ def connect(
     """
     host, port = parse_address(address)
     # First look without judging, so a wrong certificate can still be shown and checked.
-    look = _client_context(None, cert, key)
+    look = client_context(None, cert, key)
     look.check_hostname = False
     look.verify_mode = ssl.CERT_NONE
     der: bytes | None = None
@@ -118,7 +118,7 @@ def connect(
             parsers.load_der_certificate(der)
         except parsers.ParseError as e:
             return Presented(address, None, verified=False, error=f"it presented {e}")
-    strict = _client_context(ca, cert, key)
+    strict = client_context(ca, cert, key)
     try:
         with (
             socket.create_connection((host, port), timeout=_TIMEOUT) as raw,

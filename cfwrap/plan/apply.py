@@ -122,6 +122,9 @@ class Diff:
     unchanged: state.Records
     retire: list[str]
     make_gossip: bool
+    #: Members whose folder is moved under retired/ whole and issued anew in its place: the
+    #: plan moved them to another region or role (their files' names change).
+    replace: list[str] = field(default_factory=list)
     previously_retired: list[str] = field(default_factory=list)
     remote: cas.RemoteCA | None = None
     #: Regions added to a plan with intermediates: the signing generation's root signs one
@@ -214,6 +217,7 @@ def diff(
     """
     now = now or datetime.now(UTC)
     root = root_of(plan, plan_path)
+    check_out(plan, root)
     plan_sha = members.pem_hash(files.read_input(plan_path))
     recorded = state.load(root)
     generations = cas.find(root)
@@ -359,6 +363,17 @@ def _diff_members(
         if current.changed:
             changed.append(f"{member.folder}: {current.changed[0]}")
             continue
+        if current.renamed is not None:
+            result.work.append(Work(member, plan, "create", member.role))
+            result.replace.append(member.folder)
+            result.changes.append(
+                Change(
+                    "-/+",
+                    member.label,
+                    f"{moved_reason(current.renamed, spec)}; its folder is retired",
+                )
+            )
+            continue
         if current.facts is not None:
             first = holders.setdefault(current.facts.fingerprint_sha256, member.folder)
             if first != member.folder:
@@ -401,6 +416,11 @@ def _diff_members(
         )
     if result.make_gossip:
         _refuse_new_gossip_key(root, servers_holding_a_key(root))
+
+
+def moved_reason(held: str, spec: CertSpec) -> str:
+    """Why a member whose folder holds another region's or role's certificate is issued anew."""
+    return f"it holds {held}, the plan now gives it {Names.of(spec).cert}"
 
 
 def _refuse_changed_cas(
@@ -562,6 +582,50 @@ def _check_generations(
                 "holds another CA than plan-manifest.json records",
                 fix="restore the CA folder from a backup",
             )
+    lost = missing_generations(root, recorded, generations)
+    if lost:
+        raise VerificationError(
+            str(root / cas.CA_ROOT / f"gen-{lost[0]}"),
+            "is missing, but plan-manifest.json records it: apply would make a new CA in its "
+            "place, and every node would trust only that one",
+            fix="put it back (a root kept offline: bring it back for the apply)",
+        )
+
+
+def missing_generations(
+    root: Path, recorded: state.PlanManifest | None, generations: list[cas.Generation]
+) -> list[int]:
+    """The CA generations the plan manifest records that are gone from ``ca/``.
+
+    Not the central signer's (it has no folder of its own), and not the old generation that a
+    rotation's phase 3 had already moved under retired/ when it stopped before recording it.
+    """
+    if recorded is None:
+        return []
+    present = {g.number for g in generations}
+    lost = [
+        c.generation
+        for c in recorded.cas
+        if c.generation not in present and c.generation != cas.SIGNER_GENERATION
+    ]
+    oldest = min((c.generation for c in recorded.cas), default=None)
+    if (
+        recorded.phase == "new-leaves"
+        and oldest is not None
+        and lost == [oldest]
+        and _retired_generation(root, oldest)
+    ):
+        return []
+    return lost
+
+
+def _retired_generation(root: Path, number: int) -> bool:
+    """True when ``retired/<stamp>/ca/ca/gen-<number>`` is a folder (no symlinks followed)."""
+    return any(
+        f"{cas.CA_ROOT}/gen-{number}" in _real_folders(root / RETIRED / stamp / "ca", depth=2)
+        for stamp in filter(_STAMP.fullmatch, _real_folders(root / RETIRED))
+        if not (root / RETIRED / stamp / "ca").is_symlink()
+    )
 
 
 def _remote_fits(generations: list[cas.Generation], *, rotate: bool) -> None:
@@ -796,11 +860,7 @@ def apply(
         FileSystemError: a write failed.
     """
     root = root_of(plan, plan_path)
-    if not root.parent.is_dir():
-        raise InputError(
-            f"out {plan.out!r}", f"{root.parent} is not an existing folder", fix="create it first"
-        )
-    _check_root(root)
+    check_out(plan, root)
     with files.FolderLock(root, wait=wait):
         _check_root(root)
         _refuse_links(root)
@@ -861,6 +921,32 @@ def _refuse_links(root: Path) -> None:
                 "is a symlink; cfwrap never writes through one (keys would land where it points)",
                 fix="replace it with the folder itself, or move it away",
             )
+
+
+def check_out(plan: Plan, root: Path, *, parent_needed: bool = True) -> None:
+    """Refuse an ``out`` that apply cannot fill: a file on its way, no parent, not a tree.
+
+    ``parent_needed=False`` (``status``): a parent folder that does not exist yet is no error.
+
+    Raises:
+        InputError: the parent folder does not exist.
+        ConflictError: a file where a folder of the path should be, or see :func:`_check_root`.
+    """
+    try:
+        parent = root.parent.stat()
+    except FileNotFoundError:
+        if not parent_needed:
+            return
+        raise InputError(
+            f"out {plan.out!r}", f"{root.parent} is not an existing folder", fix="create it first"
+        ) from None
+    except NotADirectoryError:
+        parent = None
+    if parent is None or not stat.S_ISDIR(parent.st_mode):
+        raise ConflictError(
+            root.parent, "is not a folder", fix="point the plan's out at a folder"
+        ) from None
+    _check_root(root)
 
 
 def _check_root(root: Path) -> None:
@@ -950,6 +1036,8 @@ class _Run:
             updates = self._issue(stage)
             stage.sync()
             placed: list[Path] = []
+            for relative in d.replace:  # out of the way of the member issued in its place
+                self._retire(relative, "replaced")
             for work in d.work:
                 if work.kind == "create":
                     target = self.root / work.member.folder

@@ -10,6 +10,7 @@ kit manifest of the folder.
 from __future__ import annotations
 
 import hashlib
+import os
 import stat
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -136,12 +137,29 @@ class Current:
     #: Where the files disagree with the folder's own manifest (changed on disk).
     changed: list[str] = field(default_factory=list)
     hashes: dict[str, str] = field(default_factory=dict)
+    #: The certificate file an intact folder holds under another name: the plan moved the
+    #: member to another region or role (an operator's folder keeps its name), so it is issued
+    #: anew. None otherwise.
+    renamed: str | None = None
 
 
-def _read(path: Path) -> bytes | None:
+def _read(path: Path, problems: list[str] | None = None) -> bytes | None:
+    """The file's bytes; None if there is none (or, with ``problems``, one that cannot be read).
+
+    With ``problems``, a path that is not a regular file (a FIFO, a folder) or cannot be read
+    adds a line to it instead of raising.
+    """
     try:
         return files.read_input(path)
     except FileNotFoundError:
+        return None
+    except OSError as e:
+        if problems is None:
+            raise
+        why = files.why_not_regular(path).partition(";")[0]  # "is a FIFO, not a regular file"
+        if why == "is a regular file":
+            why = f"cannot be read ({e.strerror or e})"
+        problems.append(f"{path.name} {why}")
         return None
 
 
@@ -157,14 +175,21 @@ def recorded_files(folder: Path) -> dict[str, tuple[str, str]] | None:
 
     None when the folder has no readable manifest.
     """
-    data = _read(folder / manifest.FILE_NAME)
+    recorded = _recorded(folder)
+    return None if recorded is None else {a.path: (a.sha256, a.mode) for a in recorded.artifacts}
+
+
+def _recorded(folder: Path) -> manifest.Manifest | None:
+    try:
+        data = _read(folder / manifest.FILE_NAME)
+    except OSError:
+        return None
     if data is None:
         return None
     try:
-        recorded = manifest.Manifest.model_validate_json(data)
+        return manifest.Manifest.model_validate_json(data)
     except ValueError:
         return None
-    return {a.path: (a.sha256, a.mode) for a in recorded.artifacts}
 
 
 def read_current(folder: Path, spec: CertSpec) -> Current:
@@ -180,47 +205,84 @@ def read_current(folder: Path, spec: CertSpec) -> Current:
         return current
     if (folder / files.JOURNAL).exists():
         current.changed.append("an update was cut short; `cfwrap apply` puts it back first")
-    current.cert_pem = _read(folder / names.cert)
-    current.key_pem = _read(folder / names.key)
-    current.bundle = _read(folder / BUNDLE)
-    current.config = _read(folder / names.config)
-    recorded = recorded_files(folder)
-    if recorded is None:
+    current.cert_pem = _read(folder / names.cert, current.changed)
+    current.key_pem = _read(folder / names.key, current.changed)
+    current.bundle = _read(folder / BUNDLE, current.changed)
+    current.config = _read(folder / names.config, current.changed)
+    kept = _recorded(folder)
+    if kept is None:
         current.changed.append(f"{manifest.FILE_NAME} is missing or damaged")
-        recorded = {}
+    recorded = {a.path: (a.sha256, a.mode) for a in kept.artifacts} if kept else {}
     entries = sorted(folder.iterdir())
     links = [p.name for p in entries if p.is_symlink()]
     if links:
         current.changed.append(f"{links[0]} is a symlink (cfwrap never writes through one)")
         return current
-    listed = [
-        p
-        for p in entries
-        if p.is_file() and not p.name.startswith(".") and p.name != manifest.FILE_NAME
-    ]
-    present = {p.name: hashlib.sha256(files.read_input(p)).hexdigest() for p in listed}
-    modes = {p.name: f"0{stat.S_IMODE(p.stat().st_mode):03o}" for p in listed}
-    current.hashes = present
-    for name in sorted(recorded.keys() | present.keys()):
-        if name not in present:
-            current.changed.append(f"{name} is gone")
-        elif name not in recorded:
-            current.changed.append(f"{name} is not in its manifest")
-        elif present[name] != recorded[name][0]:
-            current.changed.append(f"{name} changed")
-        elif modes[name] != recorded[name][1]:
-            current.changed.append(
-                f"{name} has mode {modes[name]}, its manifest says {recorded[name][1]}"
-            )
+    current.changed += _against_manifest(entries, recorded, current.hashes)
     if current.cert_pem is not None:
         try:
             current.cert = parsers.load_certificate(current.cert_pem)
             current.facts = parsers.certificate_facts(current.cert)
         except parsers.ParseError as e:
             current.changed.append(f"{names.cert}: {e}")
-    else:
+    elif other := _other_certificate(kept, names, intact=not current.changed):
+        current.renamed = other
+    elif not os.path.lexists(folder / names.cert):  # else _read said what is in its place
         current.changed.append(f"{names.cert} is gone")
+    if current.facts is not None and current.key_pem is not None and not current.changed:
+        _check_pair(current, names)
     return current
+
+
+def _against_manifest(
+    entries: list[Path], recorded: dict[str, tuple[str, str]], hashes: dict[str, str]
+) -> list[str]:
+    """How the folder's files differ from its manifest; fills ``hashes`` with what is there."""
+    listed = [
+        p
+        for p in entries
+        if p.is_file() and not p.name.startswith(".") and p.name != manifest.FILE_NAME
+    ]
+    hashes.update({p.name: hashlib.sha256(files.read_input(p)).hexdigest() for p in listed})
+    modes = {p.name: f"0{stat.S_IMODE(p.stat().st_mode):03o}" for p in listed}
+    changed = []
+    for name in sorted(recorded.keys() | hashes.keys()):
+        if name not in hashes:
+            changed.append(f"{name} is gone")
+        elif name not in recorded:
+            changed.append(f"{name} is not in its manifest")
+        elif hashes[name] != recorded[name][0]:
+            changed.append(f"{name} changed")
+        elif modes[name] != recorded[name][1]:
+            changed.append(f"{name} has mode {modes[name]}, its manifest says {recorded[name][1]}")
+    return changed
+
+
+def _other_certificate(kept: manifest.Manifest | None, names: Names, *, intact: bool) -> str | None:
+    """The certificate an intact folder's manifest records under a name the plan no longer gives.
+
+    A member moved to another region or role keeps its folder (an operator's is named after
+    the operator alone; a named node may change role), while its files are named after the
+    region and role: the folder holds what cfwrap wrote, for another certificate.
+    """
+    if not intact or kept is None or any(a.path == names.cert for a in kept.artifacts):
+        return None
+    return next((a.path for a in kept.artifacts if a.kind == "cert"), None)
+
+
+def _check_pair(current: Current, names: Names) -> None:
+    """Flag a key that does not belong to the certificate (a manifest rewritten over a swap)."""
+    assert current.facts is not None and current.key_pem is not None  # noqa: S101
+    try:
+        pairs = (
+            parsers.read_private_key(current.key_pem).public_key_sha256
+            == current.facts.key.public_key_sha256
+        )
+    except parsers.ParseError as e:
+        current.changed.append(f"{names.key}: {e}")
+        return
+    if not pairs:
+        current.changed.append(f"{names.key} does not belong to {names.cert}")
 
 
 def why_reissue(

@@ -11,15 +11,19 @@ certificate is not the one the plan manifest records). With ``--connect``: ``ser
 
 from __future__ import annotations
 
+import functools
+import os
 import stat
+import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cfwrap import files, parsers
-from cfwrap.errors import VerificationError
+from cfwrap.errors import InputError, VerificationError
 from cfwrap.plan import cas, members, state
-from cfwrap.plan.apply import root_of
+from cfwrap.plan.apply import check_out, missing_generations, moved_reason, root_of
 from cfwrap.plan.members import BUNDLE, Names
 from cfwrap.plan.model import Member, Plan
 
@@ -67,13 +71,21 @@ def rows(
     """A row for each CA generation and each member of the plan."""
     now = now or datetime.now(UTC)
     root = root_of(plan, plan_path)
+    check_out(plan, root, parent_needed=False)
     generations = cas.find(root)
+    recorded = state.load(root)
+    lost = missing_generations(root, recorded, generations)
     if not generations and (signer := cas.signer_generation(root)) is not None:
         generations = [signer]  # a central signer issues this tree
     table: list[Row] = []
-    if not generations:
+    lost_detail = (
+        "plan-manifest.json records it: put the CA folder back (apply refuses to make a new CA "
+        "in its place)"
+    )
+    for number in lost:
+        table.append(Row(f"ca gen-{number}", "ca", "-", "-", None, None, "missing", lost_detail))
+    if not generations and not lost:
         table.append(Row("ca", "ca", "-", "-", None, None, "missing", "no CA yet: run apply"))
-    recorded = state.load(root)
     for g in generations:
         name = "ca signer" if g.number == cas.SIGNER_GENERATION else f"ca gen-{g.number}"
         changed = cas.changed_on_disk(g, recorded)
@@ -190,9 +202,13 @@ def _member_row(
         return Row(**base, issuer="-", days_left=None, not_after=None, state="missing",
                    detail="not issued yet: run apply")  # fmt: skip
     current = members.read_current(folder, spec)
+    if current.renamed is not None:
+        return Row(**base, issuer="-", days_left=None, not_after=None, state="missing",
+                   detail=f"{moved_reason(current.renamed, spec)}: run apply")  # fmt: skip
     if current.facts is None or current.cert is None:
-        # A certificate file that no longer parses is there, but changed; none at all is missing.
-        gone = current.cert_pem is None
+        # A certificate file that is there but cannot be read or parsed is changed; none at
+        # all is missing.
+        gone = not os.path.lexists(folder / Names.of(spec).cert)
         return Row(**base, issuer="-", days_left=None, not_after=None,
                    state="missing" if gone else "changed",
                    detail=current.changed[0] if current.changed else "no certificate")  # fmt: skip
@@ -210,53 +226,129 @@ def _member_row(
 
 
 def connect(plan: Plan, plan_path: Path, table: list[Row]) -> list[Row]:
-    """Dial every member with an address; compare what it serves with its folder's certificate."""
-    from cfwrap.doctor.connect import connect as dial
+    """Dial every member with an address; compare what it serves with its folder's certificate.
 
+    The dials run at once, up to :data:`DIALS` at a time (each gives up after doctor's
+    timeout). A member whose folder is missing or changed is not dialled: what it holds is not
+    the tree's certificate to compare with. The operator's certificate is the client's, when it
+    can be used; else the agents are dialled without one, and a refusal says so.
+    """
     root = root_of(plan, plan_path)
     by_label = {m.label: m for m in plan.members()}
-    operator = next((m for m in plan.members() if m.role == "cli"), None)
-    cert = key = None
-    if operator is not None:
-        names = Names.of(members.spec_for(plan, operator))
-        cert, key = root / operator.folder / names.cert, root / operator.folder / names.key
-        if not (cert.exists() and key.exists()):
-            cert = key = None
-    out: list[Row] = []
-    for row in table:
+    client = _operator_pair(plan, root)
+    calls: dict[int, Callable[[], Row]] = {}
+    for i, row in enumerate(table):
         member = by_label.get(row.node)
-        if member is None or member.node.address is None or row.state == "missing":
-            out.append(row)
-            continue
-        folder = root / member.folder
-        names = Names.of(members.spec_for(plan, member))
+        if member is not None and member.node.address is not None and row.state not in _UNDIALLED:
+            calls[i] = functools.partial(_dial, plan, root, member, row, client)
+    dialled = dict(zip(calls, _at_once(list(calls.values()), width=DIALS), strict=True))
+    return [dialled.get(i, row) for i, row in enumerate(table)]
+
+
+#: How many agents ``status --connect`` dials at a time.
+DIALS = 32
+#: Rows not dialled: what the folder holds (if anything) is not the tree's certificate.
+_UNDIALLED = ("missing", "changed")
+
+
+@dataclass(frozen=True)
+class _Client:
+    """The client certificate the dials present (none when ``cert`` is None), and why not."""
+
+    cert: Path | None
+    key: Path | None
+    why_none: str = ""
+
+
+def _operator_pair(plan: Plan, root: Path) -> _Client:
+    """The first operator's certificate and key, if TLS can use them."""
+    from cfwrap.doctor.connect import client_context
+
+    operator = next((m for m in plan.members() if m.role == "cli"), None)
+    if operator is None:
+        return _Client(None, None)  # nothing to say: the plan has no client certificate
+    names = Names.of(members.spec_for(plan, operator))
+    cert, key = root / operator.folder / names.cert, root / operator.folder / names.key
+    if not (files.is_regular(cert) and files.is_regular(key)):
+        return _Client(None, None, f"{operator.label}'s certificate or key is missing")
+    try:
+        client_context(None, cert, key)
+    except InputError as e:
+        return _Client(None, None, f"{operator.label}'s certificate and key: {e.why}")
+    return _Client(cert, key)
+
+
+def _dial(plan: Plan, root: Path, member: Member, row: Row, client: _Client) -> Row:
+    """Dial one member's address and judge what it serves."""
+    from cfwrap.doctor.connect import connect as dial
+
+    folder = root / member.folder
+    names = Names.of(members.spec_for(plan, member))
+    try:
+        mine = parsers.read_certificate(files.read_input(folder / names.cert))
         presented = dial(
-            member.node.address,
+            member.node.address or "",
             ca=folder / BUNDLE,
-            cert=cert,
-            key=key,
+            cert=client.cert,
+            key=client.key,
             server_name=f"{member.role}.{member.region}.nomad",
         )
-        mine = parsers.read_certificate(files.read_input(folder / names.cert))
-        if presented.certificate_der is None:
-            out.append(_with(row, "unreachable", presented.error, "-"))
-            continue
-        served = parsers.certificate_facts(parsers.load_der_certificate(presented.certificate_der))
-        if served.fingerprint_sha256 != mine.fingerprint_sha256:
-            out.append(
-                _with(
-                    row,
-                    "serving-other",
-                    f"{member.node.address} serves serial {served.serial[:16]}..., "
-                    f"the tree holds {mine.serial[:16]}...",
-                    "other",
-                )
-            )
-        elif not presented.verified:
-            out.append(_with(row, "serving-other", f"does not verify: {presented.error}", "same"))
-        else:
-            out.append(_with(row, row.state, row.detail, "same"))
-    return out
+    except (OSError, parsers.ParseError) as e:  # changed since rows() read it
+        return _with(row, "changed", f"{names.cert} cannot be read: {e}", "-")
+    except InputError as e:  # its bundle: the operator's pair was tried before
+        return _with(row, "changed", f"{BUNDLE} cannot be used to dial it: {e.why}", "-")
+    if presented.certificate_der is None:
+        without = f" (dialled without a client certificate: {client.why_none})"
+        return _with(
+            row, "unreachable", presented.error + (without if client.why_none else ""), "-"
+        )
+    served = parsers.certificate_facts(parsers.load_der_certificate(presented.certificate_der))
+    if served.fingerprint_sha256 != mine.fingerprint_sha256:
+        return _with(
+            row,
+            "serving-other",
+            f"{member.node.address} serves serial {served.serial[:16]}..., "
+            f"the tree holds {mine.serial[:16]}...",
+            "other",
+        )
+    if not presented.verified:
+        return _with(row, "serving-other", f"does not verify: {presented.error}", "same")
+    return _with(row, row.state, row.detail, "same")
+
+
+def _at_once(calls: list[Callable[[], Row]], *, width: int) -> list[Row]:
+    """Run ``calls`` on up to ``width`` threads; their results in order (the first error raised).
+
+    Daemon threads, joined from the main thread: Ctrl-C or SIGTERM ends the wait at once, and
+    a dial still waiting on its timeout does not hold the exit up.
+    """
+    results: list[Row | BaseException | None] = [None] * len(calls)
+    todo = iter(range(len(calls)))
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                i = next(todo, None)
+            if i is None:
+                return
+            try:
+                results[i] = calls[i]()
+            except BaseException as e:  # handed to the main thread, raised there
+                results[i] = e
+
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(min(width, len(calls)))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    rows: list[Row] = []
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+        assert result is not None  # noqa: S101 (every call ran)
+        rows.append(result)
+    return rows
 
 
 def _with(row: Row, new_state: str, detail: str, served: str) -> Row:
