@@ -22,8 +22,8 @@ from pydantic import (
 )
 
 # Go's time.ParseDuration units that make sense for certificate lifetimes. cfssl rejects "1y"/"1d".
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|m|s)")
-_DURATION_WHOLE = re.compile(r"(?:\d+(?:\.\d+)?(?:h|m|s))+")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(h|m|s)")
+_DURATION_WHOLE = re.compile(r"(?:[0-9]+(?:\.[0-9]+)?(?:h|m|s))+")
 _UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0}
 
 #: The most intermediate CAs cfwrap lets a CA allow below it; anything larger is a typo (cfssl

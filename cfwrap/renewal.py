@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_DAYS = re.compile(r"(\d+)d")
+_DAYS = re.compile(r"([0-9]+)d")
 
 
 def parse_window(text: str) -> timedelta:

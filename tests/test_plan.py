@@ -247,6 +247,12 @@ _BAD_PLANS = {
         '[[regions.eu.servers]]\nname = "a"\nip = [1979-05-27]\n',
         "regions.eu.servers.0.ip.0: a date, which no field takes",
     ),
+    # Python's \d and float() take other scripts' digits; Go's durations (cfssl) do not.
+    "expiry-in-arabic-indic-digits": (
+        'leaf_expiry = "\u0667\u0662\u0660h"\n[regions.eu]\n',
+        "leaf_expiry",
+    ),
+    "a-byte-order-mark": ("\ufeff[regions.eu]\n", "starts with a byte order mark"),
 }
 
 
@@ -699,6 +705,19 @@ def test_renewal_reissues_inside_the_window(cli, tmp_path, keep_key):
     # The renewed folder is consistent: its manifest matches, the next apply does nothing.
     assert applied(cli, path).out.startswith("No changes")
     assert cli("status", path, "--within", "7d").code == 0
+
+
+@pytest.mark.parametrize("window", ["\u0663\u0660d", "\u0663\u0660h", "0d", "30", "36501d", "1m"])
+def test_a_window_cfwrap_cannot_use_is_a_usage_error(cli, tmp_path, window):
+    path = write_plan(tmp_path, SMALL)
+    for argv in (
+        ("apply", path, f"--renew-within={window}"),
+        ("status", path, f"--within={window}"),
+    ):
+        result = cli(*argv)
+        assert result.code == 2, (argv, result.err)
+        assert len(result.err.strip().splitlines()) == 1, result.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.toml"]
 
 
 def test_keep_key_without_renew_within_is_refused(cli, tmp_path):

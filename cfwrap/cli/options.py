@@ -43,7 +43,8 @@ SMALL_INPUT = 1024 * 1024
 
 EPILOG = """\
 exit codes: 0 ok, 2 usage, 3 bad input, 4 output exists or folder busy, 5 cfssl missing or too
-old, 6 cfssl failed, 7 verification failed, 8 file system error, 130 interrupted, 141 stdout
+old, 6 cfssl failed, 7 verification failed, 8 file system error, 9 status: something needs
+action, 10 renew: renewed, 11 renew: renewed but --exec failed, 130 interrupted, 141 stdout
 closed, 143 terminated.
 
 cfssl is found by --cfssl-dir, then $CFWRAP_CFSSL_DIR, then .tools/cfssl/bin in this checkout
@@ -275,7 +276,7 @@ def window(text: str) -> timedelta:
     from cfwrap.models import parse_duration
 
     try:
-        if text.endswith("d") and text[:-1].isdigit():
+        if text.endswith("d") and text[:-1].isascii() and text[:-1].isdigit():
             value = timedelta(days=int(text[:-1]))
         else:
             value = parse_duration(text)

@@ -827,7 +827,7 @@ def _real_folders(folder: Path, *, depth: int = 1) -> list[str]:
 
 
 #: A run's folder under retired/ (:func:`_retired_folder`).
-_STAMP = re.compile(r"\d{8}T\d{6}Z(-\d+)?")
+_STAMP = re.compile(r"[0-9]{8}T[0-9]{6}Z(-[0-9]+)?")
 
 
 def _retired_folder(root: Path, now: datetime) -> str:

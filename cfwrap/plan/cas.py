@@ -148,9 +148,10 @@ def find(root: Path) -> list[Generation]:
         try:
             generations.append(_load(folder / f"gen-{n}", n))
         except InputError as e:  # kit.load_ca speaks to a user's --ca; here the tree is damaged
+            inside = Path(e.what).parent == folder / f"gen-{n}"
             raise VerificationError(
                 str(folder / f"gen-{n}"),
-                e.why,
+                f"{Path(e.what).name}: {e.why}" if inside else e.why,
                 fix="restore the CA folder from a backup, or move it away",
             ) from None
     return generations

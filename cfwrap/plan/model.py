@@ -323,6 +323,12 @@ def load(path: Path) -> Plan:
         ) from None
     except UnicodeDecodeError:
         raise InputError(str(path), "not UTF-8 text", fix="save the plan as UTF-8") from None
+    if text.startswith("\ufeff"):
+        raise InputError(
+            str(path),
+            "starts with a byte order mark (BOM)",
+            fix="save the plan as UTF-8 without one",
+        )
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
