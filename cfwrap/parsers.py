@@ -281,8 +281,11 @@ def read_certificate(data: bytes) -> CertFacts:
     return certificate_facts(load_certificate(data))
 
 
-def load_private_key(data: bytes) -> PrivateKeyTypes:
+def load_private_key(data: bytes, *, validate: bool = True) -> PrivateKeyTypes:
     """Load an unencrypted PEM private key.
+
+    ``validate=False`` skips OpenSSL's consistency check of an RSA key's private parts (a third
+    of a second for RSA 4096), for a caller that only compares its public half.
 
     Raises:
         ParseError: not a private key, encrypted, or damaged (the message never quotes the key).
@@ -294,19 +297,23 @@ def load_private_key(data: bytes) -> PrivateKeyTypes:
     if b"ENCRYPTED" in data.split(b"\n", 3)[0] or b"Proc-Type: 4,ENCRYPTED" in data:
         raise ParseError("encrypted private key; cfssl needs it unencrypted")
     try:
-        return load_pem_private_key(data, password=None)
+        return load_pem_private_key(
+            data, password=None, unsafe_skip_rsa_key_validation=not validate
+        )
     except (ValueError, TypeError) as e:
         # cryptography's messages describe the structure, never the key bytes.
         raise ParseError(f"damaged PEM private key ({type(e).__name__})") from None
 
 
-def read_private_key(data: bytes) -> KeyFacts:
+def read_private_key(data: bytes, *, validate: bool = True) -> KeyFacts:
     """Read a PEM private key into facts about its public half.
+
+    ``validate``: see :func:`load_private_key`.
 
     Raises:
         ParseError: see :func:`load_private_key`.
     """
-    key = load_private_key(data)
+    key = load_private_key(data, validate=validate)
     return _key_facts(key.public_key())
 
 

@@ -324,9 +324,11 @@ def test_the_new_ca_lost_mid_rotation_is_refused(cli, tmp_path):
     assert rows["ca gen-2"]["state"] == "missing"
 
 
-def test_a_phase_3_stopped_after_retiring_the_old_ca_is_still_finished(cli, tmp_path):
+@pytest.mark.parametrize("rotate", [(), ("--rotate-ca",)], ids=["apply", "apply-rotate-ca"])
+def test_a_phase_3_stopped_after_retiring_the_old_ca_is_still_finished(cli, tmp_path, rotate):
     """Phase 3 moves the old CA under retired/ last, then records: a stop between the two
-    leaves a manifest that still names the old CA. That one is not lost: apply finishes."""
+    leaves a manifest that still names the old CA. That one is not lost, and the same apply
+    (with --rotate-ca, as the stop's message says) finishes phase 3, never starts a rotation."""
     plan = write_plan(tmp_path, PLAN)
     applied(cli, plan)
     applied(cli, plan, "--rotate-ca")
@@ -337,13 +339,20 @@ def test_a_phase_3_stopped_after_retiring_the_old_ca_is_still_finished(cli, tmp_
     (tree / "plan-manifest.json").write_bytes(recorded)  # as if it stopped before recording
     assert not (tree / "ca/gen-1").exists()
     assert list(tree.glob("retired/*/ca/ca/gen-1"))
-    applied(cli, plan)
-    assert json.loads((tree / "plan-manifest.json").read_text())["phase"] == "steady"
+    before = tree_state(tree / "nodes")
+    applied(cli, plan, *rotate)
+    recorded = json.loads((tree / "plan-manifest.json").read_text())
+    assert recorded["phase"] == "steady"
+    assert [c["generation"] for c in recorded["cas"]] == [2]
+    assert sorted(p.name for p in (tree / "ca").iterdir()) == ["gen-2"]
+    assert tree_state(tree / "nodes") == before  # nothing reissued, no bundle changed
     assert cli("status", plan).code == 0
 
 
-def test_a_key_that_does_not_pair_is_changed_even_under_a_rewritten_manifest(cli, tmp_path):
-    plan = write_plan(tmp_path, PLAN)
+@pytest.mark.parametrize("key", ["ecdsa", "rsa"])
+def test_a_key_that_does_not_pair_is_changed_even_under_a_rewritten_manifest(cli, tmp_path, key):
+    text = PLAN + ('[key]\nalgo = "rsa"\nsize = 2048\n' if key == "rsa" else "")
+    plan = write_plan(tmp_path, text)
     applied(cli, plan)
     folder = tmp_path / "tree/nodes/global/client-2"
     key = folder / "global-client-nomad-key.pem"
@@ -362,6 +371,60 @@ def test_a_key_that_does_not_pair_is_changed_even_under_a_rewritten_manifest(cli
         "global-client-nomad-key.pem does not belong to global-client-nomad.pem"
     )
     assert rows["global/client-1"]["state"] == "ok"
+
+
+def test_a_second_key_in_a_members_key_file_is_changed(cli, tmp_path):
+    """Its own key first (it pairs), then another node's: Nomad reads the first, but the file
+    now carries another node's secret to this one."""
+    plan = write_plan(tmp_path, PLAN)
+    applied(cli, plan)
+    tree = tmp_path / "tree"
+    own = tree / "nodes/global/client-1/global-client-nomad-key.pem"
+    other = tree / "nodes/global/client-2/global-client-nomad-key.pem"
+    own.write_bytes(own.read_bytes() + other.read_bytes())
+    assert cli("manifest", own.parent, "--write").code == 0
+    before = tree_state(tree)
+    line = one_line_error(cli("apply", plan, "--dry-run"), 4)
+    assert "global-client-nomad-key.pem holds more than one PEM block" in line
+    assert tree_state(tree) == before
+    rows = {r["node"]: r for r in json.loads(cli("status", plan, "--json").out)["certificates"]}
+    assert rows["global/client-1"]["state"] == "changed"
+
+
+def test_a_lost_intermediate_is_refused_never_made_anew(cli, tmp_path):
+    """One region's intermediate moved away: apply once made a new one and reissued the
+    region under it, and status said all was ok."""
+    plan = write_plan(
+        tmp_path,
+        'out = "tree"\n[ca]\nintermediates = true\n[regions.global]\nservers = 1\n'
+        "[regions.eu]\nservers = 1\nclients = 1\n",
+    )
+    applied(cli, plan)
+    tree = tmp_path / "tree"
+    (tree / "ca/gen-1/eu").rename(tmp_path / "eu")
+    before = tree_state(tree)
+    for argv in (("apply", plan), ("apply", plan, "--dry-run")):
+        assert "ca/gen-1/eu: is missing, but plan-manifest.json" in one_line_error(cli(*argv), 7)
+    assert tree_state(tree) == before
+    status = cli("status", plan, "--json")
+    assert status.code == 9
+    rows = {r["node"]: r for r in json.loads(status.out)["certificates"]}
+    assert rows["ca gen-1 eu"]["state"] == "missing"
+    assert rows["ca gen-1 eu"]["region"] == "eu"
+    (tmp_path / "eu").rename(tree / "ca/gen-1/eu")
+    assert cli("status", plan).code == 0
+
+
+def test_a_moved_member_that_was_also_changed_is_changed_not_missing(cli, tmp_path):
+    plan = write_plan(tmp_path, PLAN.replace("[regions.global]", "[regions.eu]\n[regions.global]"))
+    applied(cli, plan)
+    env = tmp_path / "tree/operators/alice/eu-cli.env"
+    env.write_text(env.read_text() + "# edited\n")
+    plan.write_text(PLAN + "[regions.eu]\n")  # alice now follows global
+    rows = {r["node"]: r for r in json.loads(cli("status", plan, "--json").out)["certificates"]}
+    assert rows["operators/alice"]["state"] == "changed"
+    assert rows["operators/alice"]["detail"] == "eu-cli.env changed"
+    assert "eu-cli.env changed" in one_line_error(cli("apply", plan), 4)
 
 
 @pytest.mark.parametrize("kind", ["fifo", "folder"])

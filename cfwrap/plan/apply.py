@@ -223,6 +223,7 @@ def diff(
     generations = cas.find(root)
     numbers = [g.number for g in generations]
     resumed = _cut_short_rotation(recorded, numbers) if rotate and remote is None else None
+    finishing = phase_3_cut_short(root, recorded, numbers) if remote is None else None
     _check_generations(root, recorded, generations, remote=remote, resumed=resumed)
     _refuse_changed_cas(generations, recorded)
     _refuse_case_renames(plan, root, generations)
@@ -232,7 +233,9 @@ def diff(
         numbers = [cas.SIGNER_GENERATION]
     if rotate and not numbers:
         raise InputError("--rotate-ca", "the tree has no CA yet", fix="run apply without it first")
-    phase, new_phase, make_gen, retire_gen = _phases(recorded, numbers, rotate, resumed)
+    phase, new_phase, make_gen, retire_gen = _phases(
+        recorded, numbers, rotate, resumed, finishing=finishing
+    )
     trusted, signing = _trust(numbers, new_phase, make_gen, retire_gen)
     result = Diff(
         root=root,
@@ -505,11 +508,23 @@ def _refuse_new_gossip_key(root: Path, keyed: list[str]) -> None:
 
 
 def _phases(
-    recorded: state.PlanManifest | None, numbers: list[int], rotate: bool, resumed: int | None
+    recorded: state.PlanManifest | None,
+    numbers: list[int],
+    rotate: bool,
+    resumed: int | None,
+    *,
+    finishing: int | None = None,
 ) -> tuple[state.Phase, state.Phase, int | None, int | None]:
-    """The phase now, the one this apply leaves, and the generation it makes or retires."""
+    """The phase now, the one this apply leaves, and the generation it makes or retires.
+
+    ``resumed``: the CA a stopped phase 1 made; ``finishing``: the old CA a stopped phase 3
+    had already retired. Either way this apply finishes that phase, with or without
+    ``--rotate-ca`` (which would otherwise start the next one).
+    """
     if resumed is not None:  # phase 1 made its CA, then stopped: this run finishes phase 1
         return "steady", "trust-both", None, None
+    if finishing is not None:
+        return "new-leaves", "steady", None, None
     phase = _current_phase(recorded, numbers)
     return (phase, *_phase_after(phase, numbers, rotate=rotate))
 
@@ -582,41 +597,57 @@ def _check_generations(
                 "holds another CA than plan-manifest.json records",
                 fix="restore the CA folder from a backup",
             )
-    lost = missing_generations(root, recorded, generations)
+    lost = missing_cas(root, recorded, generations)
     if lost:
         raise VerificationError(
-            str(root / cas.CA_ROOT / f"gen-{lost[0]}"),
+            str(root / cas.CA_ROOT / lost[0]),
             "is missing, but plan-manifest.json records it: apply would make a new CA in its "
-            "place, and every node would trust only that one",
-            fix="put it back (a root kept offline: bring it back for the apply)",
+            "place, and the nodes it serves would trust only that one",
+            fix="put it back",
         )
 
 
-def missing_generations(
+def missing_cas(
     root: Path, recorded: state.PlanManifest | None, generations: list[cas.Generation]
-) -> list[int]:
-    """The CA generations the plan manifest records that are gone from ``ca/``.
+) -> list[str]:
+    """The CAs the plan manifest records that are gone from ``ca/``: ``gen-N``, ``gen-N/<region>``.
 
     Not the central signer's (it has no folder of its own), and not the old generation that a
     rotation's phase 3 had already moved under retired/ when it stopped before recording it.
     """
     if recorded is None:
         return []
-    present = {g.number for g in generations}
-    lost = [
-        c.generation
-        for c in recorded.cas
-        if c.generation not in present and c.generation != cas.SIGNER_GENERATION
-    ]
-    oldest = min((c.generation for c in recorded.cas), default=None)
-    if (
-        recorded.phase == "new-leaves"
-        and oldest is not None
-        and lost == [oldest]
-        and _retired_generation(root, oldest)
-    ):
-        return []
+    present = {g.number: g for g in generations}
+    cut_short = phase_3_cut_short(root, recorded, sorted(present))
+    lost = []
+    for ca in recorded.cas:
+        generation = present.get(ca.generation)
+        if generation is not None:
+            lost += [
+                f"gen-{ca.generation}/{r}"
+                for r in ca.intermediates
+                if r not in generation.intermediates
+            ]
+        elif ca.generation not in (cas.SIGNER_GENERATION, cut_short):
+            lost.append(f"gen-{ca.generation}")
     return lost
+
+
+def phase_3_cut_short(
+    root: Path, recorded: state.PlanManifest | None, numbers: list[int]
+) -> int | None:
+    """The old generation a rotation's phase 3 retired before it could record so; else None.
+
+    Phase 3 moves the old CA under retired/ last and writes the plan manifest after: a stop
+    between the two leaves the manifest in ``new-leaves`` with two generations, one of them
+    (the older) gone from ``ca/`` and kept under ``retired/<stamp>/ca/``.
+    """
+    if recorded is None or recorded.phase != "new-leaves" or len(recorded.cas) != 2:
+        return None
+    old, new = sorted(c.generation for c in recorded.cas)
+    if numbers == [new] and _retired_generation(root, old):
+        return old
+    return None
 
 
 def _retired_generation(root: Path, number: int) -> bool:
@@ -1037,7 +1068,7 @@ class _Run:
             stage.sync()
             placed: list[Path] = []
             for relative in d.replace:  # out of the way of the member issued in its place
-                self._retire(relative, "replaced")
+                self._retire(relative, "replaced", counted=False)  # counted when placed
             for work in d.work:
                 if work.kind == "create":
                     target = self.root / work.member.folder
@@ -1412,7 +1443,7 @@ class _Run:
             tools=self.tools,
         )
 
-    def _retire(self, relative: str, why: str) -> None:
+    def _retire(self, relative: str, why: str, *, counted: bool = True) -> None:
         source = self.root / relative
         target = self.root / self.retired / why / relative
         self.retired_now.append(f"{self.retired}/{why}/{relative}")
@@ -1423,7 +1454,7 @@ class _Run:
             from cfwrap.errors import FileSystemError
 
             raise FileSystemError(source, e) from e
-        self.landed += 1
+        self.landed += counted
 
 
 def _claimed(

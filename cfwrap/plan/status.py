@@ -23,7 +23,7 @@ from pathlib import Path
 from cfwrap import files, parsers
 from cfwrap.errors import InputError, VerificationError
 from cfwrap.plan import cas, members, state
-from cfwrap.plan.apply import check_out, missing_generations, moved_reason, root_of
+from cfwrap.plan.apply import check_out, missing_cas, moved_reason, root_of
 from cfwrap.plan.members import BUNDLE, Names
 from cfwrap.plan.model import Member, Plan
 
@@ -74,7 +74,7 @@ def rows(
     check_out(plan, root, parent_needed=False)
     generations = cas.find(root)
     recorded = state.load(root)
-    lost = missing_generations(root, recorded, generations)
+    lost = missing_cas(root, recorded, generations)
     if not generations and (signer := cas.signer_generation(root)) is not None:
         generations = [signer]  # a central signer issues this tree
     table: list[Row] = []
@@ -82,9 +82,11 @@ def rows(
         "plan-manifest.json records it: put the CA folder back (apply refuses to make a new CA "
         "in its place)"
     )
-    for number in lost:
-        table.append(Row(f"ca gen-{number}", "ca", "-", "-", None, None, "missing", lost_detail))
-    if not generations and not lost:
+    for relative in lost:
+        gen, _, region = relative.partition("/")
+        name = f"ca {gen}" + (f" {region}" if region else "")
+        table.append(Row(name, "ca", region or "-", "-", None, None, "missing", lost_detail))
+    if not generations and not any("/" not in relative for relative in lost):
         table.append(Row("ca", "ca", "-", "-", None, None, "missing", "no CA yet: run apply"))
     for g in generations:
         name = "ca signer" if g.number == cas.SIGNER_GENERATION else f"ca gen-{g.number}"
@@ -208,7 +210,9 @@ def _member_row(
     if current.facts is None or current.cert is None:
         # A certificate file that is there but cannot be read or parsed is changed; none at
         # all is missing.
-        gone = not os.path.lexists(folder / Names.of(spec).cert)
+        gone = not os.path.lexists(folder / Names.of(spec).cert) and all(
+            c.endswith(" is gone") for c in current.changed
+        )
         return Row(**base, issuer="-", days_left=None, not_after=None,
                    state="missing" if gone else "changed",
                    detail=current.changed[0] if current.changed else "no certificate")  # fmt: skip
