@@ -315,15 +315,18 @@ def _check_kit(kit: manifest.Manifest, *, only: Sequence[str] | None = None) -> 
             )
 
 
-def load_ca(cert_path: Path, key_path: Path) -> CA:
+def load_ca(cert_path: Path, key_path: Path, *, key_offline: bool = False) -> CA:
     """Load a user's CA and check that it can sign: a CA, in date, with its own key.
+
+    ``key_offline``: the key is kept elsewhere (a plan's root, which only signs intermediates):
+    the certificate alone is loaded and checked, and the CA's ``key_pem`` is empty.
 
     Raises:
         InputError: unreadable, not a CA, expired, or the key does not match.
     """
     try:
         cert_data = files.read_input(cert_path)
-        key_data = files.read_input(key_path)
+        key_data = b"" if key_offline else files.read_input(key_path)
     except OSError as e:
         raise InputError(
             e.filename or str(cert_path),
@@ -335,7 +338,7 @@ def load_ca(cert_path: Path, key_path: Path) -> CA:
     except parsers.ParseError as e:
         raise InputError(str(cert_path), str(e), fix="give the CA certificate (ca.pem)") from None
     try:
-        key = parsers.read_private_key(key_data)
+        key = None if key_offline else parsers.read_private_key(key_data)
     except parsers.ParseError as e:
         raise InputError(
             str(key_path), str(e), fix="give the CA's private key (ca-key.pem)"
@@ -353,7 +356,7 @@ def load_ca(cert_path: Path, key_path: Path) -> CA:
             f"the CA expired on {facts.not_after:%Y-%m-%d}",
             fix="make a new CA with `cfwrap ca`",
         )
-    if key.public_key_sha256 != facts.key.public_key_sha256:
+    if key is not None and key.public_key_sha256 != facts.key.public_key_sha256:
         raise InputError(
             str(key_path), f"this key does not belong to {cert_path}", fix="give the CA's own key"
         )

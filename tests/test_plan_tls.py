@@ -406,3 +406,42 @@ def test_a_region_added_to_a_plan_with_intermediates_gets_its_own(tmp_path):
     recorded = json.loads((root / "plan-manifest.json").read_text())
     assert sorted(recorded["cas"][0]["intermediates"]) == ["global", "us"]
     assert main(["apply", str(plan)]) == 0  # and then nothing more to do
+
+
+def test_the_roots_key_kept_offline_leaves_renewal_and_rotation_working(tmp_path, capsys):
+    """With intermediates the root signs only them: its key may leave the machine. apply,
+    renewal, status and a rotation go on without it; only a new region's intermediate needs it
+    back, and then apply says so (once: "ca/gen-1: No such file or directory")."""
+    plan = write_plan(tmp_path, _GROWN)
+    assert main(["apply", str(plan)]) == 0
+    root = tmp_path / "tree"
+    gen = root / "ca/gen-1"
+    (gen / "ca-key.pem").rename(tmp_path / "root-key.pem")
+    assert main(["status", str(plan), "--within", "7d"]) == 0
+    assert main(["apply", str(plan), "--renew-within", "400d"]) == 0
+    capsys.readouterr()
+    leaf = root / "nodes/global/nomad-a1/global-server-nomad.pem"
+    assert load_cert(leaf).issuer == load_cert(gen / "global/ca.pem").subject
+    verified = subprocess.run(
+        ["openssl", "verify", "-CAfile", leaf.with_name("ca.pem"), "-untrusted", leaf,
+         "-purpose", "sslserver", "-verify_hostname", "server.global.nomad", leaf],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    # A new region needs the root to sign its intermediate: refused, nothing written.
+    plan.write_text(_GROWN + '\n[[regions.us.servers]]\nname = "nomad-u1"\n')
+    before = sorted((p, p.stat().st_mtime_ns) for p in root.rglob("*"))
+    for argv in (["apply", str(plan), "--dry-run"], ["apply", str(plan)]):
+        assert main(argv) == 3
+        err = capsys.readouterr().err
+        assert "ca/gen-1/ca-key.pem: is offline" in err, err
+    assert sorted((p, p.stat().st_mtime_ns) for p in root.rglob("*")) == before
+    # Back for one apply, the region gets its intermediate; offline again, a rotation starts.
+    (tmp_path / "root-key.pem").rename(gen / "ca-key.pem")
+    assert main(["apply", str(plan)]) == 0
+    (gen / "ca-key.pem").rename(tmp_path / "root-key.pem")
+    assert main(["apply", str(plan), "--rotate-ca"]) == 0
+    assert sorted(p.name for p in (root / "ca/gen-2").iterdir() if p.is_dir()) == [
+        "global", "us"
+    ]  # fmt: skip
+    assert main(["status", str(plan), "--within", "7d"]) == 0

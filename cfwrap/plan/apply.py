@@ -295,6 +295,7 @@ def _ca_changes(plan: Plan, result: Diff, *, resumed: int | None) -> None:
         return
     by_number = {g.number: g for g in result.generations}
     result.add_intermediates = cas.missing_intermediates(plan, by_number[signing])
+    cas.check_root_key(by_number[signing], result.add_intermediates)
     for region in result.add_intermediates:
         result.changes.append(
             Change("+", f"ca gen-{signing} {region}", "an intermediate CA for a new region")

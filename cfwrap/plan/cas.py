@@ -10,6 +10,7 @@ rotation), so servers of every region trust the same root and can federate.
 from __future__ import annotations
 
 import functools
+import os
 import re
 import stat
 import tempfile
@@ -36,6 +37,9 @@ CA_ROOT = "ca"
 SIGNER_FOLDER = "signer"
 SIGNER_GENERATION = 0
 _GENERATION = re.compile(r"gen-([1-9][0-9]{0,5})")
+#: A generation's root key; with intermediates it may be kept offline (the file absent).
+ROOT_KEY = "ca-key.pem"
+_ROOT_KEY_AWAY = f"{ROOT_KEY}: in the manifest but not on disk"
 _INTERMEDIATE_PROFILE = "intermediate"
 
 
@@ -158,12 +162,14 @@ def find(root: Path) -> list[Generation]:
 
 
 def _load(folder: Path, number: int) -> Generation:
-    root = kit.load_ca(folder / "ca.pem", folder / "ca-key.pem")
+    """Load a generation; a root with intermediates may have its key kept offline (absent)."""
     intermediates = {
         p.name: kit.load_ca(p / "ca.pem", p / "ca-key.pem")
         for p in sorted(folder.iterdir())
         if p.is_dir() and (p / "ca.pem").exists()
     }
+    offline = bool(intermediates) and not os.path.lexists(folder / ROOT_KEY)
+    root = kit.load_ca(folder / "ca.pem", folder / ROOT_KEY, key_offline=offline)
     for region, ca in intermediates.items():
         cert = parsers.load_certificate(ca.cert_pem)
         if not parsers.is_issued_by(cert, parsers.load_certificate(root.cert_pem)):
@@ -231,12 +237,7 @@ def changed_on_disk(generation: Generation, recorded: state.PlanManifest | None)
     if generation.number == SIGNER_GENERATION:  # one file, as the signer gave it
         return {}
     changed: dict[str, str] = {}
-    try:
-        lines = manifest.differences(
-            manifest.load(generation.folder), manifest.scan(generation.folder)
-        )
-    except VerificationError as e:
-        lines = [str(e)]
+    lines = _root_changes(generation)
     if lines:
         changed["-"] = lines[0]
     for region, ca in generation.intermediates.items():
@@ -259,6 +260,49 @@ def changed_on_disk(generation: Generation, recorded: state.PlanManifest | None)
             if region not in changed and known not in (None, ca.facts.fingerprint_sha256):
                 changed[region] = "its certificate is not the one the plan manifest records"
     return changed
+
+
+def _root_changes(generation: Generation) -> list[str]:
+    """Where the root's folder differs from its manifest; a root key kept offline is no change."""
+    try:
+        written = manifest.load(generation.folder)
+        found = manifest.scan(generation.folder)
+        if not generation.root.key_pem:
+            found = _as_if_key_here(found, written)
+        lines = manifest.differences(written, found)
+    except VerificationError as e:
+        return [str(e)]
+    return [line for line in lines if generation.root.key_pem or line != _ROOT_KEY_AWAY]
+
+
+def _as_if_key_here(
+    found: list[manifest.Artifact], written: manifest.Manifest
+) -> list[manifest.Artifact]:
+    """The root's ``ca.pem`` as its manifest saw it with its key: paired, as recorded then."""
+    was = {a.path: a.certificate for a in written.artifacts}.get("ca.pem")
+    out = []
+    for artifact in found:
+        cert = artifact.certificate
+        if artifact.path == "ca.pem" and cert and was and cert.key_pair_verified is None:
+            paired = cert.model_copy(update={"key_pair_verified": was.key_pair_verified})
+            out.append(artifact.model_copy(update={"certificate": paired}))
+        else:
+            out.append(artifact)
+    return out
+
+
+def check_root_key(generation: Generation, regions: list[str]) -> None:
+    """Refuse to add intermediates for ``regions`` while the root's key is kept offline.
+
+    Raises:
+        InputError: the root has no key here.
+    """
+    if regions and not generation.root.key_pem:  # only a root kept offline has none
+        raise InputError(
+            f"{generation.relative}/{ROOT_KEY}",
+            f"is offline, and the root must sign the intermediate of {', '.join(regions)}",
+            fix="put the root's key back for this apply, then take it offline again",
+        )
 
 
 def missing_intermediates(plan: Plan, generation: Generation) -> list[str]:
@@ -290,6 +334,7 @@ def add_intermediates(
         ToolFailedError: cfssl failed.
         VerificationError: what cfssl made is not a CA signed by the root.
     """
+    check_root_key(generation, regions)
     issued = cfssl.Issued(cert=generation.root.cert_pem, key=generation.root.key_pem, csr=b"")
     _make_intermediates(
         plan, stage, generation.relative, issued, regions, cfssl_tool, generation.number
