@@ -75,7 +75,8 @@ def test_a_plan_is_issued_by_the_signer_and_keys_stay_here(tmp_path, signer):
     (tmp_path / "c.toml").write_text(PLAN)
     done = cfwrap("apply", "c.toml", *remote_args(signer), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "Plan: 6 to add" in done.stdout
+    assert "Plan: 7 to add" in done.stdout
+    assert "  + ca signer (the signer's CA, from --ca)" in done.stdout.splitlines()
     tree = tmp_path / "tree"
     assert not list((tree / "ca").glob("gen-*")), "a signer's tree has no CA of its own"
     ca_pem = (signer.ca_dir / "ca.pem").read_bytes()
@@ -164,3 +165,38 @@ def test_a_tree_with_its_own_ca_is_not_issued_by_a_signer(tmp_path, signer):
     mixed = cfwrap("apply", "c.toml", *remote_args(signer), cwd=tmp_path)
     assert mixed.returncode == 3
     assert "has its own CA" in mixed.stderr
+
+
+def test_the_signers_ca_the_tree_keeps_is_written_only_once_the_signer_proved_it(tmp_path, signer):
+    """A wrong --ca once replaced ca/signer/ca.pem before the signer was dialled (the run then
+    failed, and the wrong CA stayed); a deleted one was never put back (status: "no CA yet"
+    for good); a first apply to a signer that was down bound the tree to a signer for good."""
+    (tmp_path / "c.toml").write_text(PLAN)
+    down = remote_args(signer)
+    down[1] = "127.0.0.1:1"
+    failed = cfwrap("apply", "c.toml", *down, cwd=tmp_path)
+    assert failed.returncode == 6, failed.stderr
+    assert not (tmp_path / "tree/ca").exists()  # no signer's mark on a tree it never issued
+    assert cfwrap("apply", "c.toml", *remote_args(signer), cwd=tmp_path).returncode == 0
+    tree = tmp_path / "tree"
+    kept = tree / "ca/signer/ca.pem"
+    (tmp_path / "other").mkdir()
+    other = make_ca(tmp_path / "other")
+    wrong = remote_args(signer)
+    wrong[5] = str(other / "ca.pem")
+    before = snapshot(tree)
+    refused = cfwrap("apply", "c.toml", *wrong, cwd=tmp_path)
+    assert refused.returncode == 6, refused.stdout + refused.stderr
+    assert "TLS failed" in refused.stderr
+    assert snapshot(tree) == before
+    # Swapped by hand: status says so; deleted: apply puts it back from --ca.
+    kept.write_bytes((other / "ca.pem").read_bytes())
+    status = cfwrap("status", "c.toml", cwd=tmp_path)
+    assert status.returncode == 9, status.stdout
+    assert "not the signer's CA the plan manifest records" in status.stdout
+    kept.unlink()
+    again = cfwrap("apply", "c.toml", *remote_args(signer), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "  + ca signer (the signer's CA, from --ca)" in again.stdout.splitlines()
+    assert kept.read_bytes() == (signer.ca_dir / "ca.pem").read_bytes()
+    assert cfwrap("status", "c.toml", cwd=tmp_path).returncode == 0

@@ -291,6 +291,8 @@ def _ca_changes(plan: Plan, result: Diff, *, resumed: int | None) -> None:
         result.changes.append(Change("-", f"ca gen-{retire_gen}", "the old CA, after rotation"))
     if result.make_gossip:
         result.changes.append(Change("+", GOSSIP_FILE, "the servers' gossip key"))
+    if result.remote is not None:
+        _signer_ca_change(result)
     if make_gen == signing or result.remote is not None:
         return
     by_number = {g.number: g for g in result.generations}
@@ -307,6 +309,24 @@ def _ca_changes(plan: Plan, result: Diff, *, resumed: int | None) -> None:
             f"The plan's ca settings differ from CA gen-{signing} ({'; '.join(drift)}): a CA "
             "cannot change, so they take effect with the next rotation (apply --rotate-ca)."
         )
+
+
+def _signer_ca_change(result: Diff) -> None:
+    """Put back (or replace) the signer's CA the tree keeps, when it is not ``--ca``'s.
+
+    Written only after the signer has answered over TLS verified with ``--ca``; with nothing
+    to issue, every leaf of the tree is already signed by ``--ca``'s CA (else it would be
+    reissued), which proves it as well.
+    """
+    assert result.remote is not None  # noqa: S101 (caller checked)
+    path = result.root / cas.CA_ROOT / cas.SIGNER_FOLDER / "ca.pem"
+    try:
+        if files.read_input(path) == result.remote.ca_pem:
+            return
+        symbol = "~"
+    except OSError:
+        symbol = "+"
+    result.changes.append(Change(symbol, "ca signer", "the signer's CA, from --ca"))
 
 
 def _ca_drift(plan: Plan, generation: cas.Generation) -> list[str]:
@@ -1052,20 +1072,21 @@ class _Run:
                 d.generations = cas.find(self.root)
             if d.add_intermediates:
                 self._add_intermediates(stage)
-            if d.remote is not None:
-                self._keep_signer_ca(d.remote)
-            if d.make_gossip:
-                files.write_new(
-                    self.root / GOSSIP_FILE,
-                    gossip.generate(gossip.DEFAULT_SIZE).encode() + b"\n",
-                    mode=files.SECRET_MODE,
-                )
-                self.landed += 1
-            key = _gossip_key(self.plan, self.root)
+            # A new gossip key goes into the servers' HCL as they are staged, and into its file
+            # once every certificate is issued: a run that fails before leaves none behind.
+            made_key = gossip.generate(gossip.DEFAULT_SIZE) if d.make_gossip else None
+            key = made_key or _gossip_key(self.plan, self.root)
             self.configs = Configs(self.plan, root=self.root, gossip_key=key)
             self.bundle = cas.bundle(d.generations, d.trusted)
             self.signing = {g.number: g for g in d.generations}[d.signing]
             updates = self._issue(stage)
+            if made_key is not None:  # before any server folder that holds it is placed
+                files.write_new(
+                    self.root / GOSSIP_FILE, made_key.encode() + b"\n", mode=files.SECRET_MODE
+                )
+                self.landed += 1
+            if d.remote is not None:  # only now: the signer has proved it is --ca's (TLS)
+                self._keep_signer_ca(d.remote)
             stage.sync()
             placed: list[Path] = []
             for relative in d.replace:  # out of the way of the member issued in its place

@@ -235,7 +235,13 @@ def changed_on_disk(generation: Generation, recorded: state.PlanManifest | None)
     short may have added an intermediate it had no time to record).
     """
     if generation.number == SIGNER_GENERATION:  # one file, as the signer gave it
-        return {}
+        cas = recorded.cas if recorded is not None else []
+        kept = next((c for c in cas if c.generation == SIGNER_GENERATION), None)
+        if kept is None:
+            return {}
+        if kept.fingerprint_sha256 == generation.root.facts.fingerprint_sha256:
+            return {}
+        return {"-": "not the signer's CA the plan manifest records: run apply with --remote"}
     changed: dict[str, str] = {}
     lines = _root_changes(generation)
     if lines:
