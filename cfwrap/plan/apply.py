@@ -735,9 +735,16 @@ def _refuse_changed(root: Path, changed: list[str]) -> None:
     """
     if changed:
         more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+        why = changed[0].partition(": ")[2]
+        if why == members.CUT_SHORT:  # a dry run, or status: only apply may put it back
+            raise ConflictError(
+                root / changed[0].partition(":")[0],
+                f"{why}{more}",
+                fix="run the apply itself: it puts the folder back first, then compares it",
+            )
         raise ConflictError(
             root / changed[0].partition(":")[0],
-            f"changed on disk since cfwrap wrote it: {changed[0].partition(': ')[2]}{more}",
+            f"changed on disk since cfwrap wrote it: {why}{more}",
             fix="restore it (a mode: chmod it back to what its manifest says), or move the folder "
             "away so that apply issues it anew",
         )

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from cryptography import x509
 
 BUNDLE = "ca.pem"
+#: Why a folder whose update was cut short (its journal is there) is not compared yet.
+CUT_SHORT = "an update was cut short; `cfwrap apply` puts it back first"
 DEFAULT_ADDRESS = "https://127.0.0.1:4646"
 #: cfssl backdates every certificate by five minutes; lifetimes are compared with this slack.
 _LIFETIME_SLACK = timedelta(hours=1)
@@ -204,7 +206,7 @@ def read_current(folder: Path, spec: CertSpec) -> Current:
         current.changed.append("the folder is a symlink (cfwrap never writes through one)")
         return current
     if (folder / files.JOURNAL).exists():
-        current.changed.append("an update was cut short; `cfwrap apply` puts it back first")
+        current.changed.append(CUT_SHORT)
     current.cert_pem = _read(folder / names.cert, current.changed)
     current.key_pem = _read(folder / names.key, current.changed)
     current.bundle = _read(folder / BUNDLE, current.changed)
