@@ -462,3 +462,63 @@ def test_an_out_that_runs_into_a_file_gets_one_answer_from_every_command(cli, tm
     assert "is not a folder; point the plan's out at a folder" in lines["apply"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "plan.toml"]
     assert (tmp_path / "afile").read_text() == "not a folder\n"
+
+
+_ONE_REGION_INTERMEDIATES = (
+    'out = "tree"\n[ca]\nintermediates = true\n[regions.global]\nservers = 1\nclients = 1\n'
+)
+
+
+def test_with_the_root_key_offline_a_lost_intermediate_is_still_named(cli, tmp_path):
+    """The root's key away and its only intermediate lost: once blamed on the key ("ca-key.pem:
+    No such file or directory; ... move it away"), as if the root were not offline."""
+    plan = write_plan(tmp_path, _ONE_REGION_INTERMEDIATES)
+    applied(cli, plan)
+    gen = tmp_path / "tree/ca/gen-1"
+    (gen / "ca-key.pem").rename(tmp_path / "root-key.pem")
+    (gen / "global").rename(tmp_path / "global")
+    before = tree_state(tmp_path / "tree")
+    line = one_line_error(cli("apply", plan), 7)
+    assert "ca/gen-1/global: is missing, but plan-manifest.json records it" in line, line
+    assert tree_state(tmp_path / "tree") == before
+    rows = {r["node"]: r for r in json.loads(cli("status", plan, "--json").out)["certificates"]}
+    assert rows["ca gen-1 global"]["state"] == "missing"
+    # Back, but with its key gone: the file is named, under its region.
+    (tmp_path / "global").rename(gen / "global")
+    (gen / "global/ca-key.pem").unlink()
+    assert "ca/gen-1: global/ca-key.pem: No such file" in one_line_error(cli("apply", plan), 7)
+
+
+def test_an_intermediates_key_file_with_a_second_key_is_changed(cli, tmp_path):
+    plan = write_plan(tmp_path, _ONE_REGION_INTERMEDIATES)
+    applied(cli, plan)
+    key = tmp_path / "tree/ca/gen-1/global/ca-key.pem"
+    other = tmp_path / "tree/nodes/global/client-1/global-client-nomad-key.pem"
+    key.write_bytes(key.read_bytes() + other.read_bytes())
+    rows = {r["node"]: r for r in json.loads(cli("status", plan, "--json").out)["certificates"]}
+    assert rows["ca gen-1 global"]["state"] == "changed"
+    assert rows["ca gen-1 global"]["detail"] == "global/ca-key.pem holds more than its one key"
+    assert "holds more than its one key" in one_line_error(cli("apply", plan), 4)
+
+
+def test_a_phase_2_stopped_before_it_was_recorded_is_finished_never_undone(cli, tmp_path):
+    """Phase 2 reissues every leaf under the new CA, then records; stopped between the two, a
+    plain apply (or a cron renewal) reissued those leaves back under the old CA."""
+    plan = write_plan(tmp_path, PLAN)
+    applied(cli, plan)
+    applied(cli, plan, "--rotate-ca")
+    tree = tmp_path / "tree"
+    recorded = (tree / "plan-manifest.json").read_bytes()
+    applied(cli, plan, "--rotate-ca")  # phase 2
+    (tree / "plan-manifest.json").write_bytes(recorded)  # as if it stopped before recording
+    before = tree_state(tree)
+    for argv in (("apply", plan), ("apply", plan, "--renew-within", "30d")):
+        line = one_line_error(cli(*argv), 7)
+        assert "is already signed by CA gen-2" in line, line
+        assert line.endswith("run apply --rotate-ca to finish phase 2")
+    assert tree_state(tree) == before
+    nodes = tree_state(tree / "nodes")
+    applied(cli, plan, "--rotate-ca")
+    assert json.loads((tree / "plan-manifest.json").read_text())["phase"] == "new-leaves"
+    assert tree_state(tree / "nodes") == nodes  # every leaf was done: none reissued again
+    assert cli("status", plan).code == 0

@@ -176,7 +176,7 @@ def test_the_signers_ca_the_tree_keeps_is_written_only_once_the_signer_proved_it
     down[1] = "127.0.0.1:1"
     failed = cfwrap("apply", "c.toml", *down, cwd=tmp_path)
     assert failed.returncode == 6, failed.stderr
-    assert not (tmp_path / "tree/ca").exists()  # no signer's mark on a tree it never issued
+    assert not (tmp_path / "tree").exists()  # no trace of a first run that made nothing
     assert cfwrap("apply", "c.toml", *remote_args(signer), cwd=tmp_path).returncode == 0
     tree = tmp_path / "tree"
     kept = tree / "ca/signer/ca.pem"
@@ -194,9 +194,38 @@ def test_the_signers_ca_the_tree_keeps_is_written_only_once_the_signer_proved_it
     status = cfwrap("status", "c.toml", cwd=tmp_path)
     assert status.returncode == 9, status.stdout
     assert "not the signer's CA the plan manifest records" in status.stdout
+    kept.write_bytes((signer.ca_dir / "ca.pem").read_bytes() + (other / "ca.pem").read_bytes())
+    status = cfwrap("status", "c.toml", cwd=tmp_path)
+    assert status.returncode == 9, status.stdout  # the right CA, and another after it
     kept.unlink()
+    status = cfwrap("status", "c.toml", cwd=tmp_path)
+    assert status.returncode == 9
+    assert "is gone: run apply --remote" in status.stdout, status.stdout
     again = cfwrap("apply", "c.toml", *remote_args(signer), cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "  + ca signer (the signer's CA, from --ca)" in again.stdout.splitlines()
     assert kept.read_bytes() == (signer.ca_dir / "ca.pem").read_bytes()
+    assert cfwrap("status", "c.toml", cwd=tmp_path).returncode == 0
+
+
+def test_a_first_run_that_fails_writing_the_signers_ca_can_be_run_again(
+    tmp_path, signer, monkeypatch, capsys
+):
+    """The signer's CA marks a first run's folder as a plan's tree: written after the gossip
+    key, a failure between the two left a folder every later command refused ("holds files,
+    but no plan's tree")."""
+    from cfwrap.cli import main
+    from cfwrap.plan import apply
+
+    (tmp_path / "c.toml").write_text(PLAN)
+
+    def full(*_: object) -> None:  # the disk fills (or the run is killed) right there
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(apply._Run, "_keep_signer_ca", full)
+    assert main(["apply", str(tmp_path / "c.toml"), *remote_args(signer)]) == 8
+    monkeypatch.undo()
+    capsys.readouterr()
+    again = cfwrap("apply", "c.toml", *remote_args(signer), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
     assert cfwrap("status", "c.toml", cwd=tmp_path).returncode == 0

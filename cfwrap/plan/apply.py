@@ -10,6 +10,7 @@ written last, and only when its bytes change. An unchanged plan writes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
@@ -371,6 +372,7 @@ def _diff_members(
     signers = {g.number: g for g in result.generations}
     configs = Configs(plan, root=root, gossip_key=_gossip_key(plan, root))
     changed: list[str] = []
+    ahead: list[str] = []  # members a phase 2 that stopped had already reissued
     holders: dict[str, str] = {}  # certificate fingerprint -> the first member holding it
     shared: list[tuple[str, str]] = []
     # A bundle holding a CA made by this apply cannot be known yet; it differs from every one.
@@ -420,6 +422,9 @@ def _diff_members(
             keep_key=keep_key,
             now=now,
         )
+        if work is not None and work.kind == "reissue" and _ahead_of_phase(result, member, current):
+            ahead.append(member.label)
+            continue
         if work is None:
             assert current.facts is not None  # noqa: S101 (read_current refuses it otherwise)
             record = members.record(member, current.facts, current.hashes, generation=signing)
@@ -429,6 +434,29 @@ def _diff_members(
             symbol = "~" if work.kind == "update" else "-/+"
             result.changes.append(Change(symbol, member.label, work.reason))
     _refuse_changed(root, changed)
+    _refuse_ahead_or_shared(root, ahead, shared, newest=max(signers, default=0))
+    if result.make_gossip:
+        _refuse_new_gossip_key(root, servers_holding_a_key(root))
+
+
+def _refuse_ahead_or_shared(
+    root: Path, ahead: list[str], shared: list[tuple[str, str]], *, newest: int
+) -> None:
+    """Refuse leaves a stopped phase 2 reissued, and two members holding one certificate.
+
+    Raises:
+        VerificationError: ``ahead`` (run ``apply --rotate-ca`` to finish phase 2).
+        ConflictError: ``shared``.
+    """
+    if ahead:
+        raise VerificationError(
+            ahead[0],
+            f"is already signed by CA gen-{newest}"
+            + (f" (and {len(ahead) - 1} more)" if len(ahead) > 1 else "")
+            + ": a rotation's phase 2 stopped before it was recorded (a plain apply would reissue "
+            "it under the old CA)",
+            fix="run apply --rotate-ca to finish phase 2",
+        )
     if shared:
         later, first = shared[0]
         raise ConflictError(
@@ -438,8 +466,24 @@ def _diff_members(
             fix="move the copy away so that apply issues it anew (`cfwrap status` names the "
             "one the plan manifest does not record)",
         )
-    if result.make_gossip:
-        _refuse_new_gossip_key(root, servers_holding_a_key(root))
+
+
+def _ahead_of_phase(result: Diff, member: Member, current: Current) -> bool:
+    """The member is signed by the newer of two CAs while the tree still signs with the older.
+
+    Only a rotation's phase 2 issues such leaves; stopped before it recorded the phase, it
+    leaves some done. A plain apply (or a renewal) must not take them back to the old CA.
+    """
+    if result.phase != "trust-both" or result.new_phase != "trust-both" or current.cert is None:
+        return False
+    newest = max(result.generations, key=lambda g: g.number)
+    if newest.number == result.signing:
+        return False
+    try:
+        signer = newest.signer(member.region)
+    except VerificationError:
+        return False
+    return parsers.is_issued_by(current.cert, signer.cert)
 
 
 def moved_reason(held: str, spec: CertSpec) -> str:
@@ -934,13 +978,17 @@ def apply(
             rotate=rotate,
             remote=remote,
         )
-        if not root.exists():  # only now: a refused plan leaves no trace
+        made_root = not root.exists()
+        if made_root:  # only now: a refused plan leaves no trace
             root.mkdir(mode=files.DIR_MODE)
         run = _Run(plan, result, cfssl_tool=cfssl_tool, workers=workers, progress=progress)
         try:
             run.go()
             written = state.write(root, run.plan_manifest(), run.member_records)
         except BaseException as e:  # a stop (Ctrl-C, SIGTERM) too: say what is on disk
+            if made_root and not run.landed:  # nor does a first run that made nothing
+                with contextlib.suppress(OSError):
+                    root.rmdir()  # only if empty: its stage is gone by now
             if run.landed:
                 e.add_note(
                     f"{run.landed} of the {len(result.changes)} changes had been made, each "
@@ -1087,13 +1135,13 @@ class _Run:
             self.bundle = cas.bundle(d.generations, d.trusted)
             self.signing = {g.number: g for g in d.generations}[d.signing]
             updates = self._issue(stage)
+            if d.remote is not None:  # only now: the signer has proved it is --ca's (TLS)
+                self._keep_signer_ca(d.remote)  # first: it marks a first run's folder as a tree
             if made_key is not None:  # before any server folder that holds it is placed
                 files.write_new(
                     self.root / GOSSIP_FILE, made_key.encode() + b"\n", mode=files.SECRET_MODE
                 )
                 self.landed += 1
-            if d.remote is not None:  # only now: the signer has proved it is --ca's (TLS)
-                self._keep_signer_ca(d.remote)
             stage.sync()
             placed: list[Path] = []
             for relative in d.replace:  # out of the way of the member issued in its place
@@ -1276,6 +1324,7 @@ class _Run:
         except FileNotFoundError:
             pass
         files.write_replace(path, remote.ca_pem, mode=files.PUBLIC_MODE)
+        self.landed += 1
 
     def _signer_key(self, work: Work) -> str:
         """Which of the signing generation's signers signs ``work`` ("": its root).

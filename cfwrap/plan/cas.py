@@ -126,7 +126,11 @@ def signer_generation(root: Path) -> Generation | None:
         pem = files.read_input(path)
         parsers.read_certificate(pem)
     except (OSError, parsers.ParseError) as e:
-        raise VerificationError(str(path), f"not the signer's CA certificate ({e})") from None
+        raise VerificationError(
+            str(path),
+            f"not the signer's CA certificate ({e})",
+            fix="run apply with --remote, which writes it again from --ca",
+        ) from None
     return RemoteCA("", pem, {}).generation(root)
 
 
@@ -152,10 +156,11 @@ def find(root: Path) -> list[Generation]:
         try:
             generations.append(_load(folder / f"gen-{n}", n))
         except InputError as e:  # kit.load_ca speaks to a user's --ca; here the tree is damaged
-            inside = Path(e.what).parent == folder / f"gen-{n}"
+            gen = folder / f"gen-{n}"
+            inside = Path(e.what).is_relative_to(gen) and Path(e.what) != gen
             raise VerificationError(
-                str(folder / f"gen-{n}"),
-                f"{Path(e.what).name}: {e.why}" if inside else e.why,
+                str(gen),
+                f"{Path(e.what).relative_to(gen)}: {e.why}" if inside else e.why,
                 fix="restore the CA folder from a backup, or move it away",
             ) from None
     return generations
@@ -168,7 +173,9 @@ def _load(folder: Path, number: int) -> Generation:
         for p in sorted(folder.iterdir())
         if p.is_dir() and (p / "ca.pem").exists()
     }
-    offline = bool(intermediates) and not os.path.lexists(folder / ROOT_KEY)
+    offline = not os.path.lexists(folder / ROOT_KEY) and (
+        bool(intermediates) or _signs_intermediates(folder / "ca.pem")
+    )
     root = kit.load_ca(folder / "ca.pem", folder / ROOT_KEY, key_offline=offline)
     for region, ca in intermediates.items():
         cert = parsers.load_certificate(ca.cert_pem)
@@ -177,6 +184,14 @@ def _load(folder: Path, number: int) -> Generation:
                 str(ca.cert_path), f"the intermediate of {region} is not signed by {folder}'s root"
             )
     return Generation(number, folder, root, intermediates)
+
+
+def _signs_intermediates(cert_path: Path) -> bool:
+    """The root was made to sign intermediates (path length 1), even with none left on disk."""
+    try:
+        return parsers.read_certificate(files.read_input(cert_path)).path_length == 1
+    except (OSError, parsers.ParseError):
+        return False  # kit.load_ca says what is wrong with it
 
 
 def _root_spec(plan: Plan, number: int) -> CASpec:
@@ -235,13 +250,7 @@ def changed_on_disk(generation: Generation, recorded: state.PlanManifest | None)
     short may have added an intermediate it had no time to record).
     """
     if generation.number == SIGNER_GENERATION:  # one file, as the signer gave it
-        cas = recorded.cas if recorded is not None else []
-        kept = next((c for c in cas if c.generation == SIGNER_GENERATION), None)
-        if kept is None:
-            return {}
-        if kept.fingerprint_sha256 == generation.root.facts.fingerprint_sha256:
-            return {}
-        return {"-": "not the signer's CA the plan manifest records: run apply with --remote"}
+        return _signer_changes(generation, recorded)
     changed: dict[str, str] = {}
     lines = _root_changes(generation)
     if lines:
@@ -252,6 +261,8 @@ def changed_on_disk(generation: Generation, recorded: state.PlanManifest | None)
             changed[region] = f"{region}/ca-key.pem has mode 0{mode:03o}, cfwrap wrote it 0600"
         elif ca.cert_pem.count(b"-----BEGIN") != 1:
             changed[region] = f"{region}/ca.pem holds more than its one certificate"
+        elif ca.key_pem.count(b"-----BEGIN") != 1:
+            changed[region] = f"{region}/ca-key.pem holds more than its one key"
     record = None
     if recorded is not None:
         record = next((c for c in recorded.cas if c.generation == generation.number), None)
@@ -266,6 +277,18 @@ def changed_on_disk(generation: Generation, recorded: state.PlanManifest | None)
             if region not in changed and known not in (None, ca.facts.fingerprint_sha256):
                 changed[region] = "its certificate is not the one the plan manifest records"
     return changed
+
+
+def _signer_changes(generation: Generation, recorded: state.PlanManifest | None) -> dict[str, str]:
+    """The signer's CA the tree keeps: one certificate, the one the plan manifest records."""
+    cas = recorded.cas if recorded is not None else []
+    kept = next((c for c in cas if c.generation == SIGNER_GENERATION), None)
+    if kept is None or (
+        kept.fingerprint_sha256 == generation.root.facts.fingerprint_sha256
+        and generation.root.cert_pem.count(b"-----BEGIN") == 1
+    ):
+        return {}
+    return {"-": "not the signer's CA the plan manifest records: run apply with --remote"}
 
 
 def _root_changes(generation: Generation) -> list[str]:

@@ -87,7 +87,13 @@ def rows(
         name = f"ca {gen}" + (f" {region}" if region else "")
         table.append(Row(name, "ca", region or "-", "-", None, None, "missing", lost_detail))
     if not generations and not any("/" not in relative for relative in lost):
-        table.append(Row("ca", "ca", "-", "-", None, None, "missing", "no CA yet: run apply"))
+        detail = "no CA yet: run apply"
+        if recorded is not None and recorded.signer:
+            detail = (
+                f"the signer's CA ({cas.CA_ROOT}/{cas.SIGNER_FOLDER}/ca.pem) is gone: run "
+                "apply --remote"
+            )
+        table.append(Row("ca", "ca", "-", "-", None, None, "missing", detail))
     for g in generations:
         name = "ca signer" if g.number == cas.SIGNER_GENERATION else f"ca gen-{g.number}"
         changed = cas.changed_on_disk(g, recorded)
