@@ -598,6 +598,12 @@ def test_changed_ca_settings_are_named_as_waiting_for_the_next_rotation(cli, tmp
     assert "+ ca gen-2 (a new CA)" in change_lines(rotated.out)
     assert load_cert(root / "ca/gen-2/ca.pem").subject.rfc4514_string() == "CN=Other CA 2"
     assert load_cert(root / "ca/gen-2/eu/ca.pem").issuer.rfc4514_string() == "CN=Other CA 2"
+    # An intermediate's lifetime is a ca setting too, once the new CA signs (phases 2 and 3).
+    applied(cli, path, "--rotate-ca")
+    applied(cli, path, "--rotate-ca")
+    path.write_text(path.read_text() + 'intermediate_expiry = "17520h"\n')
+    out = applied(cli, path).out
+    assert "its intermediate of eu lives 1095 days, ca.intermediate_expiry says 17520h" in out, out
 
 
 @pytest.mark.parametrize("clients", [3, 9])

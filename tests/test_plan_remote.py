@@ -206,6 +206,13 @@ def test_the_signers_ca_the_tree_keeps_is_written_only_once_the_signer_proved_it
     assert "  + ca signer (the signer's CA, from --ca)" in again.stdout.splitlines()
     assert kept.read_bytes() == (signer.ca_dir / "ca.pem").read_bytes()
     assert cfwrap("status", "c.toml", cwd=tmp_path).returncode == 0
+    kept.unlink()
+    kept.mkdir()  # a dry run promised "+ ca signer", and the apply then failed (exit 8)
+    for extra in (["--dry-run"], []):
+        folder = cfwrap("apply", "c.toml", *extra, *remote_args(signer), cwd=tmp_path)
+        assert folder.returncode == 4, folder.stdout + folder.stderr
+        assert len(folder.stderr.strip().splitlines()) == 1, folder.stderr
+        assert "ca.pem: is a folder, not a regular file; remove it" in folder.stderr
 
 
 def test_a_first_run_that_fails_writing_the_signers_ca_can_be_run_again(

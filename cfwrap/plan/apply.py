@@ -321,11 +321,16 @@ def _signer_ca_change(result: Diff) -> None:
     """
     assert result.remote is not None  # noqa: S101 (caller checked)
     path = result.root / cas.CA_ROOT / cas.SIGNER_FOLDER / "ca.pem"
+    if path.is_symlink() or (path.exists() and not files.is_regular(path)):
+        why = "is a symlink" if path.is_symlink() else files.why_not_regular(path).partition(";")[0]
+        raise ConflictError(
+            path, why, fix="remove it; apply --remote writes the signer's CA there from --ca"
+        )
     try:
         if files.read_input(path) == result.remote.ca_pem:
             return
         symbol = "~"
-    except OSError:
+    except FileNotFoundError:
         symbol = "+"
     result.changes.append(Change(symbol, "ca signer", "the signer's CA, from --ca"))
 
@@ -351,6 +356,16 @@ def _ca_drift(plan: Plan, generation: cas.Generation) -> list[str]:
     if (facts.key.algorithm, facts.key.size) != (plan.key.algo, plan.key.size):
         drift.append(f"its key is {facts.key.algorithm} {facts.key.size}, the plan's "
                      f"{plan.key.algo} {plan.key.size}")  # fmt: skip
+    want = parse_duration(plan.ca.intermediate_expiry)
+    lives = {
+        r: ca.facts.not_after - ca.facts.not_before for r, ca in generation.intermediates.items()
+    }
+    odd = sorted(r for r, life in lives.items() if abs(life - want) > timedelta(days=1))
+    if plan.ca.intermediates and odd:
+        drift.append(
+            f"its intermediate of {odd[0]} lives {lives[odd[0]].days} days, "
+            f"ca.intermediate_expiry says {plan.ca.intermediate_expiry}"
+        )
     return drift
 
 
@@ -502,12 +517,13 @@ def _refuse_changed_cas(
     for generation in generations:
         for region, why in cas.changed_on_disk(generation, recorded).items():
             folder = generation.folder if region == "-" else generation.folder / region
+            mode = " mode " in why or "has mode" in why
             raise ConflictError(
                 folder,
                 f"changed on disk since cfwrap wrote it: {why}",
-                fix="restore it from a backup (a mode: chmod it back to what its manifest says); "
-                "every member's bundle and signature comes from it",
-            )
+                fix=("chmod it back to what its manifest says" if mode else "restore it from a "
+                     "backup") + "; every member's bundle and signature comes from it",
+            )  # fmt: skip
 
 
 def _refuse_case_renames(plan: Plan, root: Path, generations: list[cas.Generation]) -> None:
