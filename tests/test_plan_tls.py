@@ -436,6 +436,12 @@ def test_the_roots_key_kept_offline_leaves_renewal_and_rotation_working(tmp_path
         err = capsys.readouterr().err
         assert "ca/gen-1/ca-key.pem: is offline" in err, err
     assert sorted((p, p.stat().st_mtime_ns) for p in root.rglob("*")) == before
+    # Put back as a symlink: refused, and said so (once "in the manifest but not on disk").
+    (gen / "ca-key.pem").symlink_to(tmp_path / "root-key.pem")
+    assert main(["apply", str(plan), "--dry-run"]) == 4
+    err = capsys.readouterr().err
+    assert "ca-key.pem is a symlink (cfwrap never reads a CA's files through one)" in err, err
+    (gen / "ca-key.pem").unlink()
     # Back for one apply, the region gets its intermediate; offline again, a rotation starts.
     (tmp_path / "root-key.pem").rename(gen / "ca-key.pem")
     assert main(["apply", str(plan)]) == 0

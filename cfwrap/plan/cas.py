@@ -293,6 +293,9 @@ def _signer_changes(generation: Generation, recorded: state.PlanManifest | None)
 
 def _root_changes(generation: Generation) -> list[str]:
     """Where the root's folder differs from its manifest; a root key kept offline is no change."""
+    links = sorted(p.name for p in generation.folder.iterdir() if p.is_symlink())
+    if links:  # a manifest never lists one, so it would read as "not on disk"
+        return [f"{links[0]} is a symlink (cfwrap never reads a CA's files through one)"]
     try:
         written = manifest.load(generation.folder)
         found = manifest.scan(generation.folder)
