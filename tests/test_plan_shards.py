@@ -216,6 +216,10 @@ def test_a_stopped_child_is_killed_after_the_grace(monkeypatch):
 
     helper = shards.fork(run)
     os.kill(helper.pid, signal.SIGSTOP)
+    # Stopped for sure before the SIGTERM: one still pending with it would be taken after the
+    # SIGTERM (the lower number goes first), and the child would end by that.
+    _, stopped = os.waitpid(helper.pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(stopped)
     started = time.monotonic()
     helper.stop()  # SIGTERM cannot end a stopped process: SIGKILL after the grace
     assert time.monotonic() - started < 5
