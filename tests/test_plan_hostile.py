@@ -450,6 +450,25 @@ def test_a_member_file_that_is_no_file_is_a_row_not_an_abort(cli, tmp_path, kind
     assert f"global-client-nomad.pem is {what}, not a regular file" in line
 
 
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_something_extra_in_a_member_folder_is_changed(cli, tmp_path, kind):
+    """A regular file cfwrap did not write is "not in its manifest"; a FIFO or folder, too."""
+    plan = write_plan(tmp_path, PLAN)
+    applied(cli, plan)
+    extra = tmp_path / "tree/nodes/global/client-1/extra"
+    os.mkfifo(extra) if kind == "fifo" else extra.mkdir()
+    rows = {r["node"]: r for r in json.loads(cli("status", plan, "--json").out)["certificates"]}
+    what = "a FIFO" if kind == "fifo" else "a folder"
+    detail = f"extra is {what}, not a regular file: cfwrap wrote no such thing here"
+    assert rows["global/client-1"]["state"] == "changed"
+    assert rows["global/client-1"]["detail"] == detail
+    assert rows["global/client-2"]["state"] == "ok"
+    tree = tmp_path / "tree"
+    before = tree_state(tree)
+    assert detail in one_line_error(cli("apply", plan), 4)
+    assert tree_state(tree) == before
+
+
 @pytest.mark.parametrize("out", ["afile", "afile/tree", "afile/deeper/tree"])
 def test_an_out_that_runs_into_a_file_gets_one_answer_from_every_command(cli, tmp_path, out):
     (tmp_path / "afile").write_text("not a folder\n")
@@ -522,3 +541,56 @@ def test_a_phase_2_stopped_before_it_was_recorded_is_finished_never_undone(cli, 
     assert json.loads((tree / "plan-manifest.json").read_text())["phase"] == "new-leaves"
     assert tree_state(tree / "nodes") == nodes  # every leaf was done: none reissued again
     assert cli("status", plan).code == 0
+
+
+def test_a_phase_3_stopped_among_the_bundles_needs_action(cli, tmp_path):
+    """Phase 3 updates every bundle, then retires the old CA and records: a stop among the
+    bundles leaves folders that already drop the old CA while the tree records phase 2. Each
+    folder agrees with its own manifest; status names it, and apply --rotate-ca finishes it."""
+    plan = write_plan(tmp_path, PLAN)
+    applied(cli, plan)
+    applied(cli, plan, "--rotate-ca")
+    applied(cli, plan, "--rotate-ca")
+    tree = tmp_path / "tree"
+    shutil.copytree(tree, tmp_path / "phase-2")
+    applied(cli, plan, "--rotate-ca")  # phase 3, whole
+    done = tmp_path / "phase-3"
+    tree.rename(done)
+    (tmp_path / "phase-2").rename(tree)
+    client = "nodes/global/client-1"
+    shutil.rmtree(tree / client)
+    shutil.copytree(done / client, tree / client)  # the one folder phase 3 reached
+    status = cli("status", plan, "--json")
+    assert status.code == 9
+    rows = {r["node"]: r for r in json.loads(status.out)["certificates"]}
+    assert rows["global/client-1"]["state"] == "changed"
+    assert rows["global/client-1"]["detail"] == (
+        "its ca.pem already drops the old CA, while plan-manifest.json records phase 2 (a phase "
+        "3 that stopped?): run apply --rotate-ca to finish phase 3"
+    )
+    assert {r["state"] for n, r in rows.items() if n != "global/client-1"} == {"ok"}
+    applied(cli, plan, "--rotate-ca")
+    assert cli("status", plan).code == 0
+    bundle = (tree / client / "ca.pem").read_bytes()
+    assert bundle == (done / client / "ca.pem").read_bytes()
+    assert bundle.count(b"BEGIN CERTIFICATE") == 1
+
+
+def test_a_bundle_swapped_under_a_rewritten_manifest_needs_action(cli, tmp_path):
+    """The folder's manifest rewritten over another bundle agrees with it; the plan manifest
+    does not, and status says which file."""
+    plan = write_plan(tmp_path, PLAN)
+    applied(cli, plan)
+    folder = tmp_path / "tree/nodes/global/client-2"
+    other = write_plan(tmp_path / "other", PLAN)
+    applied(cli, other)
+    shutil.copy(tmp_path / "other/tree/nodes/global/client-2/ca.pem", folder / "ca.pem")
+    assert cli("manifest", folder, "--write").code == 0
+    status = cli("status", plan, "--json")
+    assert status.code == 9
+    rows = {r["node"]: r for r in json.loads(status.out)["certificates"]}
+    assert rows["global/client-2"]["state"] == "changed"
+    assert rows["global/client-2"]["detail"].startswith(
+        "ca.pem is not the one plan-manifest.json records"
+    )
+    assert rows["global/client-1"]["state"] == "ok"

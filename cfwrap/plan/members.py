@@ -247,7 +247,13 @@ def _against_manifest(
     ]
     hashes.update({p.name: hashlib.sha256(files.read_input(p)).hexdigest() for p in listed})
     modes = {p.name: f"0{stat.S_IMODE(p.stat().st_mode):03o}" for p in listed}
-    changed = []
+    # A folder, FIFO or socket of its own: cfwrap writes none into a member's folder (the
+    # files it reads in its place are named by _read).
+    changed = [
+        f"{p.name} {files.why_not_regular(p).partition(';')[0]}: cfwrap wrote no such thing here"
+        for p in entries
+        if not p.is_file() and not p.name.startswith(".") and p.name not in recorded
+    ]
     for name in sorted(recorded.keys() | hashes.keys()):
         if name not in hashes:
             changed.append(f"{name} is gone")

@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
@@ -309,8 +310,24 @@ def load(root: Path) -> PlanManifest | None:
     return head
 
 
-def fingerprints(root: Path) -> dict[str, str]:
-    """Each member's certificate fingerprint as the plan manifest records it, by folder.
+@dataclass(frozen=True)
+class Recorded:
+    """What the plan manifest records of a member's folder."""
+
+    fingerprint_sha256: str
+    #: Each file's SHA-256, by name (the folder's manifest left out).
+    files: dict[str, str]
+
+
+def _recorded(member: dict[str, Any]) -> Recorded:
+    hashes = member["files"]
+    if not isinstance(hashes, dict):
+        raise TypeError("files is not an object")
+    return Recorded(member["fingerprint_sha256"], hashes)
+
+
+def recorded_members(root: Path) -> dict[str, Recorded]:
+    """Each member's certificate fingerprint and file hashes as the plan manifest records them.
 
     Read a line at a time, as :func:`write` lays the members out (a file laid out otherwise is
     read whole, within the usual 16 MiB). Call :func:`load` first: it checks the file.
@@ -322,7 +339,7 @@ def fingerprints(root: Path) -> dict[str, str]:
     """
     from cfwrap import files
 
-    found: dict[str, str] = {}
+    found: dict[str, Recorded] = {}
     with files.open_input(root / FILE_NAME, limit=MAX_FILE) as f:
         inside = False
         for line in f:
@@ -333,13 +350,13 @@ def fingerprints(root: Path) -> dict[str, str]:
             else:
                 try:  # one member a line, as write() lays them out
                     member = json.loads(line.rstrip(b"\n").removesuffix(b","))
-                    found[member["folder"]] = member["fingerprint_sha256"]
+                    found[member["folder"]] = _recorded(member)
                 except (ValueError, TypeError, KeyError):
                     break  # laid out otherwise (reformatted by hand)
         # Not laid out as write() does it: load() read it whole, within 16 MiB, and so do we.
         f.seek(0)
         data = json.loads(f.read(files.MAX_INPUT + 1))
-    return {m["folder"]: m["fingerprint_sha256"] for m in data["members"]}
+    return {m["folder"]: _recorded(m) for m in data["members"]}
 
 
 #: How :func:`write` lays the members out: the list opens on a line of its own, each member

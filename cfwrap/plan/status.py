@@ -119,9 +119,23 @@ def rows(
                     changed.get(region, ""),
                 )
             )
-    known = state.fingerprints(root) if recorded is not None else None
+    known = state.recorded_members(root) if recorded is not None else None
+    phase_3_bundle = None
+    if recorded is not None and recorded.phase == "new-leaves" and len(generations) == 2:
+        phase_3_bundle = cas.bundle(generations, [generations[-1].number])
     for member in plan.members():
-        table.append(_member_row(plan, member, root, generations, known, within=within, now=now))
+        table.append(
+            _member_row(
+                plan,
+                member,
+                root,
+                generations,
+                known,
+                phase_3_bundle=phase_3_bundle,
+                within=within,
+                now=now,
+            )
+        )
     gossip_row = _gossip_row(plan, root)
     if gossip_row is not None:
         table.append(gossip_row)
@@ -173,24 +187,46 @@ def _dated_state(not_after: datetime, now: datetime, within: timedelta) -> str:
 
 
 def _unrecorded(
-    member: Member, facts: parsers.CertFacts, known: dict[str, str] | None
+    member: Member,
+    current: members.Current,
+    known: dict[str, state.Recorded] | None,
+    *,
+    phase_3_bundle: bytes | None,
 ) -> str | None:
-    """Why a whole folder's certificate is not the one the plan manifest records; None if it is.
+    """Why a whole folder is not what the plan manifest records; None if it is.
 
     An apply that did not finish leaves such folders (the plan manifest is written last), and
     so do files copied in from another folder with their manifest. Either way, apply is due.
+    A bundle that already drops the old CA while the manifest records phase 2 is a phase 3
+    that stopped (``phase_3_bundle``: what phase 3 hands out, during phase 2 only).
     """
+    assert current.facts is not None  # noqa: S101 (the caller read a certificate)
     if known is None:
         return "the tree has no plan manifest (an apply that did not finish?): run apply"
-    fingerprint = known.get(member.folder)
-    if fingerprint is None:
+    recorded = known.get(member.folder)
+    if recorded is None:
         return "not in the plan manifest (an apply that did not finish?): run apply"
-    if fingerprint != facts.fingerprint_sha256:
+    if recorded.fingerprint_sha256 != current.facts.fingerprint_sha256:
         return (
             "its certificate is not the one the plan manifest records (an apply that did not "
             "finish, or files copied in from elsewhere): run apply, or restore the folder"
         )
-    return None
+    differ = sorted(
+        name
+        for name in recorded.files.keys() | current.hashes.keys()
+        if recorded.files.get(name) != current.hashes.get(name)
+    )
+    if not differ:
+        return None
+    if differ == [BUNDLE] and phase_3_bundle is not None and current.bundle == phase_3_bundle:
+        return (
+            f"its {BUNDLE} already drops the old CA, while plan-manifest.json records phase 2 "
+            "(a phase 3 that stopped?): run apply --rotate-ca to finish phase 3"
+        )
+    return (
+        f"{differ[0]} is not the one plan-manifest.json records (an apply that did not "
+        "finish, or files copied in from elsewhere): run apply, or restore the folder"
+    )
 
 
 def _member_row(
@@ -198,8 +234,9 @@ def _member_row(
     member: Member,
     root: Path,
     generations: list[cas.Generation],
-    known: dict[str, str] | None,
+    known: dict[str, state.Recorded] | None,
     *,
+    phase_3_bundle: bytes | None,
     within: timedelta,
     now: datetime,
 ) -> Row:
@@ -229,7 +266,7 @@ def _member_row(
     detail = ""
     if current.changed:
         row_state, detail = "changed", current.changed[0]
-    elif (why := _unrecorded(member, facts, known)) is not None:
+    elif (why := _unrecorded(member, current, known, phase_3_bundle=phase_3_bundle)) is not None:
         row_state, detail = "changed", why
     return Row(**base, issuer=issuer, days_left=left, not_after=facts.not_after.isoformat(),
                state=row_state, detail=detail)  # fmt: skip
