@@ -13,6 +13,7 @@ from cfwrap.errors import ConflictError, ExitCode, InputError
 from cfwrap.text import printable
 
 if TYPE_CHECKING:
+    from cfwrap import manifest
     from cfwrap.cli.options import Subparsers
 
 
@@ -57,8 +58,12 @@ def execute(args: argparse.Namespace) -> int:
                 except VerificationError as e:
                     # --write is how a damaged manifest is repaired: it is rebuilt from disk.
                     say(f"cfwrap: replacing a damaged manifest ({e.why}); its tool list is lost")
-            path = manifest.write(folder, manifest.build(folder, tools))
+            rebuilt = manifest.build(folder, tools)
+            path = manifest.write(folder, rebuilt)
         emit(path)
+        for line in _unverified(rebuilt):
+            say(printable(f"cfwrap: warning: {folder / line}; recorded as it is: run `cfwrap "
+                          "doctor` on the folder before any node uses it"))  # fmt: skip
         return ExitCode.OK
     recorded = manifest.load(folder)
     problems = manifest.differences(recorded, manifest.scan(folder))
@@ -80,3 +85,20 @@ def execute(args: argparse.Namespace) -> int:
     if not args.json:
         say(f"cfwrap: {folder / manifest.FILE_NAME} matches the files on disk")
     return ExitCode.OK
+
+
+def _unverified(recorded: manifest.Manifest) -> list[str]:
+    """A line for each certificate whose chain or key pairing did not verify."""
+    lines = []
+    for artifact in recorded.artifacts:
+        info = artifact.certificate
+        if info is None:
+            continue
+        why = []
+        if not info.chain_verified:
+            why.append("it does not chain to a CA in the folder")
+        if info.key_pair_verified is False:
+            why.append("its key file holds another key")
+        if why:
+            lines.append(f"{artifact.path}: {' and '.join(why)}")
+    return lines
