@@ -269,6 +269,25 @@ def write_replace(path: Path, data: bytes | Iterable[bytes], *, mode: int) -> No
         _fsync_dir(path.parent)
 
 
+def lock_held(target: Path) -> bool:
+    """Whether a process holds :class:`FolderLock` on ``target`` now; it takes no lock itself.
+
+    For the commands that only read (status, a dry run): a shared lock of theirs, however
+    short, would make a writer that does not wait fail. Linux lists every flock(2) lock in
+    ``/proc/locks`` by device and inode; a lock file a killed writer left holds none.
+    """
+    try:
+        info = (target.parent / f".{target.name}.cfwrap.lock").lstat()
+        with open("/proc/locks", "rb") as f:  # noqa: PTH123 (one read)
+            listed = f.read()
+    except OSError:
+        return False
+    where = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}".encode()
+    return any(
+        b"FLOCK" in fields and where in fields for fields in map(bytes.split, listed.splitlines())
+    )
+
+
 class FolderLock:
     """An exclusive lock on a folder's name, held by flock(2) so it dies with its process.
 

@@ -545,3 +545,54 @@ def _still_open(conn: socket.socket) -> bool:
     except OSError:
         return False
     return False
+
+
+def test_status_and_a_dry_run_wait_out_an_apply_at_work(cli, tmp_path):
+    """A real apply of 400 clients runs beside them: while it holds the tree, status and a dry
+    run say so (exit 4, one line) instead of reporting a half-written tree as changed; with
+    --wait they answer once it ends. They take no lock: the apply never sees them."""
+    import time
+
+    plan = write_plan(tmp_path, 'out = "tree"\n[regions.global]\nclients = 400\n')
+    lock = tmp_path / ".tree.cfwrap.lock"
+    busy = subprocess.Popen(
+        [CFWRAP, "apply", plan], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not lock.exists() and busy.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert lock.exists(), "the apply ended before it was seen at work"
+        for argv in (("status", plan), ("apply", plan, "--dry-run")):
+            line = one_line_error(cli(*argv), 4)
+            assert line == (
+                f"cfwrap: error: {tmp_path / 'tree'}: an apply is writing this tree now; run "
+                "this again when it ends, or pass --wait SECONDS"
+            ), line
+        waited = cli("status", plan, "--wait", "120")
+    finally:
+        _, err = busy.communicate(timeout=120)
+    assert busy.returncode == 0, err
+    assert waited.code == 0, waited.err  # every row ok: it read the tree the apply finished
+    assert "403 ok, 0 need action" in waited.out  # the CA, 400 clients, 1 server, gossip.key
+    assert "No changes" in cli("apply", plan, "--dry-run", "--wait", "5").out
+
+
+def test_a_read_an_apply_overlapped_is_refused(cli, tmp_path, monkeypatch):
+    """An apply that starts and ends while status reads rewrites the plan manifest: what was
+    read may be half the old tree, and status says to run it again rather than print it."""
+    from cfwrap.plan import status
+
+    plan = write_plan(tmp_path, 'out = "tree"\n[regions.global]\nclients = 2\n')
+    applied(cli, plan)
+    read = status.rows
+
+    def rows_while_an_apply_runs(*args, **kwargs):
+        found = read(*args, **kwargs)
+        write_plan(tmp_path, 'out = "tree"\n[regions.global]\nclients = 3\n')
+        applied(cli, plan)
+        return found
+
+    monkeypatch.setattr(status, "rows", rows_while_an_apply_runs)
+    line = one_line_error(cli("status", plan), 4)
+    assert line.endswith("tree: an apply wrote this tree while it was read; run this again")

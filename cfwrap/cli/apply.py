@@ -90,10 +90,11 @@ def execute(args: argparse.Namespace) -> int:
     remote = _remote(args, plan)
     rewritten = False
     if args.dry_run:
-        result = apply.diff(
-            plan, args.plan, renew_within=args.renew_within, keep_key=args.keep_key,
-            rotate=args.rotate_ca, remote=remote,
-        )  # fmt: skip
+        with apply.unwritten(apply.root_of(plan, args.plan), wait=args.wait):
+            result = apply.diff(
+                plan, args.plan, renew_within=args.renew_within, keep_key=args.keep_key,
+                rotate=args.rotate_ca, remote=remote,
+            )  # fmt: skip
         steps = (
             rotation.steps(plan, result.new_phase, result, dry_run=True) if result.changes else []
         )

@@ -160,8 +160,10 @@ def output_options(parser: argparse.ArgumentParser, *, what: str) -> None:
     wait_option(parser)
 
 
-def wait_option(parser: argparse.ArgumentParser) -> None:
-    """Add --wait [SECONDS]."""
+def wait_option(
+    parser: argparse.ArgumentParser, *, what: str = "another cfwrap is writing the same folder"
+) -> None:
+    """Add --wait [SECONDS]: ``what`` is what it waits out."""
     parser.add_argument(
         "--wait",
         type=seconds,
@@ -169,8 +171,7 @@ def wait_option(parser: argparse.ArgumentParser) -> None:
         const=600.0,
         default=0.0,
         metavar="SECONDS",
-        help="if another cfwrap is writing the same folder, wait for it (default: fail at once; "
-        "--wait alone waits up to 600 s)",
+        help=f"if {what}, wait for it (default: fail at once; --wait alone waits up to 600 s)",
     )
 
 

@@ -8,7 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cfwrap.cli.options import window
+from cfwrap.cli.options import wait_option, window
 from cfwrap.cli.output import emit
 from cfwrap.errors import ExitCode
 
@@ -23,7 +23,8 @@ EXAMPLES = """examples:
 states: ok, expiring (inside --within), expired, missing, changed (on disk since cfwrap wrote
 it, or not what the plan manifest records); with --connect also serving-other and unreachable.
 The servers' gossip.key has a row too (missing; changed: no valid key in it, or not 0600).
-exit codes: 0 all ok; 9 something needs action; 3 a bad plan.
+exit codes: 0 all ok; 9 something needs action; 3 a bad plan; 4 an apply is writing the
+tree (or wrote it while status read it): run status again, or pass --wait.
 """
 
 
@@ -50,23 +51,27 @@ def configure(sub: Subparsers) -> None:
         action="store_true",
         help="dial every node with an address; compare the certificate it serves with the tree",
     )
+    wait_option(status, what="an apply is writing the tree")
     status.set_defaults(handler=execute)
 
 
 def execute(args: argparse.Namespace) -> int:
     """Run the command; returns its exit code."""
     from cfwrap.plan import model, status
+    from cfwrap.plan.apply import root_of, unwritten
 
     plan = model.load(args.plan)
-    rows = status.rows(plan, args.plan, within=args.within)
-    if args.connect:
-        rows = status.connect(plan, args.plan, rows)
+    with unwritten(root_of(plan, args.plan), wait=args.wait):
+        rows = status.rows(plan, args.plan, within=args.within)
+        if args.connect:
+            rows = status.connect(plan, args.plan, rows)
+        phase = status.phase(plan, args.plan)
     needs = [r for r in rows if r.needs_action]
     if args.json:
         emit(
             json.dumps(
                 {
-                    "phase": status.phase(plan, args.plan),
+                    "phase": phase,
                     "needs_action": len(needs),
                     "certificates": [r.as_dict() for r in rows],
                 },
@@ -87,5 +92,5 @@ def execute(args: argparse.Namespace) -> int:
         for row in table:
             emit("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
         emit(f"{len(rows) - len(needs)} ok, {len(needs)} need action"
-             f" (phase: {status.phase(plan, args.plan)})")  # fmt: skip
+             f" (phase: {phase})")  # fmt: skip
     return ExitCode.NEEDS_ACTION if needs else ExitCode.OK

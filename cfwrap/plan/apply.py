@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import stat
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -1044,6 +1045,48 @@ def _refuse_links(root: Path) -> None:
                 "is a symlink; cfwrap never writes through one (keys would land where it points)",
                 fix="replace it with the folder itself, or move it away",
             )
+
+
+#: How often a read waiting for an apply to end looks again.
+_POLL = 0.1
+
+
+@contextlib.contextmanager
+def unwritten(root: Path, *, wait: float = 0.0) -> Iterator[None]:
+    """Read the tree (status, a dry run) while no apply writes it.
+
+    It takes no lock (a reader holding one would make an apply that does not wait fail): it
+    waits up to ``wait`` seconds for an apply at work to end, and refuses a read that an apply
+    overlapped (one holding the lock at the end, or a plan manifest written meanwhile: what
+    was read may be half the old tree and half the new).
+
+    Raises:
+        ConflictError: an apply writes the tree (after ``wait``), or wrote it during the read.
+    """
+    deadline = time.monotonic() + wait
+    while files.lock_held(root):
+        if time.monotonic() >= deadline:
+            raise ConflictError(
+                root,
+                "an apply is writing this tree now",
+                fix="run this again when it ends, or pass --wait SECONDS",
+            )
+        time.sleep(_POLL)
+    before = _written(root)
+    yield
+    if files.lock_held(root) or _written(root) != before:
+        raise ConflictError(
+            root, "an apply wrote this tree while it was read", fix="run this again"
+        )
+
+
+def _written(root: Path) -> tuple[int, int, int] | None:
+    """The plan manifest's inode, mtime and size: an apply that changed anything replaced it."""
+    try:
+        info = (root / state.FILE_NAME).stat()
+    except OSError:
+        return None
+    return info.st_ino, info.st_mtime_ns, info.st_size
 
 
 def check_out(plan: Plan, root: Path, *, parent_needed: bool = True) -> None:
