@@ -186,8 +186,8 @@ def test_the_signers_ca_the_tree_keeps_is_written_only_once_the_signer_proved_it
     wrong[5] = str(other / "ca.pem")
     before = snapshot(tree)
     refused = cfwrap("apply", "c.toml", *wrong, cwd=tmp_path)
-    assert refused.returncode == 6, refused.stdout + refused.stderr
-    assert "TLS failed" in refused.stderr
+    assert refused.returncode == 3, refused.stdout + refused.stderr  # before any dial
+    assert "--ca: is not the CA this tree was issued by" in refused.stderr
     assert snapshot(tree) == before
     # Swapped by hand: status says so; deleted: apply puts it back from --ca.
     kept.write_bytes((other / "ca.pem").read_bytes())
@@ -236,3 +236,48 @@ def test_a_first_run_that_fails_writing_the_signers_ca_can_be_run_again(
     again = cfwrap("apply", "c.toml", *remote_args(signer), cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert cfwrap("status", "c.toml", cwd=tmp_path).returncode == 0
+
+
+def test_another_signers_ca_is_refused_never_a_reissue_of_the_fleet(tmp_path, signer):
+    """A second signer, with a CA of its own, answers as well as the first: an apply through it
+    once reissued every member under its CA at once (bundles trusting it alone), a rotation
+    without its phases that cuts the cluster in two. It is refused, dry run too."""
+    (tmp_path / "c.toml").write_text(PLAN)
+    assert cfwrap("apply", "c.toml", *remote_args(signer), cwd=tmp_path).returncode == 0
+    tree = tmp_path / "tree"
+    before = snapshot(tree)
+    (tmp_path / "other").mkdir()
+    other = start_signer(
+        make_ca(tmp_path / "other"), "--region", "global", "--region", "eu",
+        "--allow-dns", "example.com",
+    )  # fmt: skip
+    try:
+        for extra in (["--dry-run"], []):
+            refused = cfwrap("apply", "c.toml", *extra, *remote_args(other), cwd=tmp_path)
+            assert refused.returncode == 3, refused.stdout + refused.stderr
+            assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+            assert "Traceback" not in refused.stderr
+            assert "--ca: is not the CA this tree was issued by" in refused.stderr
+            assert "give the plan a new out" in refused.stderr
+        assert snapshot(tree) == before
+        # A new out is a new tree: the other signer issues it whole.
+        (tmp_path / "c.toml").write_text(PLAN.replace('out = "tree"', 'out = "tree-2"'))
+        moved = cfwrap("apply", "c.toml", *remote_args(other), cwd=tmp_path)
+        assert moved.returncode == 0, moved.stderr
+    finally:
+        code, err = other.stop()
+        assert code == 143, err
+    leaf = x509.load_pem_x509_certificate(
+        (tmp_path / "tree-2/nodes/eu/client-1/eu-client-nomad.pem").read_bytes()
+    )
+    ca = x509.load_pem_x509_certificate((other.ca_dir / "ca.pem").read_bytes())
+    leaf.verify_directly_issued_by(ca)
+    assert snapshot(tree) == before
+    # With no tree yet nothing records a CA: a wrong --ca fails on TLS, and leaves no trace.
+    (tmp_path / "c.toml").write_text(PLAN.replace('out = "tree"', 'out = "tree-3"'))
+    wrong = remote_args(signer)
+    wrong[5] = str(other.ca_dir / "ca.pem")
+    failed = cfwrap("apply", "c.toml", *wrong, cwd=tmp_path)
+    assert failed.returncode == 6, failed.stdout + failed.stderr
+    assert "TLS failed" in failed.stderr
+    assert not (tmp_path / "tree-3").exists()

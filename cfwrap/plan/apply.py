@@ -233,6 +233,7 @@ def diff(
         _remote_fits(generations, rotate=rotate)
         generations = [remote.generation(root)]
         numbers = [cas.SIGNER_GENERATION]
+        _refuse_another_signer(recorded, generations[0])
     if rotate and not numbers:
         raise InputError("--rotate-ca", "the tree has no CA yet", fix="run apply without it first")
     phase, new_phase, make_gen, retire_gen = _phases(
@@ -760,6 +761,33 @@ def _remote_fits(generations: list[cas.Generation], *, rotate: bool) -> None:
             "own CA or by a signer, not both",
             fix="give the plan a new out for the signer's tree",
         )
+
+
+def _refuse_another_signer(recorded: state.PlanManifest | None, given: cas.Generation) -> None:
+    """Refuse a signer's CA other than the one the tree was issued by.
+
+    Every member would be reissued under it at once, each bundle trusting it alone: nodes
+    not yet given their new files would refuse those that were (a rotation without its
+    phases). Mostly it is a wrong ``--ca`` (or ``--remote``).
+
+    Raises:
+        InputError: ``--ca`` is not the signer's CA the plan manifest records.
+    """
+    known = next(
+        (c for c in (recorded.cas if recorded else []) if c.generation == cas.SIGNER_GENERATION),
+        None,
+    )
+    if known is None or known.fingerprint_sha256 == given.root.facts.fingerprint_sha256:
+        return
+    raise InputError(
+        "--ca",
+        f"is not the CA this tree was issued by ({given.root.facts.subject}, sha256 "
+        f"{given.root.facts.fingerprint_sha256[:16]}...; plan-manifest.json records sha256 "
+        f"{known.fingerprint_sha256[:16]}...): every member would be reissued under it at "
+        "once, and nodes still on the old CA would refuse the new ones",
+        fix="give the signer and CA this tree was issued by; for a signer whose CA changed, "
+        "give the plan a new out and move the nodes over to that tree",
+    )
 
 
 def _gossip_key(plan: Plan, root: Path) -> str | None:
