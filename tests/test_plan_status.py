@@ -578,21 +578,29 @@ def test_status_and_a_dry_run_wait_out_an_apply_at_work(cli, tmp_path):
     assert "No changes" in cli("apply", plan, "--dry-run", "--wait", "5").out
 
 
-def test_a_read_an_apply_overlapped_is_refused(cli, tmp_path, monkeypatch):
+def test_a_read_an_apply_overlapped_is_refused_or_read_again(cli, tmp_path, monkeypatch):
     """An apply that starts and ends while status reads rewrites the plan manifest: what was
-    read may be half the old tree, and status says to run it again rather than print it."""
+    read may be half the old tree. Status says to run it again; with --wait it reads again."""
     from cfwrap.plan import status
 
     plan = write_plan(tmp_path, 'out = "tree"\n[regions.global]\nclients = 2\n')
     applied(cli, plan)
     read = status.rows
+    reads = []
 
     def rows_while_an_apply_runs(*args, **kwargs):
         found = read(*args, **kwargs)
-        write_plan(tmp_path, 'out = "tree"\n[regions.global]\nclients = 3\n')
-        applied(cli, plan)
+        reads.append(found)
+        if len(reads) <= 2:  # a renewal of every leaf lands meanwhile, twice
+            applied(cli, plan, "--renew-within", "36500d")
         return found
 
     monkeypatch.setattr(status, "rows", rows_while_an_apply_runs)
     line = one_line_error(cli("status", plan), 4)
-    assert line.endswith("tree: an apply wrote this tree while it was read; run this again")
+    assert line.endswith(
+        "tree: an apply wrote this tree while it was read; run this again, or pass --wait SECONDS"
+    )
+    again = cli("status", plan, "--wait", "30")  # overlapped once more, then read whole
+    assert again.code == 0, again.err
+    assert len(reads) == 3
+    assert "5 ok, 0 need action" in again.out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -90,11 +91,14 @@ def execute(args: argparse.Namespace) -> int:
     remote = _remote(args, plan)
     rewritten = False
     if args.dry_run:
-        with apply.unwritten(apply.root_of(plan, args.plan), wait=args.wait):
-            result = apply.diff(
-                plan, args.plan, renew_within=args.renew_within, keep_key=args.keep_key,
-                rotate=args.rotate_ca, remote=remote,
-            )  # fmt: skip
+        result = apply.unwritten(
+            apply.root_of(plan, args.plan),
+            functools.partial(
+                apply.diff, plan, args.plan, renew_within=args.renew_within,
+                keep_key=args.keep_key, rotate=args.rotate_ca, remote=remote,
+            ),
+            wait=args.wait,
+        )  # fmt: skip
         steps = (
             rotation.steps(plan, result.new_phase, result, dry_run=True) if result.changes else []
         )

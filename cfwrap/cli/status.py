@@ -61,11 +61,14 @@ def execute(args: argparse.Namespace) -> int:
     from cfwrap.plan.apply import root_of, unwritten
 
     plan = model.load(args.plan)
-    with unwritten(root_of(plan, args.plan), wait=args.wait):
+
+    def read() -> tuple[list[status.Row], str]:
         rows = status.rows(plan, args.plan, within=args.within)
         if args.connect:
             rows = status.connect(plan, args.plan, rows)
-        phase = status.phase(plan, args.plan)
+        return rows, status.phase(plan, args.plan)
+
+    rows, phase = unwritten(root_of(plan, args.plan), read, wait=args.wait)
     needs = [r for r in rows if r.needs_action]
     if args.json:
         emit(

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
 
 from cfwrap import files, gossip, manifest, parsers, verify
 from cfwrap.errors import ConflictError, ExitCode, InputError, VerificationError
@@ -1075,37 +1075,42 @@ def _refuse_links(root: Path) -> None:
             )
 
 
+_T = TypeVar("_T")
 #: How often a read waiting for an apply to end looks again.
 _POLL = 0.1
 
 
-@contextlib.contextmanager
-def unwritten(root: Path, *, wait: float = 0.0) -> Iterator[None]:
-    """Read the tree (status, a dry run) while no apply writes it.
+def unwritten(root: Path, read: Callable[[], _T], *, wait: float = 0.0) -> _T:
+    """``read()`` of the tree (status, a dry run) while no apply writes it.
 
     It takes no lock (a reader holding one would make an apply that does not wait fail): it
-    waits up to ``wait`` seconds for an apply at work to end, and refuses a read that an apply
+    waits up to ``wait`` seconds for an apply at work to end, and a read that an apply
     overlapped (one holding the lock at the end, or a plan manifest written meanwhile: what
-    was read may be half the old tree and half the new).
+    was read may be half the old tree and half the new) is read again while ``wait`` lasts.
 
     Raises:
         ConflictError: an apply writes the tree (after ``wait``), or wrote it during the read.
     """
     deadline = time.monotonic() + wait
-    while files.lock_held(root):
+    while True:
+        while files.lock_held(root):
+            if time.monotonic() >= deadline:
+                raise ConflictError(
+                    root,
+                    "an apply is writing this tree now",
+                    fix="run this again when it ends, or pass --wait SECONDS",
+                )
+            time.sleep(_POLL)
+        before = _written(root)
+        result = read()
+        if not files.lock_held(root) and _written(root) == before:
+            return result
         if time.monotonic() >= deadline:
             raise ConflictError(
                 root,
-                "an apply is writing this tree now",
-                fix="run this again when it ends, or pass --wait SECONDS",
+                "an apply wrote this tree while it was read",
+                fix="run this again, or pass --wait SECONDS",
             )
-        time.sleep(_POLL)
-    before = _written(root)
-    yield
-    if files.lock_held(root) or _written(root) != before:
-        raise ConflictError(
-            root, "an apply wrote this tree while it was read", fix="run this again"
-        )
 
 
 def _written(root: Path) -> tuple[int, int, int] | None:
