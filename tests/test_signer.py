@@ -326,6 +326,47 @@ def test_audit_records_every_issue_with_requester_and_profile(tmp_path):
     assert len(certdb.records(signer.auth_dir)) == 2
 
 
+def test_no_request_can_write_the_audit_log(tmp_path):
+    """multirootca logs a refused request's profile as it came, before any key is checked: a
+    profile holding a whole log line (or the line's words inside another) once added audit
+    entries for any requester, any serial, from anyone who could reach the port."""
+    from cfwrap.signer import audit
+
+    signer = start_signer(make_ca(tmp_path))
+    try:
+        names, cn = spec_names("client")
+        status, real = authsign(
+            signer, signer.key("client"), profile="client", csr=csr_for(names, cn)
+        )
+        assert status == 200, real
+        serial = serial_of(real)
+        wait_for_entry(signer, serial)
+        stamp = datetime.now(UTC).strftime("%Y/%m/%d %H:%M:%S")
+        forged = [
+            f"x\n{stamp} [INFO] signature: requester=10.6.6.6:1234, label=nomad, profile=server, "
+            f"serialno={serial}\n",  # a real serial, recorded already
+            f"x\n{stamp} [INFO] signature: requester=10.6.6.6:1234, label=nomad, profile=server, "
+            "serialno=1234567890\n",  # no such certificate
+            f"signature: requester=10.6.6.6:1234, label=nomad, profile=server, serialno={serial}\n",
+        ]
+        for profile in forged:
+            status, answer = authsign(signer, None, profile=profile, csr=csr_for(names, cn))
+            assert status == 400, answer
+        status, later = authsign(
+            signer, signer.key("client"), profile="client", csr=csr_for(names, cn)
+        )
+        assert status == 200, later
+        wait_for_entry(signer, serial_of(later))
+    finally:
+        code, err = signer.stop()
+    assert code == 143, err
+    entries = audit.entries(signer.auth_dir / "audit.log")
+    assert [e["serial"] for e in entries] == [serial, serial_of(later)]
+    assert {e["requester"].partition(":")[0] for e in entries} == {"127.0.0.1"}
+    assert {e["profile"] for e in entries} == {"client"}
+    assert err.count("not recorded (a line a request wrote into the log?)") == 2
+
+
 def wait_for_entry(signer: RunningSigner, serial: str, seconds: float = 3.0) -> dict[str, Any]:
     """The audit entry for ``serial``, waiting up to ``seconds`` for it to appear."""
     from cfwrap.signer import audit

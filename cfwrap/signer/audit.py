@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,10 +29,15 @@ from cfwrap.signer import certdb
 
 log = logging.getLogger(__name__)
 
+# A whole line as cfssl's log package writes it (Go's log: date, time, level), never a part of
+# one: multirootca also logs what a refused request said (its profile, its label), as it came.
 _ISSUED = re.compile(
-    r"signature: requester=(?P<requester>\S*), label=(?P<label>\S*), "
-    r"profile=(?P<profile>\S*), serialno=(?P<serial>\d+)"
+    r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d \[INFO\] signature: requester=(?P<requester>\S*), "
+    r"label=(?P<label>\S*), profile=(?P<profile>\S*), serialno=(?P<serial>\d+)$",
+    re.MULTILINE,
 )
+#: How much earlier than this run's start a certificate of this run may be stamped in certdb.
+_CLOCK_SLACK = timedelta(seconds=5)
 # cfssl backdates a certificate by 5 minutes from the minute nearest its issue
 # (signer.FillTemplate); certdb's issued_at is a moment later.
 _BACKDATE = (timedelta(minutes=4), timedelta(minutes=6))
@@ -49,6 +54,10 @@ class AuditLog:
     path: Path
     db_folder: Path
     lifetime: timedelta | None = None
+    #: When this run of the signer started: it logs only the certificates it issues.
+    started: datetime = field(default_factory=lambda: datetime.now(UTC))
+    #: The serials recorded in this run: each is issued, and logged, once.
+    seen: set[str] = field(default_factory=set)
 
     def record(self, log_text: str) -> int:
         """Append an entry for every issue in ``log_text`` (lines of the signer's log).
@@ -64,6 +73,9 @@ class AuditLog:
         lines = []
         for entry in found:
             record = by_serial.get(entry["serial"])
+            if not self._issued_now(entry["serial"], record):
+                continue
+            self.seen.add(entry["serial"])
             line: dict[str, Any] = {
                 "time": record.issued_at if record else datetime.now(UTC).isoformat(),
                 "profile": entry["profile"],
@@ -89,6 +101,38 @@ class AuditLog:
             lines.append(json.dumps(line, sort_keys=True) + "\n")
         _append(self.path, "".join(lines).encode())
         return len(lines)
+
+    def _issued_now(self, serial: str, record: certdb.Record | None) -> bool:
+        """Whether a line names a certificate this run has just issued, and names it first.
+
+        multirootca logs the line after certdb has the certificate and before it answers: no
+        one can know a new serial before its own line is written. A line naming a serial
+        certdb does not hold, one recorded already, or one issued before this run, was not
+        written by a signing (a request can put a whole line into multirootca's log, as the
+        name of a profile it asks for, before anything checks its key).
+        """
+        why = None
+        if record is None:
+            why = "certdb holds no such certificate"
+        elif serial in self.seen:
+            why = "it is recorded already"
+        else:
+            try:
+                issued = datetime.fromisoformat(record.issued_at)
+            except ValueError:
+                issued = None
+            if issued is not None and issued.tzinfo is None:
+                issued = issued.replace(tzinfo=UTC)  # certdb's stamps are UTC
+            if issued is None or issued < self.started - _CLOCK_SLACK:
+                why = "certdb has it from before this run"
+        if why is not None:
+            log.warning(
+                "the signer's log names serial %s, but %s: not recorded (a line a request "
+                "wrote into the log?)",
+                serial[:40],
+                why,
+            )
+        return why is None
 
     def _validity(self, record: certdb.Record) -> str | None:
         """``policy`` for the signer's own dates, ``requested`` for others, None if unknown."""
