@@ -86,8 +86,11 @@ def _check_issued(
     cert = parsers.load_certificate(issued.cert)
     facts = parsers.certificate_facts(cert)
     problems = nomad.certificate_problems(spec, facts)
-    if not parsers.is_issued_by(cert, parsers.load_certificate(ca_cert)):
+    ca = parsers.load_certificate(ca_cert)
+    if not parsers.is_issued_by(cert, ca):
         problems.append("it is not signed by the CA")
+    if (outlives := outlives_ca(facts, parsers.certificate_facts(ca))) is not None:
+        problems.append(outlives)
     if parsers.read_private_key(issued.key).public_key_sha256 != facts.key.public_key_sha256:
         problems.append("its key does not match it")
     csr = parsers.read_csr(issued.csr)
@@ -100,6 +103,20 @@ def _check_issued(
         raise VerificationError(
             f"the {spec.role} certificate {who} issued", "; ".join(problems), fix=fix
         )
+
+
+def outlives_ca(leaf: parsers.CertFacts, ca: parsers.CertFacts) -> str | None:
+    """Say so when a leaf ends after its CA (a signer's choice, or its requester's).
+
+    No chain verifies past the CA's end: the agent would refuse it then, while its own date,
+    which renewal reads, says it has time left.
+    """
+    if leaf.not_after <= ca.not_after:
+        return None
+    return (
+        f"it outlives its CA (it ends {leaf.not_after:%Y-%m-%d %H:%M}, the CA "
+        f"{ca.not_after:%Y-%m-%d %H:%M} UTC)"
+    )
 
 
 def check_issued(

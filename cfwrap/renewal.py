@@ -21,8 +21,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cfwrap import files, issuer, kit, parsers, remote, runner
-from cfwrap.errors import CfwrapError, ConflictError, InputError, ToolMissingError
+from cfwrap import cfssl, files, issuer, kit, parsers, remote, runner
+from cfwrap.errors import (
+    CfwrapError,
+    ConflictError,
+    InputError,
+    ToolMissingError,
+    VerificationError,
+)
 from cfwrap.models import parse_duration
 from cfwrap.nomad import parse_file_stem, role_name
 from cfwrap.specs import CertSpec
@@ -237,12 +243,25 @@ def _renew_one(folder: Path, cert: Held, *, sign: Sign, ca_pem: bytes, keep_key:
                 str(cert.key_path), e.strerror or str(e), fix="renew without --keep-key"
             ) from None
         runner.remember_private_keys(key_pem)
+
+    def issue() -> cfssl.Issued:
+        issued = remote.issue_with(sign, cert.spec, ca_pem=ca_pem, key_pem=key_pem)
+        ends = parsers.read_certificate(issued.cert).not_after
+        if ends < cert.not_after:  # checked before anything lands: the old one stays
+            raise VerificationError(
+                "the signer's renewal",
+                f"it ends {ends:%Y-%m-%d %H:%M}, before the certificate it would replace "
+                f"({cert.not_after:%Y-%m-%d %H:%M} UTC); the folder is left as it was",
+                fix="check the signer's --expiry (or the CA's end) against --within",
+            )
+        return issued
+
     kit.issue_into_folder(
         folder,
         ca_pem=ca_pem,
         ca_name=str(folder / f"{kit.CA_STEM}.pem"),
         spec=cert.spec,
-        issue=lambda: remote.issue_with(sign, cert.spec, ca_pem=ca_pem, key_pem=key_pem),
+        issue=issue,
         tools=[],
         force=True,
     )

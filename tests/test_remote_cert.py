@@ -233,6 +233,22 @@ def test_a_certificate_that_does_not_fit_the_request_is_refused(tmp_path, cli, s
     assert not list(tmp_path.iterdir())
 
 
+def test_a_certificate_that_outlives_the_ca_is_refused(tmp_path, cli, signer, proxy):
+    """A signer honours a request's own NotAfter (cfssl 1.6.5), past the CA's end: no chain
+    verifies then, while the certificate's own date says it has years left. Refused."""
+
+    def far(request: dict[str, Any]) -> None:
+        request["NotAfter"] = "2099-01-01T00:00:00Z"
+
+    proxy.rewrite = resigned(signer, "client", far)
+    out = tmp_path / "node"
+    result = cli(*remote_argv(signer, proxy.address, "client", out))
+    assert result.code == 7, f"exit {result.code}: {result.err or result.out}"
+    assert len(result.err.strip().splitlines()) == 1, result.err
+    assert "it outlives its CA (it ends 2099-01-01 00:00, the CA " in result.err
+    assert not out.exists()
+
+
 def test_the_real_command_end_to_end(tmp_path, signer):
     out = tmp_path / "node"
     argv = [str(a) for a in remote_argv(signer, f"127.0.0.1:{signer.port}", "client", out)]

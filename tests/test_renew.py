@@ -122,6 +122,28 @@ def test_a_window_not_shorter_than_the_signers_lifetime_is_reported(tmp_path, cl
     assert_kit_manifest(folder)
 
 
+def test_a_renewal_that_ends_sooner_is_refused_and_the_folder_kept(tmp_path, cli):
+    """A signer that gives 12h, for a certificate with 24h left: the renewal once replaced the
+    better certificate, ran --exec, and then failed. Now it is refused before anything lands."""
+    (tmp_path / "ca").mkdir()
+    shorter = start_signer(make_ca(tmp_path / "ca"), "--expiry", "12h")
+    marker = tmp_path / "reloads"
+    try:
+        folder = tmp_path / "node"
+        short_lived(cli, shorter, folder)
+        before = snapshot(folder)
+        result = cli(*renew_argv(shorter, folder, "--exec", f"touch {marker}"))
+    finally:
+        assert shorter.stop()[0] == 143
+    assert result.code == 7, result.err
+    assert "cfwrap: error: global-client-nomad.pem: the signer's renewal: it ends " in result.err
+    assert "before the certificate it would replace" in result.err
+    assert "the folder is left as it was" in result.err
+    assert len(result.err.strip().splitlines()) == 1, result.err
+    assert snapshot(folder) == before
+    assert not marker.exists()
+
+
 def test_a_failing_exec_has_its_own_code(tmp_path, cli, signer):
     folder = tmp_path / "node"
     short_lived(cli, signer, folder)

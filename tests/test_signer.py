@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import signal
+import socket
 import sqlite3
 import ssl
 import subprocess
@@ -365,6 +366,27 @@ def test_no_request_can_write_the_audit_log(tmp_path):
     assert {e["requester"].partition(":")[0] for e in entries} == {"127.0.0.1"}
     assert {e["profile"] for e in entries} == {"client"}
     assert err.count("not recorded (a line a request wrote into the log?)") == 2
+
+
+def test_a_lifetime_past_the_cas_end_is_refused_at_start(tmp_path, cli):
+    ca_dir = make_ca(tmp_path)  # five years
+    auth = tmp_path / "auth"
+    with socket.socket() as busy:  # were it not refused, the signer would stop on this port
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        listen = f"127.0.0.1:{busy.getsockname()[1]}"
+        result = cli("signer", ca_dir, "--listen", listen, "--auth-dir", auth,
+                     "--expiry", "50000h")  # fmt: skip
+    assert result.code == 3, result.err
+    assert len(result.err.strip().splitlines()) == 1, result.err
+    assert "--expiry 50000h: every certificate the signer issued would outlive its CA" in result.err
+    assert not auth.exists()
+    bad = cli("signer", ca_dir, "--listen", "127.0.0.1:1", "--expiry", "soon")
+    assert bad.code == 3 and bad.err.startswith("cfwrap: error: --expiry 'soon': "), bad.err
+    bad = cli("signer", ca_dir, "--listen", "127.0.0.1:1", "--allow-dns", "exa mple.com")
+    assert bad.code == 3 and bad.err.startswith("cfwrap: error: --allow-dns 'exa mple.com': "), (
+        bad.err
+    )
 
 
 def wait_for_entry(signer: RunningSigner, serial: str, seconds: float = 3.0) -> dict[str, Any]:

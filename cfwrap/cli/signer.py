@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -149,17 +150,23 @@ def _run(args: argparse.Namespace) -> int:
             check_region(region)
         except ValueError as e:
             raise InputError(f"--region {region!r}", str(e)) from None
+    domains = []
+    for domain in args.allow_dns:
+        try:
+            domains.append(policy.check_domain(domain))
+        except ValueError as e:
+            raise InputError(f"--allow-dns {domain!r}", str(e)) from None
     try:
-        domains = [policy.check_domain(d) for d in args.allow_dns]
         parse_duration(args.expiry)
     except ValueError as e:
-        raise InputError("--allow-dns/--expiry", str(e)) from None
+        raise InputError(f"--expiry {args.expiry!r}", str(e)) from None
     try:
         ca = kit.load_ca(args.ca_dir / "ca.pem", args.ca_dir / "ca-key.pem")
     except InputError as e:
         if "--ca" not in e.fix:
             raise
         raise InputError(e.what, e.why, fix=CA_DIR_FIX) from None
+    _check_outlives(ca.facts.not_after, args.expiry)
     cfssl_tool = tools.find("cfssl", directory=args.cfssl_dir)
     multirootca = tools.find("multirootca", directory=args.cfssl_dir)
     auth_dir = _auth_dir(args).absolute()
@@ -206,3 +213,24 @@ def _serve(signer: Signer, prepared: Prepared, listen: Listen, regions: list[str
     emit(prepared.info)
     flush_stdout()
     return process.serve(signer)
+
+
+def _check_outlives(ca_end: datetime, expiry: str) -> None:
+    """Refuse an ``--expiry`` that would give certificates past the CA's own end.
+
+    multirootca cannot cut a lifetime to the CA's: each such certificate would fail
+    verification (Go's, the agents') before its own end, while renewal reads its end as far
+    off. A signer that runs on for months gets there anyway: renew the CA in time.
+
+    Raises:
+        InputError: the CA ends before a certificate issued now would.
+    """
+    from cfwrap.models import parse_duration
+
+    if datetime.now(UTC) + parse_duration(expiry) > ca_end:
+        raise InputError(
+            f"--expiry {expiry}",
+            f"every certificate the signer issued would outlive its CA, which ends "
+            f"{ca_end:%Y-%m-%d %H:%M} UTC",
+            fix="give a shorter --expiry, or renew the CA",
+        )

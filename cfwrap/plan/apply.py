@@ -1457,11 +1457,14 @@ class _Run:
         of each role and region from each CA also goes through Go's path validation and
         Nomad's role checks (:mod:`cfwrap.verify`): the rest differ from it only in names.
         """
+        from cfwrap.kit import outlives_ca
         from cfwrap.nomad import certificate_problems
 
         cert = parsers.load_certificate(cert_pem)
         facts = parsers.certificate_facts(cert)
         problems = certificate_problems(work.spec, facts)
+        if (outlives := outlives_ca(facts, parsers.certificate_facts(signer.cert))) is not None:
+            problems.append(outlives)
         if problems:
             raise VerificationError(
                 f"the certificate cfssl issued for {work.member.label}", "; ".join(problems)
