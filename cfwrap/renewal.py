@@ -308,8 +308,11 @@ def through_local_ca(cfssl_tool: Tool, ca: kit.CA, specs: Sequence[CertSpec]) ->
         yield local.sign
 
 
-def run_exec(command: str) -> None:
+def run_exec(command: str, *, folder: Path | None = None) -> None:
     """Run the --exec command (split as a shell would, run without one) through the runner.
+
+    ``folder``: the renewed folder; its gossip key (``gossip.key``, a server config's
+    ``encrypt``) is a secret from then on, kept out of what the command prints as any key is.
 
     Raises:
         InputError: the command is empty or cannot be split.
@@ -324,6 +327,8 @@ def run_exec(command: str) -> None:
         raise InputError(f"--exec {command!r}", str(e)) from None
     if not argv:
         raise InputError("--exec", "empty command", fix="e.g. --exec 'systemctl reload nomad'")
+    if folder is not None:
+        remember_gossip_keys(folder)
     try:
         runner.run(runner.Call.of(argv, timeout=300.0))
     except ToolMissingError as e:  # the runner's own fix is about cfssl
@@ -332,3 +337,25 @@ def run_exec(command: str) -> None:
             "the --exec command was not found (not on PATH, or not executable)",
             fix="give a command that exists on this machine, or its full path",
         ) from e
+
+
+_ENCRYPT = re.compile(rb'encrypt\s*=\s*"([^"\\]{8,})"')
+
+
+def remember_gossip_keys(folder: Path) -> None:
+    """Treat the folder's gossip keys as secrets: ``gossip.key``, and ``encrypt`` in its HCL."""
+    found: list[bytes] = []
+    for path in sorted(folder.iterdir()):
+        if path.name != "gossip.key" and path.suffix != ".hcl":
+            continue
+        try:
+            data = files.read_input(path)
+        except OSError:
+            continue  # not a regular file, or unreadable: nothing in it reaches the command
+        if path.name == "gossip.key":
+            found.append(data.strip())
+        else:
+            found += _ENCRYPT.findall(data)
+    for key in found:
+        if key:
+            runner.remember_secret(key)

@@ -27,6 +27,11 @@ from typing import Any
 from cfwrap.errors import ToolFailedError, ToolMissingError
 
 log = logging.getLogger(__name__)
+# sh logs every argv (INFO) and the first bytes of every chunk it reads (DEBUG), unredacted:
+# keep its loggers quiet even when an application turns the root logger up. Set once, here:
+# setLevel takes logging's module lock without a try/finally (Python 3.11), so a SIGTERM
+# raised inside it, per call, left the lock held and sh's threads, then every stop, waiting.
+logging.getLogger("sh").setLevel(logging.WARNING)
 
 DEFAULT_TIMEOUT = 120.0
 
@@ -430,10 +435,6 @@ def _start(
     """
     import sh
 
-    # sh logs every argv (INFO) and the first bytes of every chunk it reads (DEBUG), unredacted:
-    # keep its loggers quiet even when an application turns the root logger up.
-    logging.getLogger("sh").setLevel(logging.WARNING)
-
     log.info("run: %s", redact_text(call.display()))
     if call.stdin is not None:
         remember_private_keys(call.stdin)
@@ -672,6 +673,8 @@ def _die_with_parent() -> Callable[[], None]:
 #: How long :meth:`Service.stop` waits, once the service has exited, for the last of its stderr
 #: (a child it left behind may hold the pipe open).
 DRAIN_WITHIN = 2.0
+#: How long a stop waits for a killed service's end to be seen, before it gives up on it.
+KILLED_WITHIN = 5.0
 
 
 class _Lines:
@@ -820,8 +823,14 @@ class Service:
                 if not self._exited.wait(grace):
                     with contextlib.suppress(OSError):
                         os.kill(self.pid, signal.SIGKILL)
-                    self._exited.wait()
-            self._watcher.join()
+                    self._exited.wait(KILLED_WITHIN)
+            if not self._exited.is_set():
+                # Killed, yet its watcher never said so: sh's threads are stuck (a lock a
+                # signal left held). Waiting on would hang the stop for good.
+                log.warning("%s did not report its end after SIGKILL; not waiting", self.call.tool)
+                self._result = _result(self._running, -signal.SIGKILL)
+                return self._result
+            self._watcher.join(KILLED_WITHIN)
             if self._reader is not None:
                 self._reader.join(DRAIN_WITHIN)  # every line written before the exit is read
             returncode = self._returncode if self._returncode is not None else -signal.SIGKILL

@@ -765,6 +765,28 @@ def test_a_service_that_ignores_sigterm_is_killed_after_the_grace():
     assert _gone(service.pid)
 
 
+def test_a_stop_gives_up_on_a_watcher_that_never_reports(monkeypatch):
+    """A SIGTERM that landed while this process held logging's lock left sh's threads, and so
+    the service's watcher, waiting for good: stop() then waited without end (a renew run seen
+    stuck for minutes, holding its folder's lock). It gives up after the kill and a bound."""
+    stuck = threading.Event()
+
+    def never_reports(self: runner.Service) -> None:
+        stuck.wait()  # sh's wait, blocked on a lock nobody will release
+
+    monkeypatch.setattr(runner.Service, "_watch", never_reports)
+    monkeypatch.setattr(runner, "KILLED_WITHIN", 0.5)
+    service = runner.start_service(runner.Call.of(["sleep", "30"]))
+    stopping = threading.Thread(target=lambda: results.append(service.stop(grace=0.2)), daemon=True)
+    results: list[runner.Result] = []
+    stopping.start()
+    stopping.join(10)
+    stuck.set()
+    assert results, "stop() waited for a watcher that never reports"
+    assert results[0].returncode == -signal.SIGKILL
+    assert _gone(service.pid)  # killed, not left running
+
+
 def test_stop_all_kills_services_too():
     service = runner.start_service(runner.Call.of(["sleep", "30"]))
     assert service.alive()

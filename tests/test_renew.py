@@ -6,6 +6,7 @@ Certificates are made due by lifetime, not by faking the clock: a 24h certificat
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -199,6 +200,32 @@ def test_local_ca_renews_a_whole_kit(tmp_path, cli, kits):
     again = cli("renew", kit, "--ca", kit / "ca.pem", "--ca-key", kit / "ca-key.pem",
                 "--within", "30d")  # fmt: skip
     assert again.code == 0, again.err
+
+
+@pytest.mark.parametrize("where", ["gossip.key", "server config"])
+def test_the_gossip_key_never_shows_in_what_exec_printed(tmp_path, kits, where):
+    """--exec's output is quoted when it fails, and logged with -v: the folder's gossip key in
+    it is removed, as any private key is. A fresh process: nothing remembered from before."""
+    kit = shutil.copytree(kits["global"], tmp_path / "kit")
+    key = (kit / "gossip.key").read_text().strip()
+    if where == "server config":  # a plan's server folder: the key is only in its HCL
+        (kit / "gossip.key").unlink()
+        assert f'encrypt = "{key}"' in (kit / "global-server.hcl").read_text()
+    shown = kit / "shown.txt"
+    shown.write_text(key + "\n")
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "cfwrap", "-v", "renew", kit, "--ca", kit / "ca.pem",
+             "--ca-key", kit / "ca-key.pem", "--within", "30d", "--force-renewal",
+             "--exec", f"sh -c 'echo key $(cat {shown}) rejected >&2; exit 1'"],
+            capture_output=True, text=True, check=False, cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+    finally:
+        shown.unlink()  # the key in a file: the suite's secret scan would rightly flag it
+    assert done.returncode == 11, done.stderr
+    assert "--exec: sh failed: key [secret removed] rejected (exit 1)" in done.stderr
+    assert key not in done.stderr + done.stdout
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, cli, signer):

@@ -117,7 +117,7 @@ def execute(args: argparse.Namespace) -> int:
     exec_error: CfwrapError | None = None
     if outcome.renewed and args.exec is not None:
         try:
-            renewal.run_exec(args.exec)
+            renewal.run_exec(args.exec, folder=folder)
         except CfwrapError as e:
             exec_error = e
     _report(outcome, args, exec_error)
