@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Literal
@@ -279,6 +280,23 @@ def read_certificate(data: bytes) -> CertFacts:
         ParseError: no PEM certificate, or a damaged one.
     """
     return certificate_facts(load_certificate(data))
+
+
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----", re.DOTALL)
+
+
+def key_block(data: bytes) -> bytes:
+    """The PEM block Go's ``tls.X509KeyPair`` takes as the key (``data`` if it has none).
+
+    The first ``PRIVATE KEY`` or ``* PRIVATE KEY`` block, others before it skipped: ``openssl
+    ecparam -genkey`` writes an ``EC PARAMETERS`` block first, and a combined file may hold the
+    certificate first. With none, the load says what it found instead.
+    """
+    for block in _PEM_BLOCK.finditer(data):
+        label = block.group(1)
+        if label == b"PRIVATE KEY" or label.endswith(b" PRIVATE KEY"):
+            return block.group(0)
+    return data
 
 
 def load_private_key(data: bytes, *, validate: bool = True) -> PrivateKeyTypes:

@@ -270,6 +270,16 @@ _INSECURE = {
 }
 
 
+#: The signature algorithms Go's crypto/x509 verifies (signatureAlgorithmDetails, less MD2,
+#: MD5 and SHA-1, refused above as insecure, and DSA, whose keys it no longer checks).
+_GO_SIGNATURES = frozenset({
+    "1.2.840.113549.1.1.11", "1.2.840.113549.1.1.12", "1.2.840.113549.1.1.13",  # RSA SHA-2
+    "1.2.840.113549.1.1.10",  # RSASSA-PSS
+    "1.2.840.10045.4.3.2", "1.2.840.10045.4.3.3", "1.2.840.10045.4.3.4",  # ECDSA SHA-2
+    "1.3.101.112",  # Ed25519
+})  # fmt: skip
+
+
 def check_signature_from(cert: x509.Certificate, parent: x509.Certificate) -> None:
     """Go's ``CheckSignatureFrom``: the parent may sign, by a secure algorithm, and did.
 
@@ -291,12 +301,21 @@ def check_signature_from(cert: x509.Certificate, parent: x509.Certificate) -> No
             f"{_name(parent)} has a key usage without keyCertSign",
             "x509: invalid signature: parent certificate cannot sign this kind of certificate",
         )
-    algorithm = _INSECURE.get(cert.signature_algorithm_oid.dotted_string)
+    oid = cert.signature_algorithm_oid.dotted_string
+    algorithm = _INSECURE.get(oid)
     if algorithm is not None:
         raise VerifyError(
             "insecure-signature",
             f"{_name(cert)} is signed with {algorithm}, which Go refuses",
             f"x509: cannot verify signature: insecure algorithm {algorithm}",
+        )
+    if oid not in _GO_SIGNATURES:
+        name = cert.signature_algorithm_oid._name
+        raise VerifyError(
+            "unsupported-signature",
+            f"{_name(cert)} is signed with {name if name != 'Unknown OID' else oid}, which Go "
+            "does not implement",
+            "x509: cannot verify signature: algorithm unimplemented",
         )
     try:
         cert.verify_directly_issued_by(parent)
@@ -401,7 +420,7 @@ def build_chains(
     detail = f" ({search.hint.message})" if search.hint else ""
     raise VerifyError(
         search.hint.rule
-        if search.hint and search.hint.rule == "insecure-signature"
+        if search.hint and search.hint.rule in ("insecure-signature", "unsupported-signature")
         else "unknown-authority",
         f"no chain to the CA{detail}",
         "x509: certificate signed by unknown authority",
@@ -510,17 +529,32 @@ def raft_ok(cert: x509.Certificate, region: str) -> bool:
     return f"server.{region}.nomad" in (common_name(cert), *dns_names(cert))
 
 
+#: The curves Go's crypto/x509 parses, and those TLS 1.2/1.3 signature schemes sign with.
+_GO_CURVES = {"secp224r1": "P-224", "secp256r1": "P-256", "secp384r1": "P-384",
+              "secp521r1": "P-521"}  # fmt: skip
+_TLS_CURVES = ("secp256r1", "secp384r1", "secp521r1")
+
+
 def key_problem(cert: x509.Certificate, *, agent: bool) -> str | None:
     """Why Nomad cannot use this certificate's key type, if it cannot.
 
     Agents accept RSA and ECDSA only (helper/tlsutil ParseCiphers); Go >= 1.24 refuses RSA
-    keys under 1024 bits everywhere.
+    keys under 1024 bits everywhere; ECDSA on a curve crypto/x509 does not know fails to load,
+    and one on P-224 loads but no TLS handshake can sign with it.
     """
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
     key = cert.public_key()
     if isinstance(key, rsa.RSAPublicKey) and key.key_size < 1024:
         return f"crypto/rsa: {key.key_size}-bit keys are insecure"
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name not in _GO_CURVES:  # crypto/x509 parses no other curve
+            return "Failed to load cert/key pair: x509: unsupported elliptic curve"
+        if key.curve.name not in _TLS_CURVES:  # no TLS signature scheme signs with it
+            return (
+                f"tls: handshake failure (a {_GO_CURVES[key.curve.name]} key: TLS signs with "
+                "P-256, P-384 and P-521 only)"
+            )
     if agent and not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
         return (
             f"Unsupported signature algorithm {type(key).__name__}; RSA and ECDSA only are "

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from tests.conftest import CFSSL_DIR, assert_no_secrets
 from tests.handmade import EC_USAGES, copy_kit, issue, make_ca
@@ -590,3 +591,25 @@ def test_a_ca_certificate_in_a_role_certificates_place(cli, kits, tmp_path):
     code, report = _doctor(cli, kit)
     assert code == 7
     assert "global-server-nomad.pem:cert.is-ca" in _checks(report)
+
+
+@pytest.mark.parametrize("held", ["empty", "der", "csr", "random"])
+def test_a_role_certificate_file_without_a_certificate_is_an_error(cli, kits, tmp_path, held):
+    """Named as a role certificate but holding none (no agent config names it: a cli
+    certificate, a `cfwrap cert` folder): doctor skipped it and passed the kit, exit 0, while
+    Nomad fails to load the pair."""
+    kit = copy_kit(kits["global"], tmp_path / "kit")
+    cert = kit / "global-cli-nomad.pem"
+    data = {
+        "empty": b"",
+        "der": _load_cert(cert).public_bytes(serialization.Encoding.DER),
+        "csr": (kit / "global-cli-nomad.csr").read_bytes(),
+        "random": bytes(range(256)) * 4,
+    }[held]
+    cert.write_bytes(data)
+    (kit / "manifest.json").unlink()  # its drift warnings aside
+    code, report = _doctor(cli, kit)
+    assert code == 7
+    errors = _checks(report)
+    assert list(errors) == ["global-cli-nomad.pem:cert.read"], errors
+    assert "not a PEM certificate" in errors["global-cli-nomad.pem:cert.read"]["message"]

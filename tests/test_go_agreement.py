@@ -74,6 +74,9 @@ def new_key(kind: str = "p256") -> Key:
         return ec.generate_private_key(ec.SECP256R1())
     if kind == "p384":
         return ec.generate_private_key(ec.SECP384R1())
+    curves = {"p224": ec.SECP224R1(), "p521": ec.SECP521R1(), "k256": ec.SECP256K1()}
+    if kind in curves:
+        return ec.generate_private_key(curves[kind])
     if kind == "ed25519":
         return ed25519.Ed25519PrivateKey.generate()
     bits = int(kind.removeprefix("rsa"))
@@ -407,6 +410,29 @@ def build_corpus(root: Path, kit: Path, other_kit: Path) -> list[Case]:
     crafted("RSA 512 leaf", key=new_key("rsa512"))
     crafted("RSA 1024 leaf", key=new_key("rsa1024"))
     crafted("Ed25519 leaf", key=new_key("ed25519"))
+    # Curves: TLS signs with P-256, P-384 and P-521 only; Go's x509 cannot parse secp256k1.
+    crafted("P-224 leaf", key=new_key("p224"))
+    crafted("P-521 leaf", key=new_key("p521"))
+    crafted("secp256k1 leaf", key=new_key("k256"))
+    # A signature algorithm Go does not implement (SHA-224), from a CA it trusts.
+    crafted("ECDSA-SHA224 signature", digest=hashes.SHA224())
+    # Key files Go reads past other blocks (tls.X509KeyPair takes the first *PRIVATE KEY).
+    for name, before in (("key file: EC parameters first (openssl ecparam -genkey)", "params"),
+                         ("key file: certificate first", "cert")):  # fmt: skip
+        crafted(name)
+        made = cases[-1]
+        key = serialization.load_pem_private_key(made.key.read_bytes(), None)
+        sec1 = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+        first = (
+            b"-----BEGIN EC PARAMETERS-----\nBggqhkjOPQMBBw==\n-----END EC PARAMETERS-----\n"
+            if before == "params"
+            else made.cert.read_bytes()
+        )
+        made.key.write_bytes(first + sec1)
     crafted("mismatched key identifier", aki="mismatch")
     crafted("no key identifiers", aki="none")
     crafted(
@@ -582,6 +608,9 @@ RULES = {
     "unknown critical extension": ("cert.critical-extension", "1.3.6.1.4.1.99999.1"),
     "Ed25519 leaf": ("key.type", "Nomad cannot use"),
     "RSA 512 leaf": ("key.type", "Nomad cannot use"),
+    "P-224 leaf": ("key.type", "Nomad cannot use"),
+    "secp256k1 leaf": ("key.type", "Nomad cannot use"),
+    "ECDSA-SHA224 signature": ("chain.unsupported-signature", "which Go does not implement"),
     "CN only, SANs localhost": ("names.server", "Go checks the SANs only"),
     "server.eu.nomad for region EU": ("names.server", "not spelled exactly"),
     "SAN in capitals": ("names.server", "not spelled exactly"),

@@ -67,6 +67,10 @@ def _role_from_names(cert_path: Path) -> tuple[Role | None, str | None]:
     return role_of(facts) or (None, None)
 
 
+#: What :func:`_pem_files` says of a file it could not read (its error is reported already).
+UNREADABLE = "unreadable"
+
+
 def _pem_files(folder: Path, report: Report) -> dict[Path, str | None]:
     """What each ``*.pem`` in the folder holds; one that cannot be read is an error finding."""
     kinds: dict[Path, str | None] = {}
@@ -74,7 +78,7 @@ def _pem_files(folder: Path, report: Report) -> dict[Path, str | None]:
         try:
             kinds[path] = parsers.pem_kind(files.read_input(path))
         except OSError as e:
-            kinds[path] = None
+            kinds[path] = UNREADABLE
             report.findings.append(
                 Finding(
                     "error",
@@ -176,9 +180,11 @@ def _leaves(
     """
     leaves: dict[Path, certs.Leaf] = {}
     for path, kind in pems.items():
-        if kind != "certificate" or path == ca_path:
-            continue
         named = parse_file_stem(path.name.removesuffix(".pem"))
+        # A file named as a role certificate is one, whatever it holds (empty, DER, a CSR):
+        # checked as such, it is refused as Nomad would refuse it, never skipped.
+        if (kind != "certificate" and named is None) or kind == UNREADABLE or path == ca_path:
+            continue
         role, region = named or _role_from_names(path)
         key = key_path(path)
         leaves[path.resolve()] = certs.Leaf(
