@@ -421,8 +421,9 @@ def build_corpus(root: Path, kit: Path, other_kit: Path) -> list[Case]:
                          ("key file: certificate first", "cert")):  # fmt: skip
         crafted(name)
         made = cases[-1]
-        key = serialization.load_pem_private_key(made.key.read_bytes(), None)
-        sec1 = key.private_bytes(
+        ec_key = serialization.load_pem_private_key(made.key.read_bytes(), None)
+        assert isinstance(ec_key, ec.EllipticCurvePrivateKey)
+        sec1 = ec_key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.TraditionalOpenSSL,
             serialization.NoEncryption(),
