@@ -104,11 +104,15 @@ def _spec_of(path: Path, facts: parsers.CertFacts, *, expiry: str) -> CertSpec |
     )
 
 
-def held(folder: Path) -> list[Held]:
+def held(folder: Path, damaged: list[tuple[Path, CfwrapError]] | None = None) -> list[Held]:
     """The role certificates in ``folder`` (``<region>-<role>-nomad.pem``), read from disk.
 
+    ``damaged``: where a certificate file that cannot be read or parsed goes (with why), so
+    the others are still renewed; without it, such a file raises.
+
     Raises:
-        InputError: the folder cannot be read, or a certificate there cannot be parsed.
+        InputError: the folder cannot be read, or (without ``damaged``) a certificate there
+            cannot be parsed.
     """
     found = []
     try:
@@ -123,7 +127,10 @@ def held(folder: Path) -> list[Held]:
         try:
             facts = parsers.read_certificate(files.read_input(path))
         except (OSError, parsers.ParseError) as e:
-            raise InputError(str(path), str(e), fix="replace or remove the file") from None
+            if damaged is None:
+                raise InputError(str(path), str(e), fix="replace or remove the file") from None
+            damaged.append((path, InputError("not renewed", str(e), fix="replace or remove it")))
+            continue
         lifetime = facts.not_after - facts.not_before
         hours = max(1, round(lifetime / timedelta(hours=1)))
         spec = _spec_of(path, facts, expiry=f"{hours}h")
@@ -181,8 +188,8 @@ def renew(
     now = now or datetime.now(UTC)
     outcome = Outcome()
     with renew_lock(folder, wait=wait):
-        certs = held(folder)
-        if not certs:
+        certs = held(folder, outcome.failed)  # a damaged one fails alone: the rest go on
+        if not certs and not outcome.failed:
             raise InputError(
                 str(folder),
                 "holds no role certificate (<region>-<role>-nomad.pem)",

@@ -299,3 +299,24 @@ def test_contrib_units_pass_systemd_analyze(tmp_path):
     assert "SuccessExitStatus=10" in service and "--exec" in service
     timer = (ROOT / "contrib" / "cfwrap-renew.timer").read_text()
     assert "RandomizedDelaySec=" in timer and "Persistent=true" in timer
+
+
+def test_one_damaged_certificate_file_does_not_stop_the_others(tmp_path, cli, kits):
+    kit = shutil.copytree(kits["global"], tmp_path / "kit")
+    (kit / "eu-server-nomad.pem").write_text("garbage\n")
+    old = {p.name: p.read_bytes() for p in kit.glob("global-*-nomad.pem")}
+    result = cli("renew", kit, "--ca", kit / "ca.pem", "--ca-key", kit / "ca-key.pem",
+                 "--within", "30d", "--force-renewal")  # fmt: skip
+    assert result.code == 3, result.err
+    assert result.err.splitlines() == [
+        "cfwrap: error: eu-server-nomad.pem: not renewed: not a PEM certificate (found: no PEM "
+        "block); replace or remove it",
+        "cfwrap: renewed 3, not due 0, failed 1",
+    ]
+    roots = verify.load_pem_certificates((kit / "ca.pem").read_bytes())
+    for name, data in old.items():
+        assert (kit / name).read_bytes() != data
+        cert = parsers.load_certificate((kit / name).read_bytes())
+        role = name.split("-")[1]
+        verify.check_issued(cert, roots=roots, role=role, region="global", now=datetime.now(UTC))
+    assert (kit / "eu-server-nomad.pem").read_text() == "garbage\n"
