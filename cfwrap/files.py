@@ -390,8 +390,9 @@ class FolderLock:
 
 
 #: The longest output folder name: 255 (NAME_MAX) less what the backup name adds to it
-#: (``.replaced-YYYYmmddTHHMMSSZ``).
-MAX_NAME = 255 - 26
+#: (``.replaced-YYYYmmddTHHMMSSZ``, and ``-NN`` for a second backup within a second).
+MAX_NAME = 255 - 29
+_BACKUPS_A_SECOND = 99
 
 
 def _entries(folder: Path) -> list[Path]:
@@ -506,6 +507,12 @@ class Staging:
             if self.target.exists() and any(self.target.iterdir()):
                 stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
                 self.backup = self.target.with_name(f"{self.target.name}.replaced-{stamp}")
+                count = 1
+                while os.path.lexists(self.backup) and count < _BACKUPS_A_SECOND:
+                    count += 1  # replaced again within the second
+                    self.backup = self.target.with_name(
+                        f"{self.target.name}.replaced-{stamp}-{count}"
+                    )
                 self.target.rename(self.backup)
             elif self.target.exists():
                 self.target.rmdir()

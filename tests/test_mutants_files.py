@@ -207,12 +207,12 @@ def test_output_folder_refuses_the_current_folder_and_names_too_long(tmp_path, m
             f"--out {given}: is the current folder or one above it; "
             "give a new folder for the output, e.g. --out nomad-tls"
         )
-    assert files.output_folder(Path("n" * 229)).name == "n" * 229
+    assert files.output_folder(Path("n" * 226)).name == "n" * 226
     with pytest.raises(InputError) as long:
-        files.output_folder(Path("n" * 230))
+        files.output_folder(Path("n" * 227))
     assert str(long.value) == (
-        "--out: the folder name is 230 bytes; cfwrap needs room beside it for a dated backup, "
-        "so at most 229; choose a shorter folder name"
+        "--out: the folder name is 227 bytes; cfwrap needs room beside it for a dated backup, "
+        "so at most 226; choose a shorter folder name"
     )
 
 
@@ -504,7 +504,9 @@ def test_a_commit_that_cannot_move_the_old_folder_names_it_and_keeps_it(tmp_path
     now = datetime.now(UTC)
     for seconds in range(5):  # every backup name the next seconds can give is taken
         taken = now.replace(microsecond=0) + dt.timedelta(seconds=seconds)
-        (tmp_path / f"kit.replaced-{taken:%Y%m%dT%H%M%SZ}" / "x").mkdir(parents=True)
+        stamp = f"kit.replaced-{taken:%Y%m%dT%H%M%SZ}"
+        for count in range(1, 100):
+            (tmp_path / (stamp if count == 1 else f"{stamp}-{count}") / "x").mkdir(parents=True)
     staging = files.Staging(target, force=True)
     with pytest.raises(FileSystemError) as caught, staging:
         (staging.path / "new").write_text("new")
@@ -512,6 +514,24 @@ def test_a_commit_that_cannot_move_the_old_folder_names_it_and_keeps_it(tmp_path
     assert caught.value.path == target
     assert _names(target) == ["old"]
     assert not [n for n in _names(tmp_path) if n.startswith(".kit.cfwrap-")]
+
+
+def test_a_second_replacement_within_the_second_gets_its_own_backup(tmp_path):
+    """`--force` twice within one second: the second backup's name was taken, and the run
+    failed with "Directory not empty; check the folder's permissions and free space"."""
+    target = tmp_path / "kit"
+    target.mkdir()
+    (target / "old").write_text("old")
+    now = datetime.now(UTC)
+    for seconds in range(5):  # the first backup of each of the next seconds is there already
+        taken = now.replace(microsecond=0) + dt.timedelta(seconds=seconds)
+        (tmp_path / f"kit.replaced-{taken:%Y%m%dT%H%M%SZ}" / "earlier").mkdir(parents=True)
+    with files.Staging(target, force=True) as staging:
+        (staging.path / "new").write_text("new")
+        staging.commit()
+    assert _names(target) == ["new"]
+    assert staging.backup is not None and staging.backup.name.endswith("Z-2")
+    assert _names(staging.backup) == ["old"]
 
 
 def test_the_backup_is_stamped_in_utc_whatever_the_local_zone(tmp_path, monkeypatch):
