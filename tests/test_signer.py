@@ -11,6 +11,7 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 import signal
 import socket
 import sqlite3
@@ -387,6 +388,29 @@ def test_a_lifetime_past_the_cas_end_is_refused_at_start(tmp_path, cli):
     assert bad.code == 3 and bad.err.startswith("cfwrap: error: --allow-dns 'exa mple.com': "), (
         bad.err
     )
+
+
+def test_an_auth_folder_another_user_can_write_is_refused(tmp_path, cli):
+    """With an auth folder open to writes (or a key file another user owns), that user could
+    put their own key in place of the server key: the signer would then give them server
+    certificates. It refuses to start."""
+    ca_dir = make_ca(tmp_path)
+    auth = tmp_path / "auth"
+    listen = f"127.0.0.1:{free_port()}"  # never served: refused before anything starts
+    auth.mkdir(mode=0o700)
+    auth.chmod(0o777)
+    opened = cli("signer", ca_dir, "--listen", listen, "--auth-dir", auth)
+    assert opened.code == 3, opened.err
+    assert "the auth folder has mode 0777: other users may write into it" in opened.err
+    assert list(auth.iterdir()) == []
+    auth.chmod(0o700)
+    (auth / "server.key").write_text("00" * 32 + "\n")
+    (auth / "server.key").chmod(0o600)
+    os.chown(auth / "server.key", 65534, 65534)  # nobody's key, in the server's place
+    owned = cli("signer", ca_dir, "--listen", listen, "--auth-dir", auth)
+    assert owned.code == 3, owned.err
+    assert "an auth key owned by uid 65534, not by the user running the signer" in owned.err
+    assert len(owned.err.strip().splitlines()) == 1
 
 
 def wait_for_entry(signer: RunningSigner, serial: str, seconds: float = 3.0) -> dict[str, Any]:

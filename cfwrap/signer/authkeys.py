@@ -72,9 +72,11 @@ def ensure_keys(auth_dir: Path) -> list[str]:
     Returns the names of the key files made now. Existing keys are checked, never replaced.
 
     Raises:
-        InputError: an existing key file is not a key or is open to others.
+        InputError: an existing key file is not a key, is open to others or owned by another
+            user; the folder is another user's or open to their writes.
     """
     auth_dir.mkdir(mode=files.DIR_MODE, parents=True, exist_ok=True)
+    _check_own(auth_dir, "the auth folder", writable_by_others=True)
     made = []
     for name in (*ROLES, LOCKED):
         path = key_path(auth_dir, name)
@@ -82,7 +84,34 @@ def ensure_keys(auth_dir: Path) -> list[str]:
             _new_key(path)
             made.append(path.name)
         read_key(path)
+        _check_own(path, "an auth key")
     return made
+
+
+def _check_own(path: Path, what: str, *, writable_by_others: bool = False) -> None:
+    """Refuse what the signer would trust from another user.
+
+    A key they wrote, or a folder they can write into (and so swap a key in): the signer then
+    signs for whoever holds their key.
+
+    Raises:
+        InputError: owned by another user, or (``writable_by_others``) open to their writes.
+    """
+    info = path.lstat()
+    mode = stat.S_IMODE(info.st_mode)
+    if info.st_uid != os.geteuid():
+        raise InputError(
+            str(path),
+            f"{what} owned by uid {info.st_uid}, not by the user running the signer "
+            f"({os.geteuid()}): whoever owns it chooses the keys it signs for",
+            fix=f"move it away, or chown it to uid {os.geteuid()} if it is yours",
+        )
+    if writable_by_others and mode & 0o022:
+        raise InputError(
+            str(path),
+            f"{what} has mode {mode:04o}: other users may write into it and swap a key",
+            fix=f"chmod 700 {path}",
+        )
 
 
 def rotate(auth_dir: Path, role: Role) -> Path:
