@@ -396,18 +396,21 @@ def test_an_auth_folder_another_user_can_write_is_refused(tmp_path, cli):
     certificates. It refuses to start."""
     ca_dir = make_ca(tmp_path)
     auth = tmp_path / "auth"
-    listen = f"127.0.0.1:{free_port()}"  # never served: refused before anything starts
     auth.mkdir(mode=0o700)
     auth.chmod(0o777)
-    opened = cli("signer", ca_dir, "--listen", listen, "--auth-dir", auth)
-    assert opened.code == 3, opened.err
-    assert "the auth folder has mode 0777: other users may write into it" in opened.err
-    assert list(auth.iterdir()) == []
-    auth.chmod(0o700)
-    (auth / "server.key").write_text("00" * 32 + "\n")
-    (auth / "server.key").chmod(0o600)
-    os.chown(auth / "server.key", 65534, 65534)  # nobody's key, in the server's place
-    owned = cli("signer", ca_dir, "--listen", listen, "--auth-dir", auth)
+    with socket.socket() as busy:  # were it not refused, the signer would stop on this port
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        listen = f"127.0.0.1:{busy.getsockname()[1]}"
+        opened = cli("signer", ca_dir, "--listen", listen, "--auth-dir", auth)
+        assert opened.code == 3, opened.err
+        assert "the auth folder has mode 0777: other users may write into it" in opened.err
+        assert list(auth.iterdir()) == []
+        auth.chmod(0o700)
+        (auth / "server.key").write_text("00" * 32 + "\n")
+        (auth / "server.key").chmod(0o600)
+        os.chown(auth / "server.key", 65534, 65534)  # nobody's key, in the server's place
+        owned = cli("signer", ca_dir, "--listen", listen, "--auth-dir", auth)
     assert owned.code == 3, owned.err
     assert "an auth key owned by uid 65534, not by the user running the signer" in owned.err
     assert len(owned.err.strip().splitlines()) == 1

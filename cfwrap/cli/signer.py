@@ -141,7 +141,7 @@ def _run(args: argparse.Namespace) -> int:
     from cfwrap import kit, tools
     from cfwrap.models import parse_duration
     from cfwrap.nomad import check_region
-    from cfwrap.signer import policy, process, setup
+    from cfwrap.signer import authkeys, policy, process, setup
 
     listen = setup.parse_listen(args.listen)
     regions = args.region or ["global"]
@@ -172,6 +172,7 @@ def _run(args: argparse.Namespace) -> int:
     auth_dir = _auth_dir(args).absolute()
     auth_dir.parent.mkdir(parents=True, exist_ok=True)  # the lock file lives there
     with setup.signer_lock(auth_dir):
+        authkeys.check_trusted(auth_dir)  # before anything: the keys decide who gets what
         process.check_free(listen)  # before a TLS certificate is issued for the address
         prepared = setup.prepare(
             ca=ca,

@@ -76,7 +76,7 @@ def ensure_keys(auth_dir: Path) -> list[str]:
             user; the folder is another user's or open to their writes.
     """
     auth_dir.mkdir(mode=files.DIR_MODE, parents=True, exist_ok=True)
-    _check_own(auth_dir, "the auth folder", writable_by_others=True)
+    check_trusted(auth_dir)
     made = []
     for name in (*ROLES, LOCKED):
         path = key_path(auth_dir, name)
@@ -84,8 +84,22 @@ def ensure_keys(auth_dir: Path) -> list[str]:
             _new_key(path)
             made.append(path.name)
         read_key(path)
-        _check_own(path, "an auth key")
     return made
+
+
+def check_trusted(auth_dir: Path) -> None:
+    """Refuse an auth folder, or a key in it, that another user could have chosen.
+
+    Raises:
+        InputError: see :func:`_check_own`.
+    """
+    if not auth_dir.exists():
+        return
+    _check_own(auth_dir, "the auth folder", writable_by_others=True)
+    for name in (*ROLES, LOCKED):
+        for path in (key_path(auth_dir, name), prev_path(auth_dir, name)):
+            if path.exists() or path.is_symlink():
+                _check_own(path, "an auth key")
 
 
 def _check_own(path: Path, what: str, *, writable_by_others: bool = False) -> None:
