@@ -196,11 +196,13 @@ def renew(
                 fix="give the folder cfwrap cert or quickstart wrote",
             )
         for cert in certs if same_lifetime else ():
-            if within >= cert.lifetime:
+            if within >= cert.lifetime - BACKDATE:  # what a renewal has left when made
+                left = cert.lifetime - BACKDATE
                 raise InputError(
                     f"--within {_hours(within)}",
-                    f"not shorter than the lifetime of {cert.path.name} ({_hours(cert.lifetime)}): "
-                    "every run would renew it",
+                    f"not shorter than what a renewal of {cert.path.name} has left when made "
+                    f"({_hours(left)}: its lifetime, {_hours(cert.lifetime)}, less cfssl's "
+                    "5-minute backdate): every run would renew it",
                     fix="give a window shorter than the lifetime, e.g. a third of it",
                 )
         due = [c for c in certs if force or c.not_after - now <= within]
@@ -236,8 +238,16 @@ def _due_at_once(path: Path, within: timedelta) -> InputError | None:
     )
 
 
+#: cfssl starts a certificate 5 minutes before it is made (signer.FillTemplate's backdate): a
+#: fresh renewal has that much less than its lifetime left.
+BACKDATE = timedelta(minutes=5)
+
+
 def _hours(value: timedelta) -> str:
-    return f"{int(value / timedelta(hours=1))}h"
+    """A duration as Go writes one, to the minute: ``720h``, ``2h55m``."""
+    minutes = int(value / timedelta(minutes=1))
+    hours, rest = divmod(minutes, 60)
+    return f"{hours}h" + (f"{rest}m" if rest else "")
 
 
 def _renew_one(folder: Path, cert: Held, *, sign: Sign, ca_pem: bytes, keep_key: bool) -> None:

@@ -320,3 +320,22 @@ def test_one_damaged_certificate_file_does_not_stop_the_others(tmp_path, cli, ki
         role = name.split("-")[1]
         verify.check_issued(cert, roots=roots, role=role, region="global", now=datetime.now(UTC))
     assert (kit / "eu-server-nomad.pem").read_text() == "garbage\n"
+
+
+def test_a_window_a_fresh_renewal_would_fall_in_is_refused_up_front(tmp_path, cli):
+    """cfssl starts a certificate 5 minutes back: a 3h certificate renewed has 2h55m left, so
+    a 179m window renewed it on every run (and said "--within 2h ... (3h)")."""
+    kit = tmp_path / "kit"
+    assert cli("quickstart", "--out", kit, "--expiry", "3h").code == 0
+    before = snapshot(kit)
+    argv = ["renew", kit, "--ca", kit / "ca.pem", "--ca-key", kit / "ca-key.pem"]
+    refused = cli(*argv, "--within", "179m")
+    assert refused.code == 3, refused.err
+    assert refused.err == (
+        "cfwrap: error: --within 2h59m: not shorter than what a renewal of global-cli-nomad.pem "
+        "has left when made (2h55m: its lifetime, 3h, less cfssl's 5-minute backdate): every run "
+        "would renew it; give a window shorter than the lifetime, e.g. a third of it\n"
+    )
+    assert snapshot(kit) == before
+    assert cli(*argv, "--within", "170m").code == 0  # not due: nothing to renew yet
+    assert snapshot(kit) == before
