@@ -171,8 +171,11 @@ def renew(
     same_lifetime: bool = True,
     now: datetime | None = None,
     wait: float = 0.0,
+    source: str | None = None,
 ) -> Outcome:
     """Renew every role certificate in ``folder`` with less than ``within`` left.
+
+    ``source``: the signer's address, when ``sign_for`` asks one (named if it answers wrong).
 
     ``sign_for`` opens an issuer for the due specs (a remote signer, or a local CA). Every
     certificate is tried; one that fails is reported and the others go on. ``same_lifetime``:
@@ -212,7 +215,9 @@ def renew(
         with sign_for([c.spec for c in due]) as sign:
             for cert in due:
                 try:
-                    _renew_one(folder, cert, sign=sign, ca_pem=ca_pem, keep_key=keep_key)
+                    _renew_one(
+                        folder, cert, sign=sign, ca_pem=ca_pem, keep_key=keep_key, source=source
+                    )
                 except (CfwrapError, ValueError) as e:
                     error = e if isinstance(e, CfwrapError) else InputError(cert.path.name, str(e))
                     log.debug("renewing %s failed: %s", cert.path, error)
@@ -250,7 +255,9 @@ def _hours(value: timedelta) -> str:
     return f"{hours}h" + (f"{rest}m" if rest else "")
 
 
-def _renew_one(folder: Path, cert: Held, *, sign: Sign, ca_pem: bytes, keep_key: bool) -> None:
+def _renew_one(
+    folder: Path, cert: Held, *, sign: Sign, ca_pem: bytes, keep_key: bool, source: str | None
+) -> None:
     key_pem = None
     if keep_key:
         try:
@@ -262,7 +269,7 @@ def _renew_one(folder: Path, cert: Held, *, sign: Sign, ca_pem: bytes, keep_key:
         runner.remember_private_keys(key_pem)
 
     def issue() -> cfssl.Issued:
-        issued = remote.issue_with(sign, cert.spec, ca_pem=ca_pem, key_pem=key_pem)
+        issued = remote.issue_with(sign, cert.spec, ca_pem=ca_pem, key_pem=key_pem, source=source)
         ends = parsers.read_certificate(issued.cert).not_after
         if ends < cert.not_after:  # checked before anything lands: the old one stays
             raise VerificationError(

@@ -176,6 +176,8 @@ def test_the_signers_ca_the_tree_keeps_is_written_only_once_the_signer_proved_it
     down[1] = "127.0.0.1:1"
     failed = cfwrap("apply", "c.toml", *down, cwd=tmp_path)
     assert failed.returncode == 6, failed.stderr
+    assert failed.stderr.startswith("cfwrap: error: the signer at https://127.0.0.1:1: ")
+    assert "cfssl" not in failed.stderr
     assert not (tmp_path / "tree").exists()  # no trace of a first run that made nothing
     assert cfwrap("apply", "c.toml", *remote_args(signer), cwd=tmp_path).returncode == 0
     tree = tmp_path / "tree"
@@ -279,5 +281,5 @@ def test_another_signers_ca_is_refused_never_a_reissue_of_the_fleet(tmp_path, si
     wrong[5] = str(other.ca_dir / "ca.pem")
     failed = cfwrap("apply", "c.toml", *wrong, cwd=tmp_path)
     assert failed.returncode == 6, failed.stdout + failed.stderr
-    assert "TLS failed" in failed.stderr
+    assert "its TLS certificate did not verify against --ca" in failed.stderr  # named
     assert not (tmp_path / "tree-3").exists()

@@ -339,3 +339,30 @@ def test_a_window_a_fresh_renewal_would_fall_in_is_refused_up_front(tmp_path, cl
     assert snapshot(kit) == before
     assert cli(*argv, "--within", "170m").code == 0  # not due: nothing to renew yet
     assert snapshot(kit) == before
+
+
+def test_a_renewal_the_signer_got_wrong_names_the_signer(tmp_path, cli, signer):
+    """The signer answers with a name the request did not ask for (here an address: its
+    policy does not look at them). Refused before anything lands, and the message names the
+    signer, not "the certificate cfssl issued ... check that cfssl is 1.6.5"."""
+    from tests.test_remote_cert import Proxy, resigned
+
+    folder = tmp_path / "node"
+    short_lived(cli, signer, folder)
+    before = snapshot(folder)
+
+    def more(request: dict[str, object]) -> None:
+        request["hosts"] = [*request["hosts"], "10.9.9.9"]  # type: ignore[misc]
+
+    proxy = Proxy(signer).start()
+    proxy.rewrite = resigned(signer, "client", more)
+    try:
+        argv = renew_argv(signer, folder)
+        argv[argv.index("--remote") + 1] = proxy.address
+        result = cli(*argv)
+    finally:
+        proxy.stop()
+    assert result.code == 7, result.err
+    assert f"the client certificate the signer at https://{proxy.address} issued" in result.err
+    assert "10.9.9.9" in result.err and "cfssl" not in result.err
+    assert snapshot(folder) == before

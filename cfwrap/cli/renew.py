@@ -113,6 +113,7 @@ def execute(args: argparse.Namespace) -> int:
         force=args.force_renewal,
         same_lifetime=args.remote is None,
         wait=args.wait,
+        source=signer.url if args.remote is not None else None,
     )
     exec_error: CfwrapError | None = None
     if outcome.renewed and args.exec is not None:

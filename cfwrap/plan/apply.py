@@ -1396,10 +1396,11 @@ class _Run:
                 config=config,
                 workers=self.workers,
             )
-        from cfwrap.remote import tls_context
+        from cfwrap.remote import NamedSigner, tls_context
 
-        return issuer.RemoteSigner(
+        return NamedSigner(  # its failures name the signer, not cfssl
             remote.url,
+            ca_name="--ca",
             auth_keys=remote.auth_keys,
             ssl_context=tls_context(remote.ca_pem),
             workers=self.workers,
