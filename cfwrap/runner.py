@@ -797,11 +797,27 @@ class Service:
 
     def stderr_tail(self, limit: int = 4096) -> str:
         """The end of what the service wrote on stderr so far, secrets removed."""
+        self._drained()
         return redact(self._running.stderr.value()[-limit:]).decode("utf-8", "replace")
 
     def failure_reason(self) -> str:
         """The line of its stderr that says why it stopped (see :func:`failure_reason`)."""
+        self._drained()
         return failure_reason(self._running.stderr.value()[-4096:])
+
+    def _drained(self) -> None:
+        """Once it has exited, wait (briefly) until its last lines are read.
+
+        Its end may be seen before the reader thread has read what it wrote last: why it
+        stopped.
+        """
+        reader = self._reader
+        if (
+            self._exited.is_set()
+            and reader is not None
+            and reader is not threading.current_thread()
+        ):
+            reader.join(DRAIN_WITHIN)
 
     @property
     def line_error(self) -> Exception | None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from cfwrap import runner
-from cfwrap.errors import ToolFailedError
+from cfwrap.errors import InputError, ToolFailedError
 from cfwrap.signer.audit import AuditLog
 from cfwrap.signer.setup import Listen, Prepared
 from cfwrap.tools import Tool
@@ -58,7 +58,7 @@ def check_free(listen: Listen) -> None:
     still decides (something may take the port in between).
 
     Raises:
-        ToolFailedError: the address is in use, or not one of this machine's.
+        InputError: the address is in use, or not one of this machine's.
     """
     try:
         found = socket.getaddrinfo(
@@ -73,10 +73,10 @@ def check_free(listen: Listen) -> None:
             probe.bind(address)
         except OSError as e:
             why = e.strerror or str(e)
-            raise ToolFailedError(
-                "multirootca",
-                f"cannot listen on {listen.address}: {why[:1].lower()}{why[1:]}",
-                fix=f"check that {listen.address} is free and this machine's own address",
+            raise InputError(  # found before multirootca runs: it did not fail
+                f"--listen {listen.address}",
+                f"cannot listen there: {why[:1].lower()}{why[1:]}",
+                fix="give a free port on an address of this machine",
             ) from None
 
 
