@@ -136,10 +136,14 @@ def address(text: str) -> str:
     from cfwrap.signer.setup import parse_listen
 
     rest = text.removeprefix("https://")
+    if rest != text:
+        rest = rest.removesuffix("/")  # https://HOST:PORT/, as a browser writes it
     if rest.startswith("http://") or "/" in rest:
         raise InputError(
             f"--remote {text!r}",
-            "not HOST:PORT of a signer (it is reached over TLS only)",
+            "not HOST:PORT of a signer (it is reached over TLS only, at no path)"
+            if not rest.startswith("http://")
+            else "plain http: a signer is reached over TLS only",
             fix="give it as cfwrap signer prints it, e.g. ca.example.com:8888",
         )
     listen = parse_listen(rest, flag="--remote")

@@ -249,6 +249,15 @@ def test_a_certificate_that_outlives_the_ca_is_refused(tmp_path, cli, signer, pr
     assert not out.exists()
 
 
+def test_the_signers_address_as_a_url_with_a_slash_works(tmp_path, cli, signer):
+    out = tmp_path / "node"
+    result = cli(*remote_argv(signer, f"https://127.0.0.1:{signer.port}/", "client", out))
+    assert result.code == 0, result.err
+    facts = parsers.read_certificate((out / "global-client-nomad.pem").read_bytes())
+    assert facts.common_name == "client.global.nomad"
+    assert facts.extended_key_usage == ("serverAuth", "clientAuth")
+
+
 def test_the_real_command_end_to_end(tmp_path, signer):
     out = tmp_path / "node"
     argv = [str(a) for a in remote_argv(signer, f"127.0.0.1:{signer.port}", "client", out)]
@@ -295,7 +304,8 @@ def test_bad_inputs_are_refused_before_anything_is_sent(tmp_path, cli, signer, o
         (["--auth-key", tmp_path / "missing.key"], 3, "No such file"),
         (["--auth-key", bad_key], 3, "not an auth key"),
         (["--auth-key", open_key], 3, "chmod 600"),
-        (["--remote", "http://127.0.0.1:1"], 3, "TLS only"),
+        (["--remote", "http://127.0.0.1:1"], 3, "plain http: a signer is reached over TLS only"),
+        (["--remote", "https://127.0.0.1:1/api/v1"], 3, "reached over TLS only, at no path"),
         (["--remote", "nonsense"], 3, "not HOST:PORT"),
         (
             ["--ca", other_kit / "ca.pem"],
