@@ -408,6 +408,9 @@ def test_connect_to_openssl_server(cli, kits, s_server):
     assert f"127.0.0.1:{bad}:names.server" in errors
     assert "Hostname mismatch" in errors[f"127.0.0.1:{bad}:connect.verify"]["nomad_error"]
     assert report["presented"]["subject"] == "CN=client.global.nomad"
+    # The fix is a command cfwrap runs: a new folder, not "--out ." (which cert refuses).
+    fix = errors[f"127.0.0.1:{bad}:names.server"]["fix"]
+    assert fix.endswith("--role server --region global --out NEW-DIR"), fix
 
 
 NGINX_CONF = """

@@ -58,9 +58,13 @@ def reissue_command(leaf: Leaf, ca: LoadedCA | None) -> str:
     # cfssljson's naming: nomad-agent-ca.pem's key is nomad-agent-ca-key.pem.
     ca_key = (ca.key_path if ca and ca.key_path else None) or key_path(ca_path)
     role = leaf.role or "server"
+    out = str(leaf.cert.parent)
+    here = Path.cwd()
+    if not leaf.cert.is_file() or leaf.cert.parent.resolve() in (here, *here.parents):
+        out = "NEW-DIR"  # a dialled address, or a folder cert --out refuses (., or above it)
     return shlex.join(
         ["cfwrap", "cert", "--ca", str(ca_path), "--ca-key", str(ca_key), "--role", role,
-         "--region", leaf.region, "--out", str(leaf.cert.parent), "--force"]
+         "--region", leaf.region, "--out", out, *(["--force"] if out != "NEW-DIR" else [])]
     )  # fmt: skip
 
 
