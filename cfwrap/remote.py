@@ -178,6 +178,16 @@ def read_ca(ca_file: Path) -> bytes:
         ) from None
     if not facts.is_ca:
         raise InputError(f"--ca {ca_file}", "not a CA certificate", fix="give ca.pem")
+    blocks = ca_pem.count(b"-----BEGIN ")
+    if blocks != 1 or not ca_pem.strip().startswith(b"-----BEGIN CERTIFICATE-----"):
+        # Its bytes become every member's bundle: another CA after it would be trusted
+        # everywhere, and a key after it would be handed to every node.
+        raise InputError(
+            f"--ca {ca_file}",
+            f"holds {blocks} PEM blocks, or text besides its certificate; it is copied into "
+            "every bundle as it is",
+            fix="give the signer's CA certificate alone (ca.pem in its CA_DIR)",
+        )
     return ca_pem
 
 

@@ -283,3 +283,30 @@ def test_another_signers_ca_is_refused_never_a_reissue_of_the_fleet(tmp_path, si
     assert failed.returncode == 6, failed.stdout + failed.stderr
     assert "its TLS certificate did not verify against --ca" in failed.stderr  # named
     assert not (tmp_path / "tree-3").exists()
+
+
+def test_a_ca_file_with_more_than_the_ca_is_refused(tmp_path, signer):
+    """--ca's bytes become every member's bundle: a file with the right CA first and another
+    CA (or the CA's key) after it passed the check of the CA and landed in every ca.pem."""
+    (tmp_path / "c.toml").write_text(PLAN)
+    assert cfwrap("apply", "c.toml", *remote_args(signer), cwd=tmp_path).returncode == 0
+    tree = tmp_path / "tree"
+    before = snapshot(tree)
+    (tmp_path / "other").mkdir()
+    other = make_ca(tmp_path / "other")
+    ca = (signer.ca_dir / "ca.pem").read_bytes()
+    for name, data in (
+        ("both.pem", ca + (other / "ca.pem").read_bytes()),
+        ("withkey.pem", ca + (signer.ca_dir / "ca-key.pem").read_bytes()),
+    ):
+        (tmp_path / name).write_bytes(data)
+        args = remote_args(signer)
+        args[5] = str(tmp_path / name)
+        refused = cfwrap("apply", "c.toml", *args, "--renew-within", "36500d", cwd=tmp_path)
+        assert refused.returncode == 3, refused.stdout + refused.stderr
+        assert "holds 2 PEM blocks" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+        assert "PRIVATE KEY" not in refused.stderr
+        assert snapshot(tree) == before
+    for bundle in tree.rglob("ca.pem"):
+        assert bundle.read_bytes() == ca
