@@ -170,7 +170,6 @@ def _run(args: argparse.Namespace) -> int:
     cfssl_tool = tools.find("cfssl", directory=args.cfssl_dir)
     multirootca = tools.find("multirootca", directory=args.cfssl_dir)
     auth_dir = _auth_dir(args).absolute()
-    process.check_free(listen)  # a first look, before any folder is made; again under the lock
     auth_dir.parent.mkdir(parents=True, exist_ok=True)  # the lock file lives there
     with setup.signer_lock(auth_dir):
         authkeys.check_trusted(auth_dir)  # before anything: the keys decide who gets what
