@@ -90,6 +90,9 @@ def _write_key(folder: Path, name: str, key: ec.EllipticCurvePrivateKey) -> Path
 
 
 def test_reissue_command_quotes_every_value(tmp_path):
+    (tmp_path / "a b").mkdir()
+    for held in (tmp_path / "a b" / "c.pem", tmp_path / "x.pem"):
+        held.write_text("a certificate's place\n")
     leaf = certs.Leaf("client", "eu west", tmp_path / "a b" / "c.pem", None)
     assert certs.reissue_command(leaf, None) == (
         "cfwrap cert --ca ca.pem --ca-key ca-key.pem --role client --region 'eu west' "
@@ -104,6 +107,9 @@ def test_reissue_command_quotes_every_value(tmp_path):
     )
     with_key = certs.LoadedCA(tmp_path / "nomad-ca.pem", tmp_path / "k.pem", cert, _facts(cert))
     assert f"--ca-key {tmp_path / 'k.pem'} " in certs.reissue_command(no_role, with_key)
+    # A dialled address has no folder: the command names a new one (cert refuses --out .).
+    dialled = certs.Leaf("server", "global", Path("127.0.0.1:4646"), None)
+    assert certs.reissue_command(dialled, ca).endswith("--region global --out NEW-DIR")
 
 
 def test_go_hostname_errors_are_gos_words():
