@@ -270,14 +270,37 @@ def write_replace(path: Path, data: bytes | Iterable[bytes], *, mode: int) -> No
 
 
 def lock_held(target: Path) -> bool:
-    """Whether a process holds :class:`FolderLock` on ``target`` now; it takes no lock itself.
+    """Whether a process holds :class:`FolderLock` on ``target`` now (for status, a dry run).
 
-    For the commands that only read (status, a dry run): a shared lock of theirs, however
-    short, would make a writer that does not wait fail. Linux lists every flock(2) lock in
-    ``/proc/locks`` by device and inode; a lock file a killed writer left holds none.
+    A probe: a shared flock(2) on the lock file, tried without waiting and let go at once. It
+    fails while a writer holds the lock, wherever that writer runs (another PID namespace, a
+    container) and on any file system. A writer that meets the probe's moment of a shared lock
+    tries again (:data:`PROBE_GRACE`), so a reader never makes an apply fail. A lock file a
+    killed writer left holds no lock. One this user cannot open (another user's) is looked up
+    in ``/proc/locks`` instead, which sees only this PID namespace's holders.
     """
+    path = target.parent / f".{target.name}.cfwrap.lock"
     try:
-        info = (target.parent / f".{target.name}.cfwrap.lock").lstat()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return _listed_as_locked(path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            return True
+        raise FileSystemError(path, e) from e
+    finally:
+        os.close(fd)  # and with it the probe's shared lock
+    return False
+
+
+def _listed_as_locked(path: Path) -> bool:
+    """Whether ``/proc/locks`` lists a flock(2) lock on ``path``'s inode (this namespace's)."""
+    try:
+        info = path.lstat()
         with open("/proc/locks", "rb") as f:  # noqa: PTH123 (one read)
             listed = f.read()
     except OSError:
@@ -286,6 +309,11 @@ def lock_held(target: Path) -> bool:
     return any(
         b"FLOCK" in fields and where in fields for fields in map(bytes.split, listed.splitlines())
     )
+
+
+#: How long a writer taking :class:`FolderLock` tries at least, even without ``wait``: a
+#: reader's probe (:func:`lock_held`) holds a shared lock for a moment.
+PROBE_GRACE = 0.25
 
 
 class FolderLock:
@@ -321,7 +349,7 @@ class FolderLock:
             ConflictError: another process holds the lock (after ``wait``).
             FileSystemError: the lock file cannot be made.
         """
-        deadline = time.monotonic() + self.wait
+        deadline = time.monotonic() + max(self.wait, PROBE_GRACE)
         while True:
             with _os_errors(self.path):
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)

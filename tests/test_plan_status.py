@@ -604,3 +604,28 @@ def test_a_read_an_apply_overlapped_is_refused_or_read_again(cli, tmp_path, monk
     assert again.code == 0, again.err
     assert len(reads) == 3
     assert "5 ok, 0 need action" in again.out
+
+
+def test_a_lock_held_in_another_pid_namespace_is_seen(tmp_path):
+    """status in a container, apply on the host: /proc/locks lists only the reader's own
+    namespace's holders, so a lookup there said "not held" and status read a half-written
+    tree. The probe sees the lock itself."""
+    import sys
+
+    from cfwrap import files
+    from tests.conftest import ROOT
+
+    target = tmp_path / "tree"
+    probe = (
+        "import sys; from pathlib import Path; from cfwrap import files; "
+        "print(files.lock_held(Path(sys.argv[1])))"
+    )
+    argv = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", probe, target]
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    with files.FolderLock(target):
+        inside = subprocess.run(argv, capture_output=True, text=True, check=True, env=env)
+        assert inside.stdout.strip() == "True", inside.stderr
+        assert files.lock_held(target)
+    after = subprocess.run(argv, capture_output=True, text=True, check=True, env=env)
+    assert after.stdout.strip() == "False", after.stderr
+    assert not files.lock_held(target)
