@@ -414,6 +414,11 @@ def test_an_auth_folder_another_user_can_write_is_refused(tmp_path, cli):
     assert owned.code == 3, owned.err
     assert "an auth key owned by uid 65534, not by the user running the signer" in owned.err
     assert len(owned.err.strip().splitlines()) == 1
+    # An auth folder given through a symlink is judged by the folder it names (0700, ours).
+    (auth / "server.key").unlink()
+    (tmp_path / "link").symlink_to(auth)
+    linked = start_signer(ca_dir, "--auth-dir", str(tmp_path / "link"))
+    assert linked.stop()[0] == 143
 
 
 def wait_for_entry(signer: RunningSigner, serial: str, seconds: float = 3.0) -> dict[str, Any]:

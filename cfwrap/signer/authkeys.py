@@ -111,7 +111,7 @@ def _check_own(path: Path, what: str, *, writable_by_others: bool = False) -> No
     Raises:
         InputError: owned by another user, or (``writable_by_others``) open to their writes.
     """
-    info = path.lstat()
+    info = path.stat()  # what a link names: its owner and mode are what count
     mode = stat.S_IMODE(info.st_mode)
     if info.st_uid != os.geteuid():
         raise InputError(
