@@ -280,6 +280,38 @@ _GO_SIGNATURES = frozenset({
 })  # fmt: skip
 
 
+_PSS = "1.2.840.113549.1.1.10"
+
+
+def _go_takes_pss(cert: x509.Certificate) -> bool:
+    """Go's ``getSignatureAlgorithmFromAI`` for RSASSA-PSS.
+
+    SHA-2, MGF1 of the same hash, and a salt as long as the hash (cryptography keeps the last
+    two in private attributes).
+    """
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    params = cert.signature_algorithm_parameters
+    digest = cert.signature_hash_algorithm
+    if not isinstance(params, padding.PSS) or digest is None:
+        return False
+    if digest.name not in ("sha256", "sha384", "sha512"):
+        return False
+    mgf_hash = getattr(params.mgf, "_algorithm", None)
+    salt = getattr(params, "_salt_length", None)
+    return getattr(mgf_hash, "name", None) == digest.name and salt == digest.digest_size
+
+
+def _unparsed_curve(cert: x509.Certificate) -> str | None:
+    """The curve of an ECDSA key that Go's crypto/x509 cannot parse; None for any other key."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = cert.public_key()
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name not in _GO_CURVES:
+        return key.curve.name
+    return None
+
+
 def check_signature_from(cert: x509.Certificate, parent: x509.Certificate) -> None:
     """Go's ``CheckSignatureFrom``: the parent may sign, by a secure algorithm, and did.
 
@@ -316,6 +348,20 @@ def check_signature_from(cert: x509.Certificate, parent: x509.Certificate) -> No
             f"{_name(cert)} is signed with {name if name != 'Unknown OID' else oid}, which Go "
             "does not implement",
             "x509: cannot verify signature: algorithm unimplemented",
+        )
+    if oid == _PSS and not _go_takes_pss(cert):
+        raise VerifyError(
+            "unsupported-signature",
+            f"{_name(cert)} is signed with RSASSA-PSS parameters Go does not take (it wants a "
+            "salt as long as the hash, and MGF1 of the same hash)",
+            "x509: cannot verify signature: algorithm unimplemented",
+        )
+    curve = _unparsed_curve(parent)
+    if curve is not None:
+        raise VerifyError(
+            "unsupported-curve",
+            f"{_name(parent)} has a key on {curve}, a curve Go's crypto/x509 cannot parse",
+            "x509: unsupported elliptic curve",
         )
     try:
         cert.verify_directly_issued_by(parent)
@@ -420,7 +466,8 @@ def build_chains(
     detail = f" ({search.hint.message})" if search.hint else ""
     raise VerifyError(
         search.hint.rule
-        if search.hint and search.hint.rule in ("insecure-signature", "unsupported-signature")
+        if search.hint
+        and search.hint.rule in ("insecure-signature", "unsupported-signature", "unsupported-curve")
         else "unknown-authority",
         f"no chain to the CA{detail}",
         "x509: certificate signed by unknown authority",

