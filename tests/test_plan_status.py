@@ -629,3 +629,39 @@ def test_a_lock_held_in_another_pid_namespace_is_seen(tmp_path):
     after = subprocess.run(argv, capture_output=True, text=True, check=True, env=env)
     assert after.stdout.strip() == "False", after.stderr
     assert not files.lock_held(target)
+
+
+def test_a_read_an_apply_broke_is_read_again_not_reported(cli, tmp_path, monkeypatch):
+    """A dry run meeting an apply half-way through once said "changed on disk ... move the
+    folder away so that apply issues it anew", harmful advice: what a half-written tree looks
+    like is no answer. An error raised while an apply wrote the tree counts as an overlap."""
+    from cfwrap.errors import ConflictError
+    from cfwrap.plan import apply
+
+    plan = write_plan(tmp_path, 'out = "tree"\n[regions.global]\nclients = 2\n')
+    applied(cli, plan)
+    diff = apply.diff
+    calls = []
+
+    applying: list[int] = []
+
+    def diff_while_an_apply_runs(*args, **kwargs):
+        if applying:  # the apply's own diff
+            return diff(*args, **kwargs)
+        calls.append(1)
+        if len(calls) <= 2:  # an apply lands meanwhile, and what was read made no sense
+            applying.append(1)
+            try:
+                applied(cli, plan, "--renew-within", "36500d")
+            finally:
+                applying.clear()
+            raise ConflictError(tmp_path / "tree/nodes/global/client-1", "changed on disk")
+        return diff(*args, **kwargs)
+
+    monkeypatch.setattr(apply, "diff", diff_while_an_apply_runs)
+    line = one_line_error(cli("apply", plan, "--dry-run"), 4)
+    assert line.endswith("an apply wrote this tree while it was read; run this again, or pass "
+                         "--wait SECONDS"), line  # fmt: skip
+    again = cli("apply", plan, "--dry-run", "--wait", "30")
+    assert again.code == 0, again.err
+    assert "No changes" in again.out and len(calls) == 3

@@ -26,7 +26,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
 
 from cfwrap import files, gossip, manifest, parsers, verify
-from cfwrap.errors import ConflictError, ExitCode, InputError, VerificationError
+from cfwrap.errors import CfwrapError, ConflictError, ExitCode, InputError, VerificationError
 from cfwrap.models import SigningConfig
 from cfwrap.plan import cas, members, rotation, shards, state
 from cfwrap.plan.members import BUNDLE, Configs, Current, Names
@@ -1102,15 +1102,26 @@ def unwritten(root: Path, read: Callable[[], _T], *, wait: float = 0.0) -> _T:
                 )
             time.sleep(_POLL)
         before = _written(root)
-        result = read()
-        if not files.lock_held(root) and _written(root) == before:
-            return result
+        try:
+            result = read()
+        except CfwrapError:
+            # What an apply half-way through looks like ("changed on disk ...") is no answer.
+            if not _overlapped(root, before):
+                raise
+        else:
+            if not _overlapped(root, before):
+                return result
         if time.monotonic() >= deadline:
             raise ConflictError(
                 root,
                 "an apply wrote this tree while it was read",
                 fix="run this again, or pass --wait SECONDS",
             )
+
+
+def _overlapped(root: Path, before: tuple[int, int, int] | None) -> bool:
+    """Whether an apply holds the tree now, or wrote its plan manifest since ``before``."""
+    return files.lock_held(root) or _written(root) != before
 
 
 def _written(root: Path) -> tuple[int, int, int] | None:
