@@ -294,9 +294,51 @@ def key_block(data: bytes) -> bytes:
     """
     for block in _PEM_BLOCK.finditer(data):
         label = block.group(1)
-        if label == b"PRIVATE KEY" or label.endswith(b" PRIVATE KEY"):
+        if (label == b"PRIVATE KEY" or label.endswith(b" PRIVATE KEY")) and _der_of(block):
             return block.group(0)
     return data
+
+
+def _der_of(block: re.Match[bytes]) -> bytes | None:
+    """A PEM block's body, decoded; None when it is not base64 (Go's pem.Decode skips it)."""
+    import base64
+    import binascii
+
+    body = block.group(0).split(b"\n", 1)[1].rsplit(b"-----END", 1)[0]
+    if b":" in body:  # headers (Proc-Type: 4,ENCRYPTED): the load says what it is
+        return body
+    try:
+        return base64.b64decode(b"".join(body.split()), validate=True) or None
+    except (binascii.Error, ValueError):
+        return None
+
+
+def read_key_as_go(data: bytes) -> KeyFacts:
+    """Read the key Go's ``tls.X509KeyPair`` would take from ``data``.
+
+    Its block (:func:`key_block`), parsed by its label, or else as Go parses any key block: as
+    PKCS #1, PKCS #8 or SEC 1 DER, whatever the label says.
+
+    Raises:
+        ParseError: no key Go would take.
+    """
+    from cryptography.hazmat.primitives.serialization import load_der_private_key
+
+    block = key_block(data)
+    try:
+        return read_private_key(block)
+    except ParseError:
+        match = _PEM_BLOCK.search(block)
+        der = _der_of(match) if match else None
+        if der is None or b"ENCRYPTED" in block:
+            raise
+        try:
+            key = load_der_private_key(der, password=None)
+        except (ValueError, TypeError):
+            raise ParseError(
+                "damaged PEM private key (no PKCS #1, PKCS #8 or SEC 1 key in it)"
+            ) from None
+        return _key_facts(key.public_key())
 
 
 def load_private_key(data: bytes, *, validate: bool = True) -> PrivateKeyTypes:

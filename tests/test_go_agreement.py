@@ -11,6 +11,7 @@ a case, with cryptography where it cannot (bad signatures, broken CAs, odd exten
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -455,6 +456,25 @@ def build_corpus(root: Path, kit: Path, other_kit: Path) -> list[Case]:
             else made.cert.read_bytes()
         )
         made.key.write_bytes(first + sec1)
+    # Labels Go does not go by (it tries PKCS #1, PKCS #8 and SEC 1 on any key block), and a
+    # block that is not base64 (pem.Decode skips it).
+    for name, label, fmt, junk in (
+        ("key file: PKCS #8 labelled EC PRIVATE KEY", b"EC PRIVATE KEY",
+         serialization.PrivateFormat.PKCS8, b""),
+        ("key file: SEC 1 labelled PRIVATE KEY", b"PRIVATE KEY",
+         serialization.PrivateFormat.TraditionalOpenSSL, b""),
+        ("key file: a broken key block first", b"PRIVATE KEY", serialization.PrivateFormat.PKCS8,
+         b"-----BEGIN PRIVATE KEY-----\n!!! not base64 !!!\n-----END PRIVATE KEY-----\n"),
+    ):  # fmt: skip
+        crafted(name)
+        made = cases[-1]
+        ec_key = serialization.load_pem_private_key(made.key.read_bytes(), None)
+        assert isinstance(ec_key, ec.EllipticCurvePrivateKey)
+        der = ec_key.private_bytes(serialization.Encoding.DER, fmt, serialization.NoEncryption())
+        body = base64.encodebytes(der)
+        made.key.write_bytes(
+            junk + b"-----BEGIN " + label + b"-----\n" + body + b"-----END " + label + b"-----\n"
+        )
     crafted("mismatched key identifier", aki="mismatch")
     crafted("no key identifiers", aki="none")
     crafted(

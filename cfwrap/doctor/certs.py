@@ -586,7 +586,7 @@ def check_certificate(
 def _check_pair(leaf: Leaf, facts: parsers.CertFacts, fix: str) -> list[Finding]:
     assert leaf.key is not None  # noqa: S101 (caller checked)
     try:
-        key = parsers.read_private_key(parsers.key_block(files.read_input(leaf.key)))
+        key = parsers.read_key_as_go(files.read_input(leaf.key))
     except (OSError, parsers.ParseError) as e:
         reason = e.strerror if isinstance(e, OSError) else str(e)
         return [Finding("error", str(leaf.key), "key.read", f"cannot read: {reason}", fix=fix)]
