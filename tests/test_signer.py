@@ -411,9 +411,18 @@ def test_an_auth_folder_another_user_can_write_is_refused(tmp_path, cli):
         (auth / "server.key").chmod(0o600)
         os.chown(auth / "server.key", 65534, 65534)  # nobody's key, in the server's place
         owned = cli("signer", ca_dir, "--listen", listen, "--auth-dir", auth)
+        # A key that is a link to nothing: one line, not a traceback.
+        (auth / "server.key").unlink()
+        (auth / "server.key").symlink_to(tmp_path / "nothing")
+        dangling = cli("signer", ca_dir, "--listen", listen, "--auth-dir", auth)
     assert owned.code == 3, owned.err
     assert "an auth key owned by uid 65534, not by the user running the signer" in owned.err
     assert len(owned.err.strip().splitlines()) == 1
+    assert dangling.code == 3, dangling.err
+    assert dangling.err == (
+        f"cfwrap: error: {auth / 'server.key'}: an auth key cannot be read (No such file or "
+        "directory); move it away\n"
+    )
     # An auth folder given through a symlink is judged by the folder it names (0700, ours).
     (auth / "server.key").unlink()
     (tmp_path / "link").symlink_to(auth)

@@ -111,7 +111,12 @@ def _check_own(path: Path, what: str, *, writable_by_others: bool = False) -> No
     Raises:
         InputError: owned by another user, or (``writable_by_others``) open to their writes.
     """
-    info = path.stat()  # what a link names: its owner and mode are what count
+    try:
+        info = path.stat()  # what a link names: its owner and mode are what count
+    except OSError as e:  # a link to nothing, say
+        raise InputError(
+            str(path), f"{what} cannot be read ({e.strerror or e})", fix="move it away"
+        ) from None
     mode = stat.S_IMODE(info.st_mode)
     if info.st_uid != os.geteuid():
         raise InputError(
