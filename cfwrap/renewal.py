@@ -363,23 +363,18 @@ def run_exec(command: str, *, folder: Path | None = None) -> None:
         ) from e
 
 
-_ENCRYPT = re.compile(rb'encrypt\s*=\s*"([^"\\]{8,})"')
-
-
 def remember_gossip_keys(folder: Path) -> None:
-    """Treat the folder's gossip keys as secrets: ``gossip.key``, and ``encrypt`` in its HCL."""
-    found: list[bytes] = []
+    """Treat the secrets in the folder's files as such.
+
+    Its gossip key (``gossip.key``, a server config's ``encrypt``) and its private keys.
+    """
     for path in sorted(folder.iterdir()):
-        if path.name != "gossip.key" and path.suffix != ".hcl":
-            continue
         try:
-            data = files.read_input(path)
+            data = files.read_input(path, limit=_SECRET_SCAN_LIMIT)
         except OSError:
-            continue  # not a regular file, or unreadable: nothing in it reaches the command
-        if path.name == "gossip.key":
-            found.append(data.strip())
-        else:
-            found += _ENCRYPT.findall(data)
-    for key in found:
-        if key:
-            runner.remember_secret(key)
+            continue  # not a regular file, too large, or unreadable: nothing cfwrap wrote
+        runner.remember_secrets_in(data)
+
+
+#: The most read of one file of the folder when looking for its secrets.
+_SECRET_SCAN_LIMIT = 1024 * 1024

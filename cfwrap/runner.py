@@ -125,6 +125,29 @@ def remember_secret(value: str | bytes) -> None:
     _SECRETS.add_literal(value.encode() if isinstance(value, str) else value)
 
 
+#: A gossip key as the value of ``encrypt`` in a file (an agent's HCL).
+_GOSSIP_IN_TEXT = re.compile(rb'encrypt\s*=\s*"([A-Za-z0-9+/=]{20,})"')
+
+
+def remember_secrets_in(data: bytes) -> None:
+    """Remember every secret a file's bytes hold.
+
+    Its PEM private keys, the gossip keys given as ``encrypt = "..."``, and the file itself when
+    it is a gossip key alone.
+    """
+    from cfwrap import gossip
+
+    remember_private_keys(data)
+    for key in _GOSSIP_IN_TEXT.findall(data):
+        remember_secret(key)
+    if len(data) < 128:
+        try:
+            gossip.check(data.decode("ascii"))
+        except (ValueError, UnicodeDecodeError):
+            return
+        remember_secret(data.strip())
+
+
 def remember_private_keys(data: bytes) -> int:
     """Find PEM private keys in ``data`` (a file, or a tool's output) and remember them as secret.
 

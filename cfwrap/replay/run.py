@@ -15,7 +15,6 @@ import fnmatch
 import hashlib
 import json
 import os
-import re
 import shutil
 import stat
 import sys
@@ -42,8 +41,7 @@ from cfwrap.runner import (
     Call,
     redact,
     redact_text,
-    remember_private_keys,
-    remember_secret,
+    remember_secrets_in,
     run_pipeline,
 )
 
@@ -62,7 +60,6 @@ _GOSSIP_MAKERS = (
 HASH_LIMIT = 64 * 1024 * 1024
 #: The most cfwrap reads of one file in the folder when it looks for the secrets in it.
 SECRET_SCAN_LIMIT = 1024 * 1024
-_GOSSIP_IN_TEXT = re.compile(rb'encrypt\s*=\s*"([A-Za-z0-9+/=]{20,})"')
 
 
 @dataclass(frozen=True)
@@ -144,19 +141,7 @@ def _remember_secrets(folder: Path, seen: dict[str, tuple[int, int]]) -> None:
             data = files.read_input(path, limit=SECRET_SCAN_LIMIT)
         except OSError:
             continue
-        remember_private_keys(data)
-        for key in _GOSSIP_IN_TEXT.findall(data):
-            remember_secret(key)
-        if len(data) < 128 and _is_gossip_key(data):
-            remember_secret(data)
-
-
-def _is_gossip_key(data: bytes) -> bool:
-    try:
-        gossip.check(data.decode("ascii"))
-    except (ValueError, UnicodeDecodeError):
-        return False
-    return True
+        remember_secrets_in(data)
 
 
 def _makes_gossip_key(stage: list[str]) -> bool:
