@@ -594,14 +594,14 @@ def key_problem(cert: x509.Certificate, *, agent: bool) -> str | None:
     key = cert.public_key()
     if isinstance(key, rsa.RSAPublicKey) and key.key_size < 1024:
         return f"crypto/rsa: {key.key_size}-bit keys are insecure"
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        if key.curve.name not in _GO_CURVES:  # crypto/x509 parses no other curve
-            return "Failed to load cert/key pair: x509: unsupported elliptic curve"
-        if key.curve.name not in _TLS_CURVES:  # no TLS signature scheme signs with it
-            return (
-                f"tls: handshake failure (a {_GO_CURVES[key.curve.name]} key: TLS signs with "
-                "P-256, P-384 and P-521 only)"
-            )
+    if _unparsed_curve(cert) is not None:
+        return "Failed to load cert/key pair: x509: unsupported elliptic curve"
+    # No TLS signature scheme signs with a curve but these.
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name not in _TLS_CURVES:
+        return (
+            f"tls: handshake failure (a {_GO_CURVES[key.curve.name]} key: TLS signs with "
+            "P-256, P-384 and P-521 only)"
+        )
     if agent and not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
         return (
             f"Unsupported signature algorithm {type(key).__name__}; RSA and ECDSA only are "
