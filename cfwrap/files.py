@@ -269,6 +269,11 @@ def write_replace(path: Path, data: bytes | Iterable[bytes], *, mode: int) -> No
         _fsync_dir(path.parent)
 
 
+def _lock_path(target: Path) -> Path:
+    """The file :class:`FolderLock` locks for ``target``: beside it, named after it."""
+    return target.parent / f".{target.name}.cfwrap.lock"
+
+
 def lock_held(target: Path) -> bool:
     """Whether a process holds :class:`FolderLock` on ``target`` now (for status, a dry run).
 
@@ -279,7 +284,7 @@ def lock_held(target: Path) -> bool:
     killed writer left holds no lock. One this user cannot open (another user's) is looked up
     in ``/proc/locks`` instead, which sees only this PID namespace's holders.
     """
-    path = target.parent / f".{target.name}.cfwrap.lock"
+    path = _lock_path(target)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -335,7 +340,7 @@ class FolderLock:
         self.target = target
         self.wait = wait
         self.sweep_beside = sweep_beside
-        self.path = target.parent / f".{target.name}.cfwrap.lock"
+        self.path = _lock_path(target)
         self._fd: int | None = None
 
     def __enter__(self) -> FolderLock:
