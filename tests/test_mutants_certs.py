@@ -95,10 +95,15 @@ def test_reissue_command_quotes_every_value(tmp_path):
         held.write_text("a certificate's place\n")
     leaf = certs.Leaf("client", "eu west", tmp_path / "a b" / "c.pem", None)
     assert certs.reissue_command(leaf, None) == (
-        "cfwrap cert --ca ca.pem --ca-key ca-key.pem --role client --region 'eu west' "
+        "cfwrap cert --ca ca.pem --ca-key CA-KEY --role client --region 'eu west' "
         f"--out '{tmp_path / 'a b'}' --force"
     )
     cert, _ = _cert(ca=True)
+    # A CA's key is named only where it is: a cert folder holds the CA's certificate alone.
+    lone = certs.LoadedCA(tmp_path / "nomad-ca.pem", None, cert, _facts(cert))
+    assert " --ca-key CA-KEY " in certs.reissue_command(leaf, lone)
+    for key in ("nomad-ca-key.pem", "k.pem"):
+        (tmp_path / key).write_text("a key's place\n")
     ca = certs.LoadedCA(tmp_path / "nomad-ca.pem", None, cert, _facts(cert))
     no_role = certs.Leaf(None, "global", tmp_path / "x.pem", None)
     assert certs.reissue_command(no_role, ca) == (

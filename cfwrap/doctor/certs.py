@@ -57,6 +57,8 @@ def reissue_command(leaf: Leaf, ca: LoadedCA | None) -> str:
     ca_path = ca.path if ca else Path("ca.pem")
     # cfssljson's naming: nomad-agent-ca.pem's key is nomad-agent-ca-key.pem.
     ca_key = (ca.key_path if ca and ca.key_path else None) or key_path(ca_path)
+    if not ca_key.is_file():
+        ca_key = Path("CA-KEY")  # a cert folder holds the CA's certificate, never its key
     role = leaf.role or "server"
     out = str(leaf.cert.parent)
     here = Path.cwd()
