@@ -435,6 +435,25 @@ def _entries(folder: Path) -> list[Path]:
         return []
 
 
+def make_parents(path: Path) -> list[Path]:
+    """Make the missing folders above ``path``; return them, topmost first, for :func:`unmake`.
+
+    Raises:
+        OSError: a folder cannot be made.
+    """
+    missing = [p for p in reversed(path.parents) if not p.exists()]
+    for folder in missing:
+        folder.mkdir(exist_ok=True)
+    return missing
+
+
+def unmake(folders: list[Path]) -> None:
+    """Remove ``folders`` (from :func:`make_parents`) that are still empty, deepest first."""
+    for folder in reversed(folders):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
 def staging_prefix(target: Path) -> str:
     """The name prefix of ``target``'s staging folders (a random suffix follows)."""
     return f".{target.name}.cfwrap-"

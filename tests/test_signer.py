@@ -499,13 +499,15 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, cli, argv, code, tex
 def test_a_busy_port_is_a_clear_error(tmp_path, running):
     done = subprocess.run(
         [sys.executable, "-m", "cfwrap", "signer", str(running.ca_dir),
-         "--auth-dir", str(tmp_path / "auth"), "--listen", f"127.0.0.1:{running.port}"],
+         "--auth-dir", str(tmp_path / "new" / "er" / "auth"),
+         "--listen", f"127.0.0.1:{running.port}"],
         capture_output=True, check=False, cwd=ROOT, timeout=60,
     )  # fmt: skip
     assert done.returncode == 3, done.stderr
     assert b"address already in use" in done.stderr
     assert len(done.stderr.decode().strip().splitlines()) == 1
     assert b"Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []  # the folders above --auth-dir were not left made
 
 
 def test_an_open_key_file_is_refused(tmp_path, cli):

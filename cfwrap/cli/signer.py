@@ -138,7 +138,7 @@ def _change_key(args: argparse.Namespace, auth_dir: Path) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from cfwrap import kit, tools
+    from cfwrap import files, kit, tools
     from cfwrap.models import parse_duration
     from cfwrap.nomad import check_region
     from cfwrap.signer import authkeys, policy, process, setup
@@ -170,28 +170,34 @@ def _run(args: argparse.Namespace) -> int:
     cfssl_tool = tools.find("cfssl", directory=args.cfssl_dir)
     multirootca = tools.find("multirootca", directory=args.cfssl_dir)
     auth_dir = _auth_dir(args).absolute()
-    auth_dir.parent.mkdir(parents=True, exist_ok=True)  # the lock file lives there
-    with setup.signer_lock(auth_dir):
-        authkeys.check_trusted(auth_dir)  # before anything: the keys decide who gets what
-        process.check_free(listen)  # before a TLS certificate is issued for the address
-        prepared = setup.prepare(
-            ca=ca,
-            auth_dir=auth_dir,
-            cfssl_tool=cfssl_tool,
-            listen=listen,
-            regions=regions,
-            domains=domains,
-            tls_names=args.tls_name,
-            expiry=args.expiry,
-        )
-        for name in prepared.made:
-            say(f"cfwrap: made {prepared.auth_dir / name}")
-        try:
-            signer = process.start(multirootca, prepared, listen)
-        except BaseException:
-            setup.discard(prepared)
-            raise
-        return _serve(signer, prepared, listen, regions)
+    made = files.make_parents(auth_dir)  # the lock file lives beside the folder
+    try:
+        with setup.signer_lock(auth_dir):
+            authkeys.check_trusted(auth_dir)  # before anything: the keys decide who gets what
+            process.check_free(listen)  # before a TLS certificate is issued for the address
+            prepared = setup.prepare(
+                ca=ca,
+                auth_dir=auth_dir,
+                cfssl_tool=cfssl_tool,
+                listen=listen,
+                regions=regions,
+                domains=domains,
+                tls_names=args.tls_name,
+                expiry=args.expiry,
+            )
+            for name in prepared.made:
+                say(f"cfwrap: made {prepared.auth_dir / name}")
+            try:
+                signer = process.start(multirootca, prepared, listen)
+            except BaseException:
+                setup.discard(prepared)
+                raise
+            return _serve(signer, prepared, listen, regions)
+
+    except BaseException:
+        if not auth_dir.exists():  # a refused start leaves no folder behind
+            files.unmake(made)
+        raise
 
 
 def _serve(signer: Signer, prepared: Prepared, listen: Listen, regions: list[str]) -> int:
