@@ -16,6 +16,8 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 
@@ -280,6 +282,77 @@ def read_certificate(data: bytes) -> CertFacts:
         ParseError: no PEM certificate, or a damaged one.
     """
     return certificate_facts(load_certificate(data))
+
+
+@dataclass(frozen=True)
+class PemBlock:
+    """A block as Go's ``encoding/pem`` decodes it: its type, whether it has headers, its DER."""
+
+    type: bytes
+    has_headers: bool
+    der: bytes
+
+
+_PEM_START, _PEM_END, _DASHES = b"-----BEGIN ", b"\n-----END ", b"-----"
+
+
+def _go_line(data: bytes) -> tuple[bytes, bytes]:
+    """Go's pem ``getLine``: the first line without its ending or trailing blanks; the rest."""
+    line, newline, rest = data.partition(b"\n")
+    if newline and line.endswith(b"\r"):
+        line = line[:-1]
+    return line.rstrip(b" \t"), rest
+
+
+def go_pem_blocks(data: bytes) -> Iterator[PemBlock]:
+    """Every block Go's ``pem.Decode`` finds in ``data``, in order, as Go finds them.
+
+    A BEGIN line at the start or after a newline, blanks allowed after it; ``Key: value``
+    header lines; an END line of the same type; base64 with blanks and line ends anywhere. A
+    likely block that breaks a rule is skipped, and the search goes on after its BEGIN line.
+    """
+    rest = data
+    while True:
+        if rest.startswith(_PEM_START):
+            rest = rest[len(_PEM_START) :]
+        else:
+            _, found, rest = rest.partition(b"\n" + _PEM_START)
+            if not found:
+                return
+        block, rest = _go_block(rest)
+        if block is not None:
+            yield block
+
+
+def _go_block(rest: bytes) -> tuple[PemBlock | None, bytes]:
+    """The block after a BEGIN, and what follows it; or None, and where to search on."""
+    import base64
+    import binascii
+
+    type_line, rest = _go_line(rest)
+    if not type_line.endswith(_DASHES):
+        return None, rest
+    kind = type_line[: -len(_DASHES)]
+    has_headers = False
+    while rest:
+        line, after = _go_line(rest)
+        if b":" not in line:
+            break
+        has_headers, rest = True, after
+    if not has_headers and rest.startswith(_PEM_END[1:]):
+        end, trailer = 0, len(_PEM_END) - 1
+    else:
+        end = rest.find(_PEM_END)
+        trailer = end + len(_PEM_END)
+    closing = rest[trailer : trailer + len(kind) + len(_DASHES)]
+    after_end, next_rest = _go_line(rest[trailer + len(closing) :])
+    if end < 0 or closing != kind + _DASHES or after_end:
+        return None, rest
+    try:
+        der = base64.b64decode(rest[:end].translate(None, b" \t\r\n"), validate=True)
+    except (binascii.Error, ValueError):
+        return None, rest
+    return PemBlock(kind, has_headers, der), next_rest
 
 
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----", re.DOTALL)

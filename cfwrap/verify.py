@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Literal
 
+from cfwrap import parsers
+
 if TYPE_CHECKING:
     from cryptography import x509
 
@@ -54,6 +56,25 @@ def load_pem_certificates(data: bytes) -> list[x509.Certificate]:
     from cryptography import x509
 
     return x509.load_pem_x509_certificates(data)
+
+
+def go_ca_pool(data: bytes) -> list[x509.Certificate]:
+    """The roots Go's ``CertPool.AppendCertsFromPEM`` takes from a CA file (Nomad's ``ca_file``).
+
+    Each ``CERTIFICATE`` block without headers that Go can parse; any other block, or one it
+    cannot parse, is skipped. None at all is Nomad's "Failed to parse any valid certificates".
+    """
+    pool = []
+    for block in parsers.go_pem_blocks(data):
+        if block.type != b"CERTIFICATE" or block.has_headers:
+            continue
+        try:
+            cert = parsers.load_der_certificate(block.der)
+        except parsers.ParseError:
+            continue
+        if _unparsed_curve(cert) is None:  # Go's ParseCertificate fails on other curves
+            pool.append(cert)
+    return pool
 
 
 def _name(cert: x509.Certificate) -> str:

@@ -582,6 +582,23 @@ def test_a_leaf_given_as_the_ca_fails_the_ca_constraints(cli, kits):
     assert "global-server-nomad.pem:chain" in errors
 
 
+def test_a_ca_file_that_holds_a_private_key_is_an_error(cli, kits, tmp_path):
+    kit = copy_kit(kits["global"], tmp_path / "kit")
+    bundle = kit / "ca.pem"
+    bundle.write_bytes(bundle.read_bytes() + (kit / "ca-key.pem").read_bytes())
+    try:
+        # Judged by cryptography: the file holds the CA and its key, and Nomad would load it.
+        assert x509.load_pem_x509_certificates(bundle.read_bytes())
+        assert serialization.load_pem_private_key(bundle.read_bytes(), None)
+        code, report = _doctor(cli, kit)
+    finally:
+        bundle.unlink()  # the key must not outlive the test in a file no scan takes for a key
+    assert code == 7
+    found = _checks(report)["ca.pem:ca.private-key"]
+    assert "every agent and CLI user" in found["message"]
+    assert "offline" in found["fix"]
+
+
 def test_a_ca_certificate_in_a_role_certificates_place(cli, kits, tmp_path):
     kit = copy_kit(kits["global"], tmp_path / "kit")
     for suffix in (".pem", "-key.pem"):

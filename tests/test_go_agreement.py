@@ -14,11 +14,12 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address, IPv4Network
@@ -542,6 +543,52 @@ def build_corpus(root: Path, kit: Path, other_kit: Path) -> list[Case]:
     shutil.copy(kit / "global-server-nomad.pem", f / "leaf.pem")
     shutil.copy(kit / "global-client-nomad-key.pem", f / "leaf-key.pem")
     add("key of another certificate", "cfwrap", kit_ca, f / "leaf.pem")
+
+    # PEM as Go's encoding/pem reads it: blanks after a BEGIN line, CRLF, indented base64 and
+    # text around blocks are fine, a label in lower case is not; and in a CA file a CERTIFICATE
+    # block with headers, or under another label, is skipped (CertPool.AppendCertsFromPEM).
+    base = cases[[c.name for c in cases].index("nomad tls server")]
+
+    def respelled(name: str, part: str, change: Callable[[bytes], bytes]) -> None:
+        f = folder(name)
+        made = {"ca": f / "ca.pem", "cert": f / "leaf.pem", "key": f / "leaf-key.pem"}
+        for which, source in (("ca", base.ca), ("cert", base.cert), ("key", base.key)):
+            data = source.read_bytes()
+            made[which].write_bytes(change(data) if which == part else data)
+        made["key"].chmod(0o600)
+        add(name, "cryptography", made["ca"], made["cert"])
+
+    def blanks(pem: bytes) -> bytes:
+        return re.sub(rb"(-----BEGIN [A-Z ]+-----)\n", rb"\1 \t\n", pem)
+
+    def crlf_indented(pem: bytes) -> bytes:
+        return re.sub(rb"\n(?=[A-Za-z0-9+/])", b"\n  ", pem).replace(b"\n", b"\r\n")
+
+    def lower_labels(pem: bytes) -> bytes:
+        return re.sub(rb"(BEGIN|END) ([A-Z ]+)-----", lambda m: m[0].lower(), pem)
+
+    def with_headers(pem: bytes) -> bytes:
+        return re.sub(rb"(-----BEGIN [A-Z ]+-----)\n", rb"\1\nComment: a header\n\n", pem)
+
+    broken = b"-----BEGIN CERTIFICATE-----\nMIIBaaaa\n-----END CERTIFICATE-----\n"
+    for name, part, change in (
+        ("PEM: blanks after BEGIN in the cert file", "cert", blanks),
+        ("PEM: cert file in CRLF, indented", "cert", crlf_indented),
+        ("PEM: cert file label in lower case", "cert", lower_labels),
+        ("PEM: text before the certificate", "cert", lambda b: b"issued today\n" + b),
+        ("PEM: blanks after BEGIN in the key file", "key", blanks),
+        ("PEM: key file in CRLF, indented", "key", crlf_indented),
+        ("PEM: key file label in lower case", "key", lower_labels),
+        ("PEM: CA file in CRLF, indented", "ca", crlf_indented),
+        ("PEM: CA with headers, alone", "ca", with_headers),
+        ("PEM: CA with headers, then without", "ca", lambda b: with_headers(b) + b),
+        ("PEM: a damaged block before the CA", "ca", lambda b: broken + b),
+        ("PEM: X509 CERTIFICATE label before the CA", "ca",
+         lambda b: b.replace(b"CERTIFICATE", b"X509 CERTIFICATE") + b),
+        ("PEM: CA as TRUSTED CERTIFICATE", "ca", lambda b: b.replace(b"CERTIFICATE",
+                                                                     b"TRUSTED CERTIFICATE")),
+    ):  # fmt: skip
+        respelled(name, part, change)
     return cases
 
 

@@ -85,20 +85,21 @@ def go_hostname_error(facts: parsers.CertFacts, host: str) -> str:
 
 
 def load_ca(path: Path, key_path: Path | None) -> tuple[LoadedCA | None, list[Finding]]:
-    """Load the CA certificate; findings when it cannot serve as ``ca_file``."""
+    """Load the CA file as Nomad does (its roots, :func:`verify.go_ca_pool`); findings on it."""
     try:
-        cert = parsers.load_certificate(files.read_input(path))
-    except (OSError, parsers.ParseError) as e:
-        reason = e.strerror if isinstance(e, OSError) else str(e)
-        return None, [
-            Finding(
-                "error",
-                str(path),
-                "ca.read",
-                f"cannot read the CA: {reason}",
-                fix="give the CA certificate (ca.pem) with --ca",
-            )
-        ]
+        data = files.read_input(path)
+    except OSError as e:
+        return None, [_unreadable_ca(path, e.strerror or str(e))]
+    roots = tuple(verify.go_ca_pool(data))
+    if not roots:
+        try:  # what is there instead, in cryptography's words
+            parsers.load_certificate(data)
+            reason = "no certificate Go takes (a CERTIFICATE block, without headers, it parses)"
+        except parsers.ParseError as e:
+            reason = str(e)
+        nomad = f"Failed to parse any valid certificates in CA file: {path}"
+        return None, [_unreadable_ca(path, reason, nomad_error=nomad)]
+    cert = roots[0]
     facts = parsers.certificate_facts(cert)
     findings = []
     # Go's CheckSignatureFrom: CA:TRUE, and keyCertSign only when a key usage is given at all.
@@ -114,11 +115,29 @@ def load_ca(path: Path, key_path: Path | None) -> tuple[LoadedCA | None, list[Fi
                 fix="cfwrap ca --out NEW-CA-DIR, then reissue the certificates from it",
             )
         )
-    try:
-        roots = tuple(verify.load_pem_certificates(files.read_input(path)))
-    except (OSError, ValueError):
-        roots = (cert,)
+    if any(b.type.endswith(b"PRIVATE KEY") for b in parsers.go_pem_blocks(data)):
+        findings.append(
+            Finding(
+                "error",
+                str(path),
+                "ca.private-key",
+                "the CA file holds a private key: every agent and CLI user given it would hold "
+                "that key too",
+                fix=f"keep only the CA certificate(s) in {path}, and the CA's key offline",
+            )
+        )
     return LoadedCA(path, key_path, cert, facts, roots), findings
+
+
+def _unreadable_ca(path: Path, reason: str, *, nomad_error: str = "") -> Finding:
+    return Finding(
+        "error",
+        str(path),
+        "ca.read",
+        f"cannot read the CA: {reason}",
+        nomad_error=nomad_error,
+        fix="give the CA certificate (ca.pem) with --ca",
+    )
 
 
 def check_dates(
