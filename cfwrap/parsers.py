@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Literal
@@ -355,63 +354,38 @@ def _go_block(rest: bytes) -> tuple[PemBlock | None, bytes]:
     return PemBlock(kind, has_headers, der), next_rest
 
 
-_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----", re.DOTALL)
-
-
-def key_block(data: bytes) -> bytes:
-    """The PEM block Go's ``tls.X509KeyPair`` takes as the key (``data`` if it has none).
-
-    The first ``PRIVATE KEY`` or ``* PRIVATE KEY`` block, others before it skipped: ``openssl
-    ecparam -genkey`` writes an ``EC PARAMETERS`` block first, and a combined file may hold the
-    certificate first. With none, the load says what it found instead.
-    """
-    for block in _PEM_BLOCK.finditer(data):
-        label = block.group(1)
-        if (label == b"PRIVATE KEY" or label.endswith(b" PRIVATE KEY")) and _der_of(block):
-            return block.group(0)
-    return data
-
-
-def _der_of(block: re.Match[bytes]) -> bytes | None:
-    """A PEM block's body, decoded; None when it is not base64 (Go's pem.Decode skips it)."""
-    import base64
-    import binascii
-
-    body = block.group(0).split(b"\n", 1)[1].rsplit(b"-----END", 1)[0]
-    if b":" in body:  # headers (Proc-Type: 4,ENCRYPTED): the load says what it is
-        return body
-    try:
-        return base64.b64decode(b"".join(body.split()), validate=True) or None
-    except (binascii.Error, ValueError):
-        return None
-
-
 def read_key_as_go(data: bytes) -> KeyFacts:
-    """Read the key Go's ``tls.X509KeyPair`` would take from ``data``.
+    """Read the key Go's ``tls.X509KeyPair`` takes from ``data``.
 
-    Its block (:func:`key_block`), parsed by its label, or else as Go parses any key block: as
-    PKCS #1, PKCS #8 or SEC 1 DER, whatever the label says.
+    The first block labelled ``PRIVATE KEY`` or ``* PRIVATE KEY``, others before it skipped
+    (``openssl ecparam -genkey`` writes an ``EC PARAMETERS`` block first, and a combined file
+    may hold the certificate first), parsed as Go parses any key block: as PKCS #1, PKCS #8 or
+    SEC 1 DER, whatever its label says.
 
     Raises:
         ParseError: no key Go would take.
     """
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives.serialization import load_der_private_key
 
-    block = key_block(data)
+    blocks = list(go_pem_blocks(data))
+    block = next((b for b in blocks if _is_key_label(b.type)), None)
+    if block is None:
+        found = pem_kind(data) or (f"a {blocks[0].type!r} block" if blocks else "no PEM block")
+        raise ParseError(f"not a PEM private key (found: {found})")
+    if block.has_headers or b"ENCRYPTED" in block.type:
+        raise ParseError("encrypted private key; cfssl needs it unencrypted")
     try:
-        return read_private_key(block)
-    except ParseError:
-        match = _PEM_BLOCK.search(block)
-        der = _der_of(match) if match else None
-        if der is None or b"ENCRYPTED" in block:
-            raise
-        try:
-            key = load_der_private_key(der, password=None)
-        except (ValueError, TypeError):
-            raise ParseError(
-                "damaged PEM private key (no PKCS #1, PKCS #8 or SEC 1 key in it)"
-            ) from None
-        return _key_facts(key.public_key())
+        key = load_der_private_key(block.der, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ParseError(
+            "damaged PEM private key (no PKCS #1, PKCS #8 or SEC 1 key in it)"
+        ) from None
+    return _key_facts(key.public_key())
+
+
+def _is_key_label(label: bytes) -> bool:
+    return label == b"PRIVATE KEY" or label.endswith(b" PRIVATE KEY")
 
 
 def load_private_key(data: bytes, *, validate: bool = True) -> PrivateKeyTypes:

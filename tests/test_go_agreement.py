@@ -465,7 +465,7 @@ def build_corpus(root: Path, kit: Path, other_kit: Path) -> list[Case]:
         ("key file: SEC 1 labelled PRIVATE KEY", b"PRIVATE KEY",
          serialization.PrivateFormat.TraditionalOpenSSL, b""),
         ("key file: a broken key block first", b"PRIVATE KEY", serialization.PrivateFormat.PKCS8,
-         b"-----BEGIN PRIVATE KEY-----\n!!! not base64 !!!\n-----END PRIVATE KEY-----\n"),
+         b"-----BEGIN PRIVATE KEY-----\nMIIB!!!!\n-----END PRIVATE KEY-----\n"),
     ):  # fmt: skip
         crafted(name)
         made = cases[-1]
