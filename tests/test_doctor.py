@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -299,9 +301,119 @@ def test_hcl_pointing_at_a_missing_file_and_weak_settings(cli, kits, tmp_path):
     gone = kit / "gone-key.pem"  # the copy's HCL names the copy's files
     assert missing["message"] == f"key_file names {gone}, which does not exist"
     assert errors["global-client.hcl:hcl.tls_cipher_suites"]["nomad_error"] == (
-        "tls: no cipher suite supported by both client and server"
+        # helper/tlsutil/config.go ParseCiphers: the agent does not start.
+        "Specified cipher suites don't support the certificate signature algorithm ECDSA"
     )
     assert "global-client.hcl:hcl.verify_https_client" in _checks(report, "warning")
+
+
+TLS_BLOCK_END = "  verify_https_client    = true\n}\n"
+ECDSA_GCM = "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256", "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384"
+
+
+def _in_tls(*lines: str) -> Callable[[str], str]:
+    """A change that adds ``lines`` at the end of the server HCL's tls block."""
+    return lambda text: text.replace(
+        TLS_BLOCK_END, TLS_BLOCK_END[:-2] + "".join(f"  {line}\n" for line in lines) + "}\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        # HCL 1 decodes every tls block into one struct, a later value winning (decoder.go).
+        pytest.param(lambda t: t + "tls {\n  rpc = false\n  verify_server_hostname = false\n}\n",
+                     ({"hcl.rpc", "hcl.verify_server_hostname"}, set()), id="a second tls block"),
+        # ... and matches keys whatever their case (ast.ObjectList.Filter, strings.EqualFold).
+        pytest.param(_in_tls("Verify_Server_Hostname = false"),
+                     ({"hcl.verify_server_hostname"}, set()), id="a key in other case"),
+        pytest.param(lambda t: t.replace("tls {", "TLS {"), (set(), set()),
+                     id="the block named in capitals"),
+        # decodeBool takes "true", "1", 1, TRUE as true.
+        pytest.param(lambda t: t.replace("http = true", 'http = "true"').replace(
+            "rpc  = true", "rpc  = 1").replace("verify_server_hostname = true",
+                                               'verify_server_hostname = "1"').replace(
+            "verify_https_client    = true", 'verify_https_client = "TRUE"'),
+                     (set(), set()), id="booleans as strings and numbers"),
+        pytest.param(lambda t: t.replace("http = true", 'http = "yes"'),
+                     ({"hcl.http"}, {"hcl.http"}), id="a boolean HCL 1 cannot read"),
+        # nomad/rpc.go: upgrade mode takes plaintext RPC and skips validateRaftTLS.
+        pytest.param(_in_tls("rpc_upgrade_mode = true"), ({"hcl.rpc_upgrade_mode"}, set()),
+                     id="rpc_upgrade_mode"),
+        # ParseCiphers splits at "," without trimming, and checks the key type even for tls13.
+        pytest.param(_in_tls(f'tls_cipher_suites = "{", ".join(ECDSA_GCM)}"'),
+                     ({"hcl.tls_cipher_suites"}, set()), id="a space after a comma"),
+        pytest.param(_in_tls('tls_min_version = "tls13"',
+                             'tls_cipher_suites = "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256"'),
+                     ({"hcl.tls_cipher_suites"}, set()), id="RSA suites for an EC key, tls13"),
+        pytest.param(_in_tls(f'tls_cipher_suites = "{",".join(ECDSA_GCM)}"'), (set(), set()),
+                     id="suites as Nomad takes them"),
+        # base64.StdEncoding.DecodeString of the text as it is: blanks are no base64.
+        pytest.param(lambda t: re.sub(r'encrypt = "([^"]+)"', r'encrypt = " \1 "', t),
+                     ({"hcl.encrypt"}, set()), id="blanks around the gossip key"),
+        # helper/tlsutil opens the paths as given: from the agent's working folder.
+        pytest.param(lambda t: re.sub(r'(ca_file\s+=\s+)"[^"]+/', r'\1"', t),
+                     (set(), {"hcl.relative-path"}), id="a relative path"),
+    ],
+)  # fmt: skip
+def test_the_server_hcl_is_read_as_nomads_hcl_1_reads_it(cli, kits, tmp_path, change, expected):
+    kit = copy_kit(kits["global"], tmp_path / "kit")
+    (kit / "manifest.json").unlink()  # the HCL changes: judged on its own, not against it
+    (kit / "global-client.hcl").unlink()
+    hcl = kit / "global-server.hcl"
+    before = hcl.read_text()
+    assert before.endswith(TLS_BLOCK_END)
+    hcl.write_text(change(before))
+    assert hcl.read_text() != before
+    code, report = _doctor(cli, kit)
+    errors, warnings = expected
+    assert {f["check"] for f in report["findings"] if f["severity"] == "error"} == errors, report
+    assert {f["check"] for f in report["findings"] if f["severity"] == "warning"} == warnings
+    assert code == (7 if errors else 0)
+    key = (kit / "gossip.key").read_text().strip()
+    assert_no_secrets(json.dumps(report), key)
+
+
+def test_an_agent_is_a_client_or_a_server_as_its_enabled_says(cli, kits, tmp_path):
+    kit = copy_kit(kits["global"], tmp_path / "kit")
+    (kit / "manifest.json").unlink()
+    client = kit / "global-client.hcl"
+    text = client.read_text().replace('region = "global"\n', 'region = "global"\n'
+                                      "server {\n  enabled = false\n}\n"
+                                      "client {\n  enabled = true\n}\n")  # fmt: skip
+    client.unlink()
+    (kit / "nomad.hcl").write_text(text)  # the name says nothing; the server block says off
+    code, report = _doctor(cli, kit)
+    assert code == 0, report
+    # The same client agent with the server's certificate: refused as a client's.
+    (kit / "nomad.hcl").write_text(text.replace("global-client-nomad", "global-server-nomad"))
+    code, report = _doctor(cli, kit)
+    assert code == 7
+    assert "global-server-nomad.pem:names.client" in _checks(report)
+    # A file named for a client that runs a server: a server, with the server's certificate.
+    (kit / "nomad.hcl").unlink()
+    server = (
+        (kit / "global-server.hcl").read_text().replace("server {", "server {\n  enabled = true")
+    )
+    (kit / "global-server.hcl").unlink()
+    renamed = kit / "client-node.hcl"  # holds the gossip key: removed, as no kit file is named so
+    renamed.write_text(server)
+    renamed.chmod(0o600)
+    try:
+        code, report = _doctor(cli, kit)
+    finally:
+        renamed.unlink()
+    assert code == 0, report
+
+
+def test_one_certificate_used_by_a_server_and_a_client_must_pass_as_both(cli, kits, tmp_path):
+    kit = copy_kit(kits["global"], tmp_path / "kit")
+    (kit / "manifest.json").unlink()
+    client = kit / "global-client.hcl"
+    client.write_text(client.read_text().replace("global-client-nomad", "global-server-nomad"))
+    code, report = _doctor(cli, kit)
+    assert code == 7
+    assert "global-server-nomad.pem:names.client" in _checks(report)
 
 
 def test_bad_gossip_key_in_hcl_is_reported_without_the_key(cli, kits, tmp_path):

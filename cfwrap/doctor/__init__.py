@@ -190,18 +190,23 @@ def _leaves(
         leaves[path.resolve()] = certs.Leaf(
             role, expect or region or DEFAULT_REGION, path, key if key.is_file() else None
         )
+    # Each config that uses a certificate says what it is for; two configs (a server's and a
+    # client's) may use one certificate, and it must then pass as both.
+    used: dict[tuple[Path, Role | None, str, Path | None], certs.Leaf] = {}
     for config in configs:
         cert_file = config.files.get("cert_file")
         if cert_file is None or not files.is_regular(cert_file):
             continue
         known = leaves.get(cert_file.resolve())
-        leaves[cert_file.resolve()] = certs.Leaf(
+        leaf = certs.Leaf(
             config.role or (known.role if known else None),
             expect or config.region,
             known.cert if known else cert_file,
             config.files.get("key_file") or (known.key if known else None),
         )
-    return list(leaves.values())
+        used.setdefault((cert_file.resolve(), leaf.role, leaf.region, leaf.key), leaf)
+    by_config = {resolved for resolved, *_ in used}
+    return [leaf for path, leaf in leaves.items() if path not in by_config] + list(used.values())
 
 
 #: ``manifest.FILE_NAME``, named here so that checking a folder without one loads no pydantic.

@@ -17,6 +17,9 @@ from cfwrap.nomad import DEFAULT_REGION, HclSyntaxError, Role, check_region, par
 #: An agent configuration is a few KiB; a larger file is not one cfwrap should parse.
 _MAX_HCL = 1024 * 1024
 
+#: The tls block's booleans (nomad/structs/config/tls.go).
+_BOOLEANS = ("http", "rpc", "verify_server_hostname", "verify_https_client", "rpc_upgrade_mode")
+
 
 @dataclass(frozen=True)
 class AgentConfig:
@@ -31,10 +34,49 @@ class AgentConfig:
 
 
 def _block(data: dict[str, Any], name: str) -> dict[str, Any] | None:
-    value = data.get(name)
-    if isinstance(value, list):
-        value = value[0] if value else None
-    return value if isinstance(value, dict) else None
+    """Every ``name`` block of ``data``, merged as Nomad's HCL 1 decoder merges them.
+
+    Nomad decodes its agent files with HCL 1 (its fork of hashicorp/hcl): a key matches
+    whatever its case (``ObjectList.Filter`` compares with ``strings.EqualFold``), and every
+    block of a name is decoded in turn into the same struct, so a later value wins. python-hcl2
+    keeps them apart: a list of blocks, keys as written. Keys come back in lower case.
+    """
+    blocks = [
+        block
+        for key, value in data.items()
+        if key.lower() == name
+        for block in (value if isinstance(value, list) else [value])
+        if isinstance(block, dict)
+    ]
+    if not blocks:
+        return None
+    return {key.lower(): value for block in blocks for key, value in block.items()}
+
+
+def _attribute(data: dict[str, Any], name: str) -> object:
+    """The value Nomad's HCL 1 decoder takes for attribute ``name``: the last, any case."""
+    values = [value for key, value in data.items() if key.lower() == name]
+    return values[-1] if values else None
+
+
+def hcl1_bool(value: object) -> bool | None:
+    """A boolean as HCL 1 decodes one (``decodeBool``); None when it is none (Nomad refuses it).
+
+    A bool, or a string or number token whose text is ``1``, ``true``, ``0`` or ``false`` in
+    any case: ``http = "true"`` and ``rpc = 1`` turn TLS on.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float | str):
+        return {"1": True, "true": True, "0": False, "false": False}.get(str(value).lower())
+    return None
+
+
+def _hcl1_string(value: object) -> str | None:
+    """A string as HCL 1 decodes one: a number or a boolean becomes its text."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value) if isinstance(value, int | float | str) else None
 
 
 def read(path: Path) -> tuple[AgentConfig | None, list[Finding]]:
@@ -59,20 +101,30 @@ def read(path: Path) -> tuple[AgentConfig | None, list[Finding]]:
             )
         ]
     server = _block(data, "server")
+    client = _block(data, "client")
     stem = path.stem
     role: Role | None = None
-    if "server" in stem or (server is not None and "client" not in stem):
+    # Nomad runs a server when server { enabled = true }, a client likewise; a block without
+    # it, or a file that says neither, is judged by its name.
+    if server is not None and hcl1_bool(server.get("enabled")) is True:
         role = "server"
-    elif "client" in stem or _block(data, "client") is not None:
+    elif client is not None and hcl1_bool(client.get("enabled")) is True:
+        role = "client"
+    elif "server" in stem or (server is not None and "client" not in stem):
+        role = "server"
+    elif "client" in stem or client is not None:
         role = "client"
     tls = _block(data, "tls")
     named = {}
+    relative = []
     for key in ("ca_file", "cert_file", "key_file"):
         value = tls.get(key) if tls else None
         if isinstance(value, str) and value:
             named[key] = Path(value) if Path(value).is_absolute() else path.parent / value
-    encrypt = server.get("encrypt") if server else None
-    region = data.get("region")
+            if not Path(value).is_absolute():
+                relative.append(key)
+    encrypt = _hcl1_string(server.get("encrypt")) if server else None
+    region = _attribute(data, "region")
     region = region if isinstance(region, str) else DEFAULT_REGION
     findings = []
     try:
@@ -87,14 +139,19 @@ def read(path: Path) -> tuple[AgentConfig | None, list[Finding]]:
                 fix='give the agent a region that is a DNS label, e.g. region = "global"',
             )
         )
-    config = AgentConfig(
-        path=path,
-        role=role,
-        region=region,
-        tls=tls,
-        encrypt=encrypt if isinstance(encrypt, str) else None,
-        files=named,
-    )
+    if relative:
+        findings.append(
+            Finding(
+                "warning",
+                str(path),
+                "hcl.relative-path",
+                f"{', '.join(relative)} {'is' if len(relative) == 1 else 'are'} relative: Nomad "
+                "opens them from the agent's working folder (/ under systemd), not from this "
+                f"file's; checked here as if from {path.parent}",
+                fix="give absolute paths in the tls block",
+            )
+        )
+    config = AgentConfig(path=path, role=role, region=region, tls=tls, encrypt=encrypt, files=named)
     return config, findings
 
 
@@ -111,40 +168,7 @@ def check(config: AgentConfig) -> list[Finding]:
                 fix="add the tls block cfwrap quickstart writes",
             )
         ]
-    findings = []
-    tls = config.tls
-    flags: tuple[tuple[str, Severity], ...] = (("rpc", "error"), ("http", "warning"))
-    for flag, severity in flags:
-        if tls.get(flag) is not True:
-            findings.append(
-                Finding(
-                    severity,
-                    path,
-                    f"hcl.{flag}",
-                    f"tls {{ {flag} = true }} is not set",
-                    fix=f"set {flag} = true in the tls block",
-                )
-            )
-    if tls.get("verify_server_hostname") is not True:
-        findings.append(
-            Finding(
-                "error",
-                path,
-                "hcl.verify_server_hostname",
-                "verify_server_hostname is off: any certificate from the CA can pose as a server",
-                fix="set verify_server_hostname = true",
-            )
-        )
-    if tls.get("verify_https_client") is not True:
-        findings.append(
-            Finding(
-                "warning",
-                path,
-                "hcl.verify_https_client",
-                "verify_https_client is off: anyone who reaches the HTTP API needs no certificate",
-                fix="set verify_https_client = true (the CLI then needs the cli certificate)",
-            )
-        )
+    findings = _check_flags(config)
     for key in ("ca_file", "cert_file", "key_file"):
         target = config.files.get(key)
         if target is None:
@@ -189,6 +213,71 @@ def check(config: AgentConfig) -> list[Finding]:
     return findings
 
 
+def _check_flags(config: AgentConfig) -> list[Finding]:
+    """The tls block's switches, read as HCL 1 reads booleans."""
+    assert config.tls is not None  # noqa: S101 (caller checked)
+    path = str(config.path)
+    findings = []
+    tls = config.tls
+    for flag in _BOOLEANS:
+        if flag in tls and hcl1_bool(tls[flag]) is None:
+            findings.append(
+                Finding(
+                    "error",
+                    path,
+                    f"hcl.{flag}",
+                    f"{flag} = {str(tls[flag])[:20]!r} is no boolean",
+                    nomad_error="Error loading configuration: decodeBool: Unknown value for "
+                    "boolean",
+                    fix=f"set {flag} = true or false",
+                )
+            )
+    flags: tuple[tuple[str, Severity], ...] = (("rpc", "error"), ("http", "warning"))
+    for flag, severity in flags:
+        if hcl1_bool(tls.get(flag)) is not True:
+            findings.append(
+                Finding(
+                    severity,
+                    path,
+                    f"hcl.{flag}",
+                    f"tls {{ {flag} = true }} is not set",
+                    fix=f"set {flag} = true in the tls block",
+                )
+            )
+    if hcl1_bool(tls.get("verify_server_hostname")) is not True:
+        findings.append(
+            Finding(
+                "error",
+                path,
+                "hcl.verify_server_hostname",
+                "verify_server_hostname is off: any certificate from the CA can pose as a server",
+                fix="set verify_server_hostname = true",
+            )
+        )
+    if hcl1_bool(tls.get("rpc_upgrade_mode")) is True:
+        findings.append(
+            Finding(
+                "error",
+                path,
+                "hcl.rpc_upgrade_mode",
+                "rpc_upgrade_mode is on: servers accept plaintext RPC, and Raft's name check is "
+                "skipped (it is meant only for the move of a cluster to TLS)",
+                fix="remove rpc_upgrade_mode once every agent has TLS, then SIGHUP the agents",
+            )
+        )
+    if hcl1_bool(tls.get("verify_https_client")) is not True:
+        findings.append(
+            Finding(
+                "warning",
+                path,
+                "hcl.verify_https_client",
+                "verify_https_client is off: anyone who reaches the HTTP API needs no certificate",
+                fix="set verify_https_client = true (the CLI then needs the cli certificate)",
+            )
+        )
+    return findings
+
+
 def _check_encrypt(path: str, encrypt: str) -> list[Finding]:
     """A gossip key Nomad cannot use; the findings never quote it.
 
@@ -205,6 +294,11 @@ def _check_encrypt(path: str, encrypt: str) -> list[Finding]:
         fix = 'write the base64 key itself in quotes: encrypt = "..." (cfwrap keygen makes one)'
     else:
         try:
+            if encrypt != encrypt.strip():  # gossip.check forgives them, as a key file's newline
+                raise ValueError(
+                    "the gossip key has blanks around it inside its quotes, which Nomad decodes "
+                    "as base64 with the rest"
+                )
             gossip.check(encrypt)
             return []
         except ValueError as e:
@@ -250,31 +344,83 @@ def _check_mode(config: AgentConfig) -> list[Finding]:
     ]
 
 
+#: helper/tlsutil/config.go supportedCipherSignatures: the suites Nomad takes, and the key
+#: type each needs.
+_CIPHERS = {
+    f"TLS_ECDHE_{kind}_WITH_{cipher}": kind.lower()
+    for kind in ("RSA", "ECDSA")
+    for cipher in (
+        "CHACHA20_POLY1305",
+        "AES_128_GCM_SHA256",
+        "AES_256_GCM_SHA384",
+        "AES_128_CBC_SHA",
+        "AES_256_CBC_SHA",
+    )
+} | {
+    f"TLS_RSA_WITH_{cipher}": "rsa"
+    for cipher in ("AES_128_GCM_SHA256", "AES_256_GCM_SHA384", "AES_128_CBC_SHA", "AES_256_CBC_SHA")
+}
+
+
 def _check_ciphers(config: AgentConfig) -> list[Finding]:
-    """``tls_cipher_suites`` must offer at least one suite for the certificate's key type."""
+    """``tls_cipher_suites`` as Nomad's ``ParseCiphers`` reads it, whatever tls_min_version says.
+
+    The text is cut at every comma and each piece looked up as it is (a space is part of the
+    name); one unknown name, or no suite for the certificate's key type, stops the agent.
+    """
     assert config.tls is not None  # noqa: S101 (caller checked)
     suites = config.tls.get("tls_cipher_suites")
+    if suites is None or (isinstance(suites, str) and not suites.strip()):
+        return []  # Nomad's defaults
+    if not isinstance(suites, str):
+        return [_cipher_finding(config, "it is no string", "Error loading configuration")]
+    names = suites.split(",")
+    unknown = [n for n in names if n not in _CIPHERS]
+    if unknown:
+        return [
+            _cipher_finding(
+                config,
+                f"{unknown[0][:60]!r} is not a suite Nomad takes",
+                f'unsupported TLS cipher "{unknown[0][:60]}"',
+            )
+        ]
+    return _check_cipher_key(config, names)
+
+
+def _cipher_finding(config: AgentConfig, what: str, nomad_error: str) -> Finding:
+    return Finding(
+        "error",
+        str(config.path),
+        "hcl.tls_cipher_suites",
+        f"tls_cipher_suites: {what} (Nomad cuts one string at each comma and takes every name "
+        "exactly as written)",
+        nomad_error=nomad_error,
+        fix="list suites Nomad knows, separated by commas alone, e.g. "
+        + ",".join(n for n in _CIPHERS if "ECDSA_WITH_AES" in n and "GCM" in n),
+    )
+
+
+def _check_cipher_key(config: AgentConfig, names: list[str]) -> list[Finding]:
+    """At least one of ``names`` must fit the certificate's key type (Nomad checks it always)."""
     cert_file = config.files.get("cert_file")
-    if not isinstance(suites, str) or not suites.strip() or cert_file is None:
+    if cert_file is None:
         return []
-    if config.tls.get("tls_min_version") == "tls13":
-        return []  # Go's TLS 1.3 suites are fixed and fit every key type
     try:
         algorithm = parsers.read_certificate(files.read_input(cert_file)).key.algorithm
     except (OSError, parsers.ParseError):
         return []
-    marker = {"ecdsa": "_ECDSA_", "rsa": "_RSA_"}.get(algorithm)
-    names = [s.strip() for s in suites.split(",") if s.strip()]
-    if marker is None or any(marker in name for name in names):
+    if algorithm not in ("rsa", "ecdsa") or any(_CIPHERS[n] == algorithm for n in names):
         return []
+    kind = algorithm.upper()
     return [
         Finding(
             "error",
             str(config.path),
             "hcl.tls_cipher_suites",
             f"none of tls_cipher_suites fits the {algorithm} key of {cert_file.name}",
-            nomad_error="tls: no cipher suite supported by both client and server",
-            fix=f"add suites with {marker.strip('_')} in their name, e.g. "
-            f"TLS_ECDHE_{marker.strip('_')}_WITH_AES_128_GCM_SHA256",
+            nomad_error="Specified cipher suites don't support the certificate signature "
+            f"algorithm {kind}",
+            fix=f"add suites with {kind} in their name, e.g. "
+            f"TLS_ECDHE_{kind}_WITH_AES_128_GCM_SHA256",
         )
     ]
