@@ -63,7 +63,7 @@ _TEXT_DUMP = re.compile(
 # an OCTET STRING): any such dump of 16 bytes or more is removed.
 _HEX_DUMP = re.compile(rb"(\[HEX DUMP\]:)[0-9A-Fa-f]{32,}")
 # A gossip key given as the value of ``encrypt`` (Nomad's HCL, or a step echoing one).
-_ENCRYPT = re.compile(rb'(encrypt\s*=\s*"?)[A-Za-z0-9+/]{22,44}={0,2}')
+_ENCRYPT = re.compile(rb'(encrypt\s*=\s*"?|"encrypt"\s*:\s*")[A-Za-z0-9+/]{22,44}={0,2}')
 # Long base64 and hex runs: each is tried as a DER private key (a key printed in another form).
 _BASE64_RUN = re.compile(rb"[A-Za-z0-9+/]{64,}={0,2}")
 _HEX_RUN = re.compile(rb"(?:[0-9A-Fa-f]{2}[:\s]?){48,}")
@@ -89,12 +89,22 @@ class _Secrets:
         self.pending: list[bytes] = []  # DER of keys whose numbers are not derived yet
         self.seen: set[bytes] = set()
         self.numbers: list[re.Pattern[bytes]] = []
+        self.raw: set[bytes] = set()  # secrets as bytes: a hex dump's bytes are searched for them
 
     def add_literal(self, value: bytes) -> None:
         value = value.strip()
         if len(value) >= _MIN_SECRET:
             with self.lock:
                 self.literals.add(value)
+
+    def add_symmetric(self, raw: bytes) -> None:
+        """A key's raw bytes (a gossip key decoded): removed as bytes and in any hex form."""
+        pattern = _hex_pattern(raw)
+        with self.lock:
+            if raw not in self.raw and pattern is not None:
+                self.raw.add(raw)
+                self.literals.add(raw)
+                self.numbers.append(pattern)
 
     def add_key(self, der: bytes) -> None:
         with self.lock:
@@ -110,8 +120,10 @@ class _Secrets:
                 return sorted(self.literals, key=len, reverse=True), []
         with self.lock:
             pending, self.pending = self.pending, []
-        found = [_hex_pattern(n) for der in pending for n in _private_numbers(der)]
+        raw = [n for der in pending for n in _private_numbers(der)]
+        found = [_hex_pattern(n) for n in raw]
         with self.lock:
+            self.raw.update(n for n in raw if len(n) >= _MIN_SECRET // 2)
             self.numbers += [n for n in found if n is not None]
             # Longest first, so a value that contains another is removed whole.
             return sorted(self.literals, key=len, reverse=True), list(self.numbers)
@@ -121,12 +133,19 @@ _SECRETS = _Secrets()
 
 
 def remember_secret(value: str | bytes) -> None:
-    """Treat ``value`` as secret from now on: it is removed from every log and recorded output."""
-    _SECRETS.add_literal(value.encode() if isinstance(value, str) else value)
+    """Treat ``value`` as secret from now on: it is removed from every log and recorded output.
+
+    A base64 key of 16, 24 or 32 bytes (a gossip key) is removed decoded too, as bytes and in
+    hex (``base64 -d gossip.key | xxd -p``).
+    """
+    data = value.encode() if isinstance(value, str) else value
+    _SECRETS.add_literal(data)
+    if _base64_size(data.strip()) in (16, 24, 32):
+        _SECRETS.add_symmetric(base64.b64decode(data.strip()))
 
 
-#: A gossip key as the value of ``encrypt`` in a file (an agent's HCL).
-_GOSSIP_IN_TEXT = re.compile(rb'encrypt\s*=\s*"([A-Za-z0-9+/=]{20,})"')
+#: A gossip key as the value of ``encrypt`` in a file (an agent's HCL, or its JSON form).
+_GOSSIP_IN_TEXT = re.compile(rb'(?:encrypt\s*=\s*|"encrypt"\s*:\s*)"([A-Za-z0-9+/=]{20,})"')
 
 
 def remember_secrets_in(data: bytes) -> None:
@@ -243,12 +262,57 @@ def redact(data: bytes) -> bytes:
     data = _TEXT_DUMP.sub(rb"\1 [private key removed]", data)
     data = _HEX_DUMP.sub(rb"\1[removed]", data)
     data = _ENCRYPT.sub(rb"\1[a gossip key, not shown]", data)
+    data = _WRAPPED_BASE64.sub(_wrapped_key, data)
+    data = _DUMP_LINES.sub(_dumped_secret, data)
     _discover_keys(data)
     data = _redact_values(data)
     lone = _LONE_KEY.match(data)
     if lone and _base64_size(lone.group(1)) in (16, 24, 32):
         return b"[a base64 key, not shown]\n"
     return data
+
+
+# Base64 wrapped over lines (``base64`` wraps at 76, PEM bodies at 64): a key's DER comes apart
+# into lines that no single-line search decodes.
+_WRAPPED_BASE64 = re.compile(
+    rb"(?m)^[A-Za-z0-9+/]{16,}[ \t]*\r?\n(?:[A-Za-z0-9+/]{16,}[ \t]*\r?\n)*[A-Za-z0-9+/]*={0,2}$"
+)
+# A hex dump, line by line: an offset, then bytes in groups of 1 or 2 (xxd, hexdump -C,
+# od -t x1), then maybe the bytes as text. Its bytes are read back and searched for secrets.
+_DUMP_LINE = rb"[ \t]*+[0-9a-fA-F]{6,8}+:?[ \t]++(?:[0-9a-fA-F]{2,4}+[ \t]?)++(?:[ \t|>].*)?"
+_DUMP_LINES = re.compile(rb"(?m)^%s(?:\r?\n%s)*$" % (_DUMP_LINE, _DUMP_LINE))
+_DUMP_BYTES = re.compile(rb"(?m)^[ \t]*+[0-9a-fA-F]{6,8}+:?[ \t]++((?:[0-9a-fA-F]{2,4}+[ \t]?)++)")
+
+
+def _wrapped_key(match: re.Match[bytes]) -> bytes:
+    """A private key's DER in base64 over several lines, removed whole (its key remembered)."""
+    joined = re.sub(rb"\s", b"", match.group())
+    try:
+        der = base64.b64decode(joined + b"=" * (-len(joined) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        return match.group()
+    if not _private_numbers(der):
+        return match.group()
+    _SECRETS.add_key(der)
+    return _REMOVED
+
+
+def _dumped_secret(match: re.Match[bytes]) -> bytes:
+    """A hex dump whose bytes hold a private key, or a secret already known, removed whole."""
+    dumped = b"".join(
+        bytes.fromhex(re.sub(rb"\s", b"", line).decode())
+        for line in _DUMP_BYTES.findall(match.group())
+    )
+    _SECRETS.patterns()  # the private numbers of the keys seen so far, derived
+    with _SECRETS.lock:
+        known = [*_SECRETS.raw, *_SECRETS.literals]
+    if any(secret in dumped for secret in known) or any(
+        _private_numbers(dumped[i:]) for i in range(min(len(dumped), 64)) if dumped[i] == 0x30
+    ):
+        if _private_numbers(dumped):
+            _SECRETS.add_key(dumped)
+        return b"[a hex dump of a secret removed]"
+    return match.group()
 
 
 def _discover_keys(data: bytes) -> None:
@@ -333,6 +397,8 @@ class Call:
 
     ``secret_stdout`` says that what the tool prints is a secret (a gossip key, say): it is
     never logged, and its value is remembered so that it is removed wherever it shows up later.
+    ``on_exit`` runs when the tool has ended, before its output is logged: replay reads the
+    secrets a step wrote into its folder there, so that its output cannot show them.
     """
 
     argv: tuple[str, ...]
@@ -340,6 +406,7 @@ class Call:
     timeout: float = DEFAULT_TIMEOUT
     cwd: Path | None = None
     secret_stdout: bool = False
+    on_exit: Callable[[], None] | None = None
 
     @classmethod
     def of(
@@ -350,9 +417,10 @@ class Call:
         timeout: float = DEFAULT_TIMEOUT,
         cwd: Path | None = None,
         secret_stdout: bool = False,
+        on_exit: Callable[[], None] | None = None,
     ) -> Call:
         """Build a call from path-or-string arguments."""
-        return cls(tuple(str(a) for a in argv), stdin, timeout, cwd, secret_stdout)
+        return cls(tuple(str(a) for a in argv), stdin, timeout, cwd, secret_stdout, on_exit)
 
     @property
     def tool(self) -> str:
@@ -576,6 +644,8 @@ def _finish(running: _Running, *, check: bool = True) -> Result:
 def _result(running: _Running, returncode: int) -> Result:
     """The result of a finished call; the keys it printed become known secrets."""
     stdout, stderr = running.stdout.value(), running.stderr.value()
+    if running.call.on_exit is not None:
+        running.call.on_exit()
     if running.call.secret_stdout:
         remember_secret(stdout)
     remember_private_keys(stdout)

@@ -782,6 +782,20 @@ KEYS_IN_OTHER_FORMS = [
       " && openssl ec -in sub/k.pem -outform DER 2>/dev/null | od -An -tx1 | tr -d ' \\n'; echo"]],
     [["sh", "-c", "openssl ecparam -genkey -name prime256v1 -noout | openssl ec -text -noout"
       " | tr -d ' '"]],
+    # Base64 wrapped at 76 (helper-29), and hex dumps of every layout.
+    [["openssl", "ecparam", "-genkey", "-name", "prime256v1", "-noout", "-outform", "DER"],
+     ["base64"]],
+    [["openssl", "ecparam", "-genkey", "-name", "prime256v1", "-noout", "-outform", "DER"],
+     ["xxd"]],
+    [["openssl", "ecparam", "-genkey", "-name", "prime256v1", "-noout", "-outform", "DER"],
+     ["hexdump", "-C"]],
+    [["openssl", "ecparam", "-genkey", "-name", "prime256v1", "-noout", "-outform", "DER"],
+     ["od", "-A", "x", "-t", "x1z"]],
+    # A gossip key in a Nomad JSON config, and one kept in a file, then dumped and named.
+    [["sh", "-c", 'echo "{\\"server\\": {\\"encrypt\\": \\"$(openssl rand -base64 32)\\"}}"']],
+    [["sh", "-c", "while :; do k=$(openssl rand -base64 32); case $k in */*) continue;; esac;"
+      ' break; done; echo "$k" > gossip.key; touch "$k.txt"; base64 -d gossip.key | xxd -p;'
+      " base64 -d gossip.key | xxd"]],
 ]  # fmt: skip
 
 
@@ -802,8 +816,23 @@ def _key_material(text: str) -> list[str]:
         except (ValueError, TypeError):
             continue
         found.append(f"a DER private key in {kind}")
+    # Wrapped base64, its lines joined; hex dumps as xxd, hexdump -C and od -t x1z lay them out.
+    wrapped = r"(?m)(?:^[A-Za-z0-9+/]{16,}\n)+[A-Za-z0-9+/]*=*"
+    joined = ["".join(b.split()) for b in re.findall(wrapped, text)]
+    ders = [base64.b64decode(r + "=" * (-len(r) % 4)) for r in joined if len(r) % 4 != 1]
+    for line in (r"^[0-9a-f]{8}: (.{39})  .*", r"^[0-9a-f]{8}  (.{49})\|.*",
+                 r"^[0-9a-f]{6} (.{47}) *>.*"):  # fmt: skip
+        for block in re.finditer(f"(?m)(?:{line}\n?)+", text.replace("\\n", "\n")):
+            hexes = re.findall(f"(?m){line}", block.group())
+            ders.append(bytes.fromhex("".join(hexes).replace(" ", "")))
+    for der in ders:
+        try:
+            load_der_private_key(der, None)
+        except (ValueError, TypeError):
+            continue
+        found.append("a DER private key wrapped or dumped")
     found += re.findall(r"\[HEX DUMP\]:[0-9A-Fa-f]{32,}", text)
-    found += re.findall(r"encrypt = [A-Za-z0-9+/]{43}=", text)
+    found += re.findall(r'encrypt"? ?[=:] "?[A-Za-z0-9+/]{43}=', text)
     found += re.findall(r"priv:\s*\n\s*[0-9a-f]{2}:", text)
     return found
 
@@ -820,10 +849,19 @@ def test_keys_printed_in_other_forms_never_reach_transcripts_or_logs(tmp_path):
     )  # fmt: skip
     assert ran.returncode == 0, ran.stderr[-2000:]
     transcript = json.loads((tmp_path / "r" / "transcript.json").read_text())
-    assert [s["exit_codes"] for s in transcript["steps"]] == [[0, 0], [0, 0], [0], [0], [0]]
+    assert [s["exit_codes"] for s in transcript["steps"]] == [
+        [0, 0], [0, 0], [0], [0], [0], [0, 0], [0, 0], [0, 0], [0, 0], [0], [0]
+    ]  # fmt: skip
+    gossip = base64.b64decode((tmp_path / "r" / "files" / "gossip.key").read_text())
+    (tmp_path / "r" / "files" / "gossip.key").unlink()  # the file is named after it: both go
+    for named in (tmp_path / "r" / "files").glob("*.txt"):
+        named.unlink()
     for where, text in (
         ("transcript.json", (tmp_path / "r" / "transcript.json").read_text()),
         ("transcript.md", (tmp_path / "r" / "transcript.md").read_text()),
         ("the -v log", ran.stderr),
     ):
         assert _key_material(text) == [], where
+        flat = re.sub(r"(?m)^[0-9a-f]{6,8}:?|[^0-9a-f\n]|\n", "", text.lower())
+        assert gossip.hex() not in flat, where  # xxd -p, or xxd's lines with their offsets
+        assert_no_secrets(text, base64.b64encode(gossip).decode())

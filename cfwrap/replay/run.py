@@ -12,6 +12,7 @@ tools print them in) from whatever it logs or returns; a step's secret output is
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import json
 import os
@@ -154,7 +155,7 @@ def _changes(
 ) -> list[FileChange]:
     changes = [
         FileChange(
-            path=name,
+            path=redact_text(name),  # a step may name a file after a secret
             change="created" if name not in before else "changed",
             sha256=after[name][0],
             mode=after[name][1],
@@ -163,7 +164,7 @@ def _changes(
         if before.get(name) != after[name]
     ]
     changes += [
-        FileChange(path=n, change="removed", sha256=None, mode=None)
+        FileChange(path=redact_text(n), change="removed", sha256=None, mode=None)
         for n in before
         if n not in after
     ]
@@ -264,6 +265,8 @@ class _Run:
                     _argv(stage, self.cfssl_dir, self.tools),
                     cwd=self.work,
                     secret_stdout=secret and index == len(step.pipeline) - 1,
+                    # what the step wrote, before its output is logged (-v)
+                    on_exit=functools.partial(_remember_secrets, self.work, self.scanned),
                 )
                 for index, stage in enumerate(step.pipeline)
             ]
@@ -325,7 +328,7 @@ def _compare(guide: Guide, work: Path) -> tuple[list[str], list[str]]:
     patterns = [*guide.expected_files, *(s.path for s in guide.steps if isinstance(s, WriteStep))]
     missing = [p for p in patterns if not fnmatch.filter(present, p)]
     extra = [n for n in present if not any(fnmatch.fnmatch(n, p) for p in patterns)]
-    return missing, extra
+    return missing, [redact_text(n) for n in extra]  # a step may name a file after a secret
 
 
 def _shown(text: str, work: Path) -> str:
