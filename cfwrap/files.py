@@ -435,6 +435,64 @@ def _entries(folder: Path) -> list[Path]:
         return []
 
 
+#: A scratch folder in $TMPDIR, named with its owner's pid (local signers' older spelling too).
+_SCRATCH = re.compile(rf"cfwrap-(?:signer-)?([0-9]+)-{_RANDOM}")
+
+
+def sweep_scratch(folder: Path) -> None:
+    """Remove this user's cfwrap scratch folders in ``folder`` whose process is gone.
+
+    A SIGKILLed cfwrap cannot clean up, and its scratch folder may still hold a copy of a CA
+    key; the owner's pid is in the name, and only the owner's own folders are touched.
+    """
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        match = _SCRATCH.fullmatch(entry.name)
+        if match is None or int(match[1]) == os.getpid():
+            continue
+        try:
+            info = entry.lstat()
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+                continue
+            os.kill(int(match[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)  # its owner is gone
+        except OSError:
+            continue  # alive, or not ours to judge
+
+
+def new_scratch(kind: str = "") -> Path:
+    """A private folder (0700) in $TMPDIR for files a tool must read, such as a CA key's copy.
+
+    Named with this process's pid, so that a later run removes one a SIGKILL left behind
+    (:func:`sweep_scratch`, run here first). The caller removes it.
+
+    Raises:
+        FileSystemError: it cannot be made.
+    """
+    folder = Path(tempfile.gettempdir())
+    sweep_scratch(folder)
+    try:
+        path = Path(tempfile.mkdtemp(prefix=f"cfwrap-{kind}{os.getpid()}-"))
+        path.chmod(DIR_MODE)  # mkdtemp's 0700 is cut by the umask (077 -> 000)
+    except OSError as e:
+        raise FileSystemError(folder, e) from e
+    return path
+
+
+@contextlib.contextmanager
+def scratch() -> Iterator[Path]:
+    """:func:`new_scratch`, removed with everything in it when the block ends."""
+    path = new_scratch()
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def make_parents(path: Path) -> list[Path]:
     """Make the missing folders above ``path``; return them, topmost first, for :func:`unmake`.
 

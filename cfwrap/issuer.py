@@ -25,15 +25,11 @@ import hmac
 import http.client
 import json
 import logging
-import os
-import re
 import secrets
 import select
 import shutil
 import socket
 import ssl
-import stat
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -45,7 +41,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from cfwrap import files, parsers
-from cfwrap.errors import CfwrapError, FileSystemError, InputError, ToolFailedError
+from cfwrap.errors import CfwrapError, InputError, ToolFailedError
 from cfwrap.models import SigningConfig
 from cfwrap.runner import Call, Service, remember_private_keys, remember_secret, start_service
 from cfwrap.text import printable
@@ -612,35 +608,6 @@ class _NotReadyError(Exception):
         self.retry = retry
 
 
-_SCRATCH_PREFIX = "cfwrap-signer-"
-_SCRATCH = re.compile(rf"{_SCRATCH_PREFIX}([0-9]+)-[a-z0-9_]{{8}}")
-
-
-def _sweep_scratch(folder: Path) -> None:
-    """Remove scratch folders of this user's local signers whose process is gone.
-
-    A SIGKILLed cfwrap cannot clean up, and its scratch folder may still hold a copy of a CA
-    key; the owner's pid is in the name, and only the owner's own folders are touched.
-    """
-    try:
-        entries = list(folder.iterdir())
-    except OSError:
-        return
-    for entry in entries:
-        match = _SCRATCH.fullmatch(entry.name)
-        if match is None or int(match[1]) == os.getpid():
-            continue
-        try:
-            info = entry.lstat()
-            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-                continue
-            os.kill(int(match[1]), 0)
-        except ProcessLookupError:
-            shutil.rmtree(entry, ignore_errors=True)  # its owner is gone
-        except OSError:
-            continue  # alive, or not ours to judge
-
-
 class LocalSigner:
     """One ``cfssl serve`` on loopback for the life of a ``with`` block, signing by authsign.
 
@@ -734,13 +701,9 @@ class LocalSigner:
         self._close()
 
     def _write_scratch(self) -> Path:
-        _sweep_scratch(Path(tempfile.gettempdir()))
-        try:
-            # The owner's pid in the name: a later run sweeps it if this one is SIGKILLed
-            # before cfssl has read (and cfwrap removed) the CA key's copy.
-            scratch = Path(tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-"))  # 0700
-        except OSError as e:
-            raise FileSystemError(Path(tempfile.gettempdir()), e) from e
+        # The owner's pid in the name: a later run sweeps it if this one is SIGKILLed before
+        # cfssl has read (and cfwrap removed) the CA key's copy.
+        scratch = files.new_scratch("signer-")
         auth_key = secrets.token_hex(32)
         remember_secret(auth_key)
         self._auth_key = bytes.fromhex(auth_key)

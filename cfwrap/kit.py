@@ -8,7 +8,6 @@ last, from the files on disk.
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -434,9 +433,8 @@ def issue_cert(
     config_json = to_cfssl_json(config)
 
     def issue() -> cfssl.Issued:
-        with tempfile.TemporaryDirectory(prefix="cfwrap-") as scratch:
+        with files.scratch() as scratch:
             # cfssl reads -config and -ca from files; they reach the folder only with the rest.
-            Path(scratch).chmod(files.DIR_MODE)  # mkdtemp's 0700 is cut by the umask (077 -> 000)
             # The CA's key too: cfssl then signs with exactly the bytes cfwrap checked, whatever
             # the path given now holds (a file swapped for a FIFO would hang cfssl).
             scratch_config = Path(scratch) / CONFIG_FILE

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -308,3 +309,45 @@ def test_secret_scan_sees_what_subprocesses_printed(tmp_path):
     ]
     del _CAPTURED[before:]
     (tmp_path / "gossip.key").unlink()
+
+
+def test_a_killed_certs_copy_of_the_ca_key_is_swept_by_the_next_run(tmp_path, kits):
+    """cfssl reads the CA key from a scratch copy in $TMPDIR: after a SIGKILL, the next run
+    (whatever command) removes it; a live run's copy is left alone (helper-28)."""
+    pids, temp = tmp_path / "pids", tmp_path / "tmp"
+    pids.mkdir()
+    temp.mkdir()
+    blocked = wrapped_cfssl(
+        tmp_path / "blocked",
+        'case "$*" in *-ca-key*) echo $$ > "$PIDS/$$"; exec sleep 60;; esac\nexec "$REAL" "$@"',
+        version="1.6.5-blocked-test",
+    )
+    env = {**os.environ, "TMPDIR": str(temp), "PIDS": str(pids)}
+    ca = kits["global"]
+    argv = [
+        *PYTHON,
+        "--cfssl-dir",
+        str(blocked),
+        *map(str, cert_argv(ca, "server", tmp_path / "a")),
+    ]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(pids.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (left,) = temp.iterdir()  # cfssl is signing: the copy is there
+        assert left.name.startswith(f"cfwrap-{proc.pid}-")
+        assert (left / "ca-key.pem").read_bytes() == (ca / "ca-key.pem").read_bytes()
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        for pid in pids.iterdir():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid.name), signal.SIGKILL)
+    assert left.exists()  # nothing cleans up after a SIGKILL but the next run
+    rerun = subprocess.run(
+        [*PYTHON, *map(str, cert_argv(ca, "client", tmp_path / "b"))],
+        env=env, capture_output=True, check=False, timeout=120,
+    )  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr
+    assert list(temp.iterdir()) == []

@@ -13,7 +13,6 @@ import functools
 import os
 import re
 import stat
-import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -387,8 +386,7 @@ def _make_intermediates(  # noqa: PLR0917 (private helper of make and add_interm
 
     config = _intermediate_config(plan)
     root_cert = parsers.load_certificate(root.cert)
-    with tempfile.TemporaryDirectory(prefix="cfwrap-") as scratch:
-        Path(scratch).chmod(files.DIR_MODE)
+    with files.scratch() as scratch:
         ca_file, key_file = Path(scratch) / "ca.pem", Path(scratch) / "ca-key.pem"
         config_file = Path(scratch) / "cfssl.json"
         files.write_new(ca_file, root.cert, mode=files.PUBLIC_MODE)

@@ -19,7 +19,6 @@ import contextlib
 import ipaddress
 import logging
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -146,8 +145,7 @@ def _make_tls(cfssl_tool: Tool, ca: CA, auth_dir: Path, hosts: Sequence[str]) ->
         raise InputError(str(ca.cert_path), "the CA expires within the hour", fix="renew the CA")
     profile = SigningProfile(usages=("digital signature", "server auth"), expiry=f"{hours}h")
     config = SigningConfig(signing=Signing(default=profile, profiles={"signer-tls": profile}))
-    with tempfile.TemporaryDirectory(prefix="cfwrap-") as scratch:
-        Path(scratch).chmod(files.DIR_MODE)
+    with files.scratch() as scratch:
         config_file = Path(scratch) / "cfssl.json"
         files.write_new(config_file, to_cfssl_json(config), mode=files.PUBLIC_MODE)
         call = cfssl.gencert(
