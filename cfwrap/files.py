@@ -270,8 +270,13 @@ def write_replace(path: Path, data: bytes | Iterable[bytes], *, mode: int) -> No
 
 
 def _lock_path(target: Path) -> Path:
-    """The file :class:`FolderLock` locks for ``target``: beside it, named after it."""
-    return target.parent / f".{target.name}.cfwrap.lock"
+    """The file :class:`FolderLock` locks for ``target``: beside it, named after it.
+
+    One file per folder however the folder is spelled (``.``, ``sub/..``, a symlink to it):
+    its real path names the lock.
+    """
+    real = Path(os.path.realpath(target))
+    return real.parent / f".{real.name}.cfwrap.lock"
 
 
 def lock_held(target: Path) -> bool:

@@ -517,6 +517,14 @@ def issue_into_folder(
     return KitResult(out, (*written, manifest.FILE_NAME))
 
 
+def _same_certificate(held: bytes, given: bytes) -> bool:
+    """The same certificate, however its PEM is spelled (CRLF, text around it)."""
+    try:
+        return parsers.load_certificate(held) == parsers.load_certificate(given)
+    except parsers.ParseError:
+        return False
+
+
 def _issue_into(
     folder: Path,
     *,
@@ -530,11 +538,12 @@ def _issue_into(
 ) -> list[str]:
     """Issue ``spec`` and land its files and the folder's new manifest together."""
     known = list(tools)
+    manifest.check_names(folder)  # its manifest is rebuilt: before anything is issued
     if (folder / manifest.FILE_NAME).exists() or (folder / manifest.FILE_NAME).is_symlink():
         old = manifest.load(folder)  # a damaged manifest stops us here, before anything is issued
         known = list({t.sha256 + t.path: t for t in [*old.tools, *known]}.values())
     ca_copy = folder / f"{CA_STEM}.pem"
-    if ca_copy.exists() and files.read_input(ca_copy) != ca_pem:
+    if ca_copy.exists() and not _same_certificate(files.read_input(ca_copy), ca_pem):
         raise InputError(
             str(ca_copy),
             f"holds another CA than {ca_name}",

@@ -201,12 +201,38 @@ def _role_of(facts: parsers.CertFacts) -> tuple[ArtifactRole | None, str | None]
     return role_of(facts) or (None, None)
 
 
+def check_names(folder: Path) -> None:
+    """Refuse a folder that holds a file whose name is not UTF-8: a manifest records names as text.
+
+    Raises:
+        InputError: such a file, named with its undecodable bytes escaped.
+        OSError: the folder cannot be listed.
+    """
+    from cfwrap.errors import InputError
+    from cfwrap.text import printable
+
+    for entry in folder.iterdir():
+        name = entry.name
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(name).decode("utf-8", "backslashreplace")
+            raise InputError(
+                str(folder),
+                f"holds a file whose name is not UTF-8 ({printable(shown)}), which a manifest "
+                "cannot record",
+                fix="rename that file, or move it out of the folder",
+            ) from None
+
+
 def scan(folder: Path) -> list[Artifact]:
     """Read every regular file of a kit folder (except the manifest) into artifacts.
 
     Raises:
+        InputError: see :func:`check_names`.
         OSError: the folder or a file cannot be read.
     """
+    check_names(folder)
     reads = {
         p.name: _Read.from_disk(p)
         for p in sorted(folder.iterdir())

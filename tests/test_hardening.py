@@ -438,3 +438,51 @@ def test_sigkill_during_a_forced_cert_leaves_old_or_new_never_a_mix(tmp_path, ki
             digest = hashlib.sha256((node / artifact["path"]).read_bytes()).hexdigest()
             assert digest == artifact["sha256"], artifact["path"]
     assert not [p.name for p in node.iterdir() if p.name.startswith(".")]
+
+
+def test_one_folder_has_one_lock_however_it_is_spelled(tmp_path, kits):
+    # A running cfwrap holds kit's lock; `manifest --write` given ., a symlink or sub/.. must
+    # wait for it too, never recover and sweep the folder under the running one (helper-28).
+    kit = copy_kit(kits["global"], tmp_path / "kit")
+    (kit / "sub").mkdir()
+    (tmp_path / "link").symlink_to(kit)
+    before = (kit / "manifest.json").read_bytes()
+    with files.FolderLock(kit):
+        for where, spelled in ((kit, "."), (tmp_path, "link"), (tmp_path, "kit/sub/..")):
+            done = subprocess.run(
+                [sys.executable, "-m", "cfwrap", "manifest", "--write", spelled],
+                cwd=where, capture_output=True, text=True, check=False,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )  # fmt: skip
+            assert done.returncode == ExitCode.CONFLICT, (spelled, done.stderr)
+            assert "another cfwrap" in done.stderr or "busy" in done.stderr, done.stderr
+    assert (kit / "manifest.json").read_bytes() == before
+    assert not (kit / "..cfwrap.lock").exists()
+
+
+def test_a_file_name_that_is_not_utf8_is_bad_input_before_anything_is_issued(tmp_path, kits):
+    kit = copy_kit(kits["global"], tmp_path / "kit")
+    (kit / os.fsdecode(b"bad\xff.txt")).write_text("a file of the user's\n")
+    before = snapshot(kit)
+    for args in (["manifest", "--write", str(kit)], [*map(str, cert_argv(kit, "server", kit)),
+                                                      "--force"]):  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "cfwrap", *args], capture_output=True, check=False,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        assert done.returncode == ExitCode.INPUT, done.stderr
+        assert done.stderr.count(b"\n") == 1 and b"Traceback" not in done.stderr
+        assert b"not UTF-8 (bad\\xff.txt)" in done.stderr
+        assert snapshot(kit) == before  # cfssl never ran: nothing issued, nothing rolled back
+
+
+def test_the_kits_own_ca_spelled_with_crlf_is_the_same_ca(cli, tmp_path, kits):
+    kit = copy_kit(kits["global"], tmp_path / "kit")
+    crlf = tmp_path / "ca-crlf.pem"
+    crlf.write_bytes((kit / "ca.pem").read_bytes().replace(b"\n", b"\r\n"))
+    done = cli("cert", "--ca", crlf, "--ca-key", kit / "ca-key.pem", "--role", "server",
+               "--out", kit, "--force")  # fmt: skip
+    assert done.code == 0, done.err
+    issued = x509.load_pem_x509_certificate((kit / "global-server-nomad.pem").read_bytes())
+    ca = x509.load_pem_x509_certificate((kit / "ca.pem").read_bytes())
+    issued.verify_directly_issued_by(ca)  # judged by cryptography: issued by the kit's CA

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,7 +51,7 @@ def execute(args: argparse.Namespace) -> int:
             raise ConflictError(
                 path, "is a symlink", fix="remove it; cfwrap never writes through links"
             )
-        with files.FolderLock(folder, wait=args.wait):
+        with files.FolderLock(Path(os.path.realpath(folder)), wait=args.wait):
             tools = []
             if (folder / manifest.FILE_NAME).exists():
                 try:
