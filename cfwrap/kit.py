@@ -359,10 +359,13 @@ def load_ca(cert_path: Path, key_path: Path, *, key_offline: bool = False) -> CA
         raise InputError(
             str(key_path), str(e), fix="give the CA's private key (ca-key.pem)"
         ) from None
-    if not facts.is_ca or "key_cert_sign" not in facts.key_usage:
+    # Go's CheckSignatureFrom: CA:TRUE, and keyCertSign only when key usages are listed at all
+    # (openssl req -x509 makes a CA with none).
+    if not facts.is_ca or (facts.key_usage and "key_cert_sign" not in facts.key_usage):
         raise InputError(
             str(cert_path),
-            f"{facts.subject} is not a CA certificate (no CA:TRUE with keyCertSign)",
+            f"{facts.subject} is not a CA certificate (it needs CA:TRUE, and keyCertSign "
+            "among its key usages if it lists any)",
             fix="give the CA certificate, not a leaf",
         )
     now = datetime.now(UTC)
@@ -372,11 +375,45 @@ def load_ca(cert_path: Path, key_path: Path, *, key_offline: bool = False) -> CA
             f"the CA expired on {facts.not_after:%Y-%m-%d}",
             fix="make a new CA with `cfwrap ca`",
         )
+    if facts.not_before > now:
+        raise InputError(
+            str(cert_path),
+            f"the CA is not valid before {facts.not_before:%Y-%m-%d %H:%M} UTC; nothing it signs "
+            "verifies until then",
+            fix="check this machine's clock, or wait until then",
+        )
     if key is not None and key.public_key_sha256 != facts.key.public_key_sha256:
         raise InputError(
             str(key_path), f"this key does not belong to {cert_path}", fix="give the CA's own key"
         )
     return CA(cert_path, key_path, facts, cert_data, key_data)
+
+
+def check_lone_root(ca: CA) -> None:
+    """Refuse a ``--ca`` file a kit cannot take as its ``ca.pem``, before cfssl runs.
+
+    It must hold the CA's certificate alone (cfssl reads one PEM object; a key after it would
+    land in every kit), and the CA must be a root: a kit's ca.pem is its trust anchor, and its
+    manifest verifies that anchor by its own signature.
+
+    Raises:
+        InputError: more than one PEM block, or a CA its own key did not sign.
+    """
+    blocks = [b.type.decode("ascii", "replace") for b in parsers.go_pem_blocks(ca.cert_pem)]
+    if len(blocks) != 1:
+        raise InputError(
+            str(ca.cert_path),
+            f"holds {len(blocks)} PEM blocks ({', '.join(blocks)}), not the CA certificate alone",
+            fix="give a file with the CA certificate only (keep its key in --ca-key)",
+        )
+    cert = parsers.load_certificate(ca.cert_pem)
+    if not parsers.is_issued_by(cert, cert):
+        raise InputError(
+            str(ca.cert_path),
+            f"{ca.facts.subject} is an intermediate CA (signed by {ca.facts.issuer}), not a root",
+            fix="issue from the root CA, or use a plan with ca.intermediates = true "
+            "(cfwrap apply), which gives each region its own",
+        )
 
 
 def make_ca(

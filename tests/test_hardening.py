@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -486,3 +487,69 @@ def test_the_kits_own_ca_spelled_with_crlf_is_the_same_ca(cli, tmp_path, kits):
     issued = x509.load_pem_x509_certificate((kit / "global-server-nomad.pem").read_bytes())
     ca = x509.load_pem_x509_certificate((kit / "ca.pem").read_bytes())
     issued.verify_directly_issued_by(ca)  # judged by cryptography: issued by the kit's CA
+
+
+def _openssl(*args: str | Path, cwd: Path) -> None:
+    subprocess.run(["openssl", *map(str, args)], cwd=cwd, check=True, capture_output=True)
+
+
+def test_ca_files_cert_takes_and_refuses_before_cfssl_runs(cli, tmp_path, kits):
+    """helper-28: openssl's default CA (no key usage) is a CA to Go, and so to cert; an
+    intermediate, a file with more than the CA, and a CA not valid yet are bad input."""
+    w = tmp_path
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes")
+    _openssl("req", "-x509", *ec, "-keyout", "root-key.pem", "-out", "root.pem",
+             "-subj", "/CN=No KU Root", "-days", "730", cwd=w)  # fmt: skip
+    root = x509.load_pem_x509_certificate((w / "root.pem").read_bytes())
+    assert root.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    with pytest.raises(x509.ExtensionNotFound):
+        root.extensions.get_extension_for_class(x509.KeyUsage)
+    done = cli("cert", "--ca", w / "root.pem", "--ca-key", w / "root-key.pem", "--role",
+               "server", "--out", w / "kit")  # fmt: skip
+    assert done.code == 0, done.err
+    leaf = x509.load_pem_x509_certificate((w / "kit" / "global-server-nomad.pem").read_bytes())
+    leaf.verify_directly_issued_by(root)  # judged by cryptography, not cfwrap
+
+    (w / "int.ext").write_text("basicConstraints=critical,CA:TRUE,pathlen:0\n"
+                               "keyUsage=critical,keyCertSign,cRLSign\n")  # fmt: skip
+    _openssl("req", "-new", *ec, "-keyout", "int-key.pem", "-out", "int.csr",
+             "-subj", "/CN=Intermediate", cwd=w)  # fmt: skip
+    _openssl("x509", "-req", "-in", "int.csr", "-CA", "root.pem", "-CAkey", "root-key.pem",
+             "-CAcreateserial", "-days", "700", "-extfile", "int.ext", "-out", "int.pem",
+             cwd=w)  # fmt: skip
+    combined = w / "combined.pem"
+    combined.write_bytes((kits["global"] / "ca.pem").read_bytes()
+                         + (kits["global"] / "ca-key.pem").read_bytes())  # fmt: skip
+    later = w / "later"
+    later.mkdir()
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec as ec_keys
+
+    future_key = ec_keys.generate_private_key(ec_keys.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Tomorrow CA")])
+    now = datetime.now(UTC)
+    future = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(future_key.public_key()).serial_number(7)
+        .not_valid_before(now + timedelta(days=1)).not_valid_after(now + timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(future_key, hashes.SHA256())
+    )  # fmt: skip
+    (later / "ca.pem").write_bytes(future.public_bytes(serialization.Encoding.PEM))
+    (later / "ca-key.pem").write_bytes(future_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))  # fmt: skip
+    try:
+        for ca, ca_key, said in (
+            (w / "int.pem", w / "int-key.pem", "is an intermediate CA (signed by CN=No KU Root)"),
+            (combined, kits["global"] / "ca-key.pem",
+             "holds 2 PEM blocks (CERTIFICATE, EC PRIVATE KEY)"),
+            (later / "ca.pem", later / "ca-key.pem", "the CA is not valid before"),
+        ):  # fmt: skip
+            refused = cli("cert", "--ca", ca, "--ca-key", ca_key, "--role", "server",
+                          "--out", w / "refused")  # fmt: skip
+            assert refused.code == ExitCode.INPUT, refused.err
+            assert said in refused.err and refused.err.count("\n") == 1
+            assert not (w / "refused").exists()
+    finally:
+        combined.unlink()  # it holds a key in a file no scan takes for a key file

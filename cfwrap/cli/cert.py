@@ -81,6 +81,7 @@ def execute(args: argparse.Namespace) -> int:
             fix="see `cfwrap cert --help`",
         )
     ca = kit.load_ca(args.ca, args.ca_key)
+    kit.check_lone_root(ca)
     tool = find_cfssl(args)
     result = kit.issue_cert(
         out=out_folder(args), cfssl_tool=tool, ca=ca, spec=spec, force=args.force, wait=args.wait
