@@ -157,6 +157,10 @@ def _check_as_go_would(
         ) from None
 
 
+#: How much sooner than a new CA its leaves must end (cfssl rounds each start to the minute).
+LIFETIME_MARGIN = timedelta(hours=1)
+
+
 def check_lifetimes(ca_expiry: str, specs: Sequence[CertSpec]) -> None:
     """Refuse leaves that would outlive a new CA of lifetime ``ca_expiry``.
 
@@ -165,10 +169,13 @@ def check_lifetimes(ca_expiry: str, specs: Sequence[CertSpec]) -> None:
     """
     ca_life = parse_duration(ca_expiry)
     for spec in specs:
-        if parse_duration(spec.expiry) > ca_life:
+        # cfssl starts each certificate at the minute nearest its own call: a leaf as long as
+        # its CA, made seconds later, may end a minute after it.
+        if parse_duration(spec.expiry) > ca_life - LIFETIME_MARGIN:
             raise InputError(
                 f"--expiry {spec.expiry}",
-                f"the {spec.role} certificate would outlive its CA ({ca_expiry})",
+                f"the {spec.role} certificate would outlive its CA ({ca_expiry}), or end with "
+                "it: a leaf must end at least 1h before its CA",
                 fix="shorten --expiry or lengthen --ca-expiry",
             )
 

@@ -553,3 +553,20 @@ def test_ca_files_cert_takes_and_refuses_before_cfssl_runs(cli, tmp_path, kits):
             assert not (w / "refused").exists()
     finally:
         combined.unlink()  # it holds a key in a file no scan takes for a key file
+
+
+def test_a_leaf_as_long_as_its_new_ca_is_refused_and_ca_expiry_names_its_flag(cli, tmp_path):
+    # cfssl rounds each start to the minute: equal lifetimes fail one run in sixty (helper-28).
+    equal = cli("quickstart", "--out", tmp_path / "a", "--expiry", "8760h", "--ca-expiry", "8760h")
+    assert equal.code == ExitCode.INPUT
+    assert "at least 1h before its CA" in equal.err and not (tmp_path / "a").exists()
+    bad = cli("quickstart", "--out", tmp_path / "b", "--ca-expiry", "1d")
+    assert bad.code == ExitCode.INPUT and bad.err.startswith("cfwrap: error: --ca-expiry:")
+    ok = cli("quickstart", "--out", tmp_path / "c", "--expiry", "8759h", "--ca-expiry", "8760h")
+    assert ok.code == 0, ok.err
+    ca = x509.load_pem_x509_certificate((tmp_path / "c" / "ca.pem").read_bytes())
+    for role in ("server", "client", "cli"):
+        leaf = x509.load_pem_x509_certificate(
+            (tmp_path / "c" / f"global-{role}-nomad.pem").read_bytes()
+        )
+        assert leaf.not_valid_after_utc < ca.not_valid_after_utc

@@ -70,8 +70,8 @@ def test_a_leaf_that_outlives_its_ca_is_refused_before_cfssl_runs(cli, tmp_path)
     )  # fmt: skip
     assert result.code == 3, result.err
     assert (
-        "--expiry 50000h: the server certificate would outlive its CA (43800h); "
-        "shorten --expiry or lengthen --ca-expiry"
+        "--expiry 50000h: the server certificate would outlive its CA (43800h), or end with it: "
+        "a leaf must end at least 1h before its CA; shorten --expiry or lengthen --ca-expiry"
     ) in result.err
     assert not calls.exists() or "gencert" not in calls.read_text()
     assert not (tmp_path / "kit").exists()
@@ -79,7 +79,14 @@ def test_a_leaf_that_outlives_its_ca_is_refused_before_cfssl_runs(cli, tmp_path)
         "--cfssl-dir", bin_dir, "quickstart", "--out", tmp_path / "kit2",
         "--expiry", "43800h", "--ca-expiry", "43800h",
     )  # fmt: skip
-    assert equal.code == 0, equal.err  # as long as its CA is allowed
+    # As long as its CA is refused: cfssl rounds each start to the minute, so such a leaf
+    # ends a minute after its CA when the two calls straddle half a minute.
+    assert equal.code == 3, equal.err
+    shorter = cli(
+        "--cfssl-dir", bin_dir, "quickstart", "--out", tmp_path / "kit3",
+        "--expiry", "43799h", "--ca-expiry", "43800h",
+    )  # fmt: skip
+    assert shorter.code == 0, shorter.err
 
 
 def _self_signed(
@@ -144,8 +151,8 @@ def test_load_ca_refuses_a_leaf_and_a_foreign_key(cli, tmp_path, kits, other_kit
     result = _cert(cli, leaf, leaf_key, tmp_path / "out")
     assert result.code == 3
     assert (
-        f"{leaf}: CN=Test CA is not a CA certificate (no CA:TRUE with keyCertSign); "
-        "give the CA certificate, not a leaf"
+        f"{leaf}: CN=Test CA is not a CA certificate (it needs CA:TRUE, and keyCertSign among "
+        "its key usages if it lists any); give the CA certificate, not a leaf"
     ) in result.err
     kit = kits["global"]
     foreign = _cert(cli, kit / "ca.pem", other_kit / "ca-key.pem", tmp_path / "out")
@@ -297,8 +304,8 @@ def test_load_ca_messages_are_exact_lines(cli, tmp_path, kits, other_kit):
     leaf, leaf_key = _self_signed(tmp_path, ca=False, days=(-1, 30))
     result = _cert(cli, leaf, leaf_key, tmp_path / "out")
     assert result.err.splitlines()[-1] == (
-        f"cfwrap: error: {leaf}: CN=Test CA is not a CA certificate (no CA:TRUE with "
-        "keyCertSign); give the CA certificate, not a leaf"
+        f"cfwrap: error: {leaf}: CN=Test CA is not a CA certificate (it needs CA:TRUE, "
+        "and keyCertSign among its key usages if it lists any); give the CA certificate, not a leaf"
     )
     ca, key = _self_signed(tmp_path, ca=True, days=(-30, -1))
     expired = (dt.datetime.now(dt.UTC) - dt.timedelta(days=1)).strftime("%Y-%m-%d")
@@ -322,8 +329,8 @@ def test_a_ca_without_key_cert_sign_is_refused(cli, tmp_path):
     ca, key = _self_signed(tmp_path, ca=True, days=(-1, 3650), sign=False)
     result = _cert(cli, ca, key, tmp_path / "out")
     assert result.err.splitlines()[-1] == (
-        f"cfwrap: error: {ca}: CN=Test CA is not a CA certificate (no CA:TRUE with "
-        "keyCertSign); give the CA certificate, not a leaf"
+        f"cfwrap: error: {ca}: CN=Test CA is not a CA certificate (it needs CA:TRUE, "
+        "and keyCertSign among its key usages if it lists any); give the CA certificate, not a leaf"
     )
 
 

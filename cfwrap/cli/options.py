@@ -219,11 +219,14 @@ def key_of(args: argparse.Namespace) -> dict[str, Any]:
     return {"algo": algo, "size": size}
 
 
-def to_spec(cls: type[M], data: dict[str, Any]) -> M:
-    """Build a spec from flags; a refused field is reported under its flag."""
+def to_spec(cls: type[M], data: dict[str, Any], *, flags: dict[str, str] | None = None) -> M:
+    """Build a spec from flags; a refused field is reported under its flag.
+
+    ``flags``: fields given by other flags than :data:`FLAGS` says (``--ca-expiry``).
+    """
     from cfwrap.models import parse_model
 
-    return parse_model(cls, data, what="arguments", flags=FLAGS)
+    return parse_model(cls, data, what="arguments", flags={**FLAGS, **(flags or {})})
 
 
 def cert_specs(args: argparse.Namespace, roles: Sequence[str]) -> list[Any]:

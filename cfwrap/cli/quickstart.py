@@ -65,7 +65,11 @@ def execute(args: argparse.Namespace) -> int:
     from cfwrap.specs import CASpec
 
     specs = cert_specs(args, ("server", "client", "cli"))
-    ca = to_spec(CASpec, {"expiry": args.ca_expiry, "key": specs[0].key.model_dump()})
+    ca = to_spec(
+        CASpec,
+        {"expiry": args.ca_expiry, "key": specs[0].key.model_dump()},
+        flags={"expiry": "--ca-expiry"},
+    )
     result = kit.quickstart(
         out=out_folder(args),
         cfssl_tool=find_cfssl(args),
