@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from cfwrap import cfssl, files, gossip, manifest, nomad, parsers, runner, verify
 from cfwrap.errors import InputError, VerificationError
-from cfwrap.models import SigningConfig, parse_duration, to_cfssl_json
+from cfwrap.models import LIFETIME_MARGIN, SigningConfig, parse_duration, to_cfssl_json
 from cfwrap.specs import CASpec, CertSpec, signing_config
 from cfwrap.tools import Tool
 
@@ -157,10 +157,6 @@ def _check_as_go_would(
         ) from None
 
 
-#: How much sooner than a new CA its leaves must end (cfssl rounds each start to the minute).
-LIFETIME_MARGIN = timedelta(hours=1)
-
-
 def check_lifetimes(ca_expiry: str, specs: Sequence[CertSpec]) -> None:
     """Refuse leaves that would outlive a new CA of lifetime ``ca_expiry``.
 
@@ -169,8 +165,6 @@ def check_lifetimes(ca_expiry: str, specs: Sequence[CertSpec]) -> None:
     """
     ca_life = parse_duration(ca_expiry)
     for spec in specs:
-        # cfssl starts each certificate at the minute nearest its own call: a leaf as long as
-        # its CA, made seconds later, may end a minute after it.
         if parse_duration(spec.expiry) > ca_life - LIFETIME_MARGIN:
             raise InputError(
                 f"--expiry {spec.expiry}",

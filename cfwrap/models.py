@@ -36,6 +36,11 @@ MIN_LIFETIME = timedelta(hours=1)
 MAX_LIFETIME = timedelta(days=365 * 30)
 
 
+#: How much sooner than its CA a certificate must end: cfssl starts each certificate at the
+#: minute nearest its own call, so one as long as its CA, made seconds later, may end after it.
+LIFETIME_MARGIN = timedelta(hours=1)
+
+
 @functools.lru_cache(maxsize=256)  # a plan's thousands of certificates share a few lifetimes
 def parse_duration(text: str) -> timedelta:
     """Parse a positive Go duration such as ``8760h`` or ``1h30m`` into a timedelta.

@@ -215,6 +215,15 @@ _BAD_PLANS = {
         'leaf_expiry = "50000h"\n[ca]\nexpiry = "43800h"\n[regions.eu]\n',
         "outlives the CA",
     ),
+    # cfssl starts each certificate at its own minute: as long as its CA is a minute longer.
+    "leaf-ends-with-ca": (
+        'leaf_expiry = "43800h"\n[ca]\nexpiry = "43800h"\n[regions.eu]\n',
+        "or ends with it: it must end at least 1h before",
+    ),
+    "intermediate-ends-with-root": (
+        '[ca]\nintermediates = true\nexpiry = "26280h"\n[regions.eu]\n',
+        "ca.intermediate_expiry 26280h outlives the root (ca.expiry 26280h), or ends with it",
+    ),
     "leaf-outlives-intermediate": (
         'leaf_expiry = "30000h"\n[ca]\nintermediates = true\n[regions.eu]\n',
         "outlives the CA",

@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from cfwrap.errors import InputError
-from cfwrap.models import Duration, KeySpec, Text, parse_duration
+from cfwrap.models import LIFETIME_MARGIN, Duration, KeySpec, Text, parse_duration
 from cfwrap.nomad import Role, check_config_text, check_label
 from cfwrap.specs import DnsName, IPAddress, Region
 
@@ -218,15 +218,17 @@ class Plan(BaseModel):
         signer_life = ca_life
         if self.ca.intermediates:
             signer_life = parse_duration(self.ca.intermediate_expiry)
-            if signer_life > ca_life:
+            if signer_life > ca_life - LIFETIME_MARGIN:
                 raise ValueError(
                     f"ca.intermediate_expiry {self.ca.intermediate_expiry} outlives the root "
-                    f"(ca.expiry {self.ca.expiry})"
+                    f"(ca.expiry {self.ca.expiry}), or ends with it: it must end at least 1h "
+                    "before"
                 )
-        if parse_duration(self.leaf_expiry) > signer_life:
+        if parse_duration(self.leaf_expiry) > signer_life - LIFETIME_MARGIN:
             raise ValueError(
                 f"leaf_expiry {self.leaf_expiry} outlives the CA that signs it "
-                f"({self.ca.intermediate_expiry if self.ca.intermediates else self.ca.expiry})"
+                f"({self.ca.intermediate_expiry if self.ca.intermediates else self.ca.expiry}), "
+                "or ends with it: it must end at least 1h before"
             )
         folded: dict[str, str] = {}
         for region in self.regions:
