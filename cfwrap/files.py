@@ -631,7 +631,13 @@ class Staging:
                 self.target.rename(self.backup)
             elif self.target.exists():
                 self.target.rmdir()
-            self.path.rename(self.target)
+            try:
+                self.path.rename(self.target)
+            except BaseException:  # a failure or a stop between the two renames: put it back
+                if self.backup is not None and not os.path.lexists(self.target):
+                    self.backup.rename(self.target)
+                    self.backup = None
+                raise
             _fsync_dir(self.target.parent)
         self._path = None
 

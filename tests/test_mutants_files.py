@@ -625,3 +625,28 @@ def test_a_fileset_killed_after_apply_is_undone_from_its_journal(tmp_path):
     assert [n for n in _names(killed) if not TEMP.fullmatch(n)] == ["a.pem", "keep.txt"]
     assert (killed / "a.pem").read_text() == "old a"
     assert _names(node) == ["a.pem", "b.pem", "keep.txt"]  # the real set committed
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, OSError])
+def test_a_stop_between_the_two_renames_of_a_forced_commit_puts_the_old_kit_back(
+    tmp_path, monkeypatch, stop
+):
+    # helper-28: a SIGTERM there left no kit (the old one moved to a backup, the new one
+    # removed). The signal is raised where it lands: in the rename of the staged folder.
+    target = tmp_path / "kit"
+    target.mkdir()
+    (target / "old").write_text("old")
+    real_rename = Path.rename
+
+    def rename(self: Path, to: Path) -> Path:
+        if to == target and self.name.startswith(".kit.cfwrap-"):
+            raise stop()
+        return real_rename(self, to)
+
+    with pytest.raises((stop, FileSystemError)), files.Staging(target, force=True) as staging:
+        (staging.path / "new").write_text("new")
+        monkeypatch.setattr(Path, "rename", rename)
+        staging.commit()
+    monkeypatch.undo()
+    assert _names(tmp_path) == ["kit"]  # no backup, no staging folder left
+    assert _names(target) == ["old"]
