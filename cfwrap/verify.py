@@ -64,10 +64,11 @@ def go_ca_pool(data: bytes) -> list[x509.Certificate]:
     Each ``CERTIFICATE`` block without headers that Go can parse; any other block, or one it
     cannot parse, is skipped. None at all is Nomad's "Failed to parse any valid certificates".
     """
-    pool = []
+    pool, seen = [], set()
     for block in parsers.go_pem_blocks(data):
-        if block.type != b"CERTIFICATE" or block.has_headers:
-            continue
+        if block.type != b"CERTIFICATE" or block.has_headers or block.der in seen:
+            continue  # (a copy of one already taken: AddCert keeps one)
+        seen.add(block.der)
         try:
             cert = parsers.load_der_certificate(block.der)
         except parsers.ParseError:
@@ -417,12 +418,37 @@ def _is_valid(
         )
 
 
+def _key_ids(cert: x509.Certificate) -> tuple[bytes, bytes]:
+    """Its subject key identifier and authority key identifier (empty when absent)."""
+    from cryptography import x509
+
+    ski = _ext(cert, x509.SubjectKeyIdentifier)
+    aki = _ext(cert, x509.AuthorityKeyIdentifier)
+    return (
+        ski.digest if isinstance(ski, x509.SubjectKeyIdentifier) else b"",
+        (aki.key_identifier or b"") if isinstance(aki, x509.AuthorityKeyIdentifier) else b"",
+    )
+
+
 def _potential_parents(
     cert: x509.Certificate, pool: Sequence[x509.Certificate]
 ) -> list[x509.Certificate]:
-    """Go's ``findPotentialParents``: same subject as the issuer (key identifiers only order)."""
+    """Go's ``findPotentialParents``: same subject as the issuer, the likeliest first.
+
+    Those whose subject key identifier is the certificate's authority key identifier, then
+    those where one of the two is missing, then the rest: a bundle of many CAs of one name
+    (a rotation's, or a crafted one) is searched in the order Go searches it, within the same
+    bound of signature checks.
+    """
     issuer = cert.issuer.public_bytes()
-    return [c for c in pool if c.subject.public_bytes() == issuer]
+    aki = _key_ids(cert)[1]
+    ranked: tuple[list[x509.Certificate], ...] = ([], [], [])
+    for candidate in pool:
+        if candidate.subject.public_bytes() != issuer:
+            continue
+        ski = _key_ids(candidate)[0]
+        ranked[0 if ski == aki else 1 if bool(ski) != bool(aki) else 2].append(candidate)
+    return [*ranked[0], *ranked[1], *ranked[2]]
 
 
 @dataclass

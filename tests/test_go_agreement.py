@@ -576,6 +576,7 @@ def build_corpus(root: Path, kit: Path, other_kit: Path) -> list[Case]:
         ("PEM: cert file in CRLF, indented", "cert", crlf_indented),
         ("PEM: cert file label in lower case", "cert", lower_labels),
         ("PEM: text before the certificate", "cert", lambda b: b"issued today\n" + b),
+        ("PEM: a damaged certificate after the leaf", "cert", lambda b: b + broken),
         ("PEM: blanks after BEGIN in the key file", "key", blanks),
         ("PEM: key file in CRLF, indented", "key", crlf_indented),
         ("PEM: key file label in lower case", "key", lower_labels),
@@ -589,6 +590,14 @@ def build_corpus(root: Path, kit: Path, other_kit: Path) -> list[Case]:
                                                                      b"TRUSTED CERTIFICATE")),
     ):  # fmt: skip
         respelled(name, part, change)
+    # A CA file of many CAs with the CA's own name (Go orders them by key identifier, and keeps
+    # one of each copy): past Go's bound of 100 signature checks if taken in file order.
+    namesakes = b"".join(
+        make_ca("Nomad Agent CA 1")[0].public_bytes(serialization.Encoding.PEM) for _ in range(120)
+    )
+    respelled("CA file: 120 other CAs of its name first", "ca", lambda b: namesakes + b)
+    copy = make_ca("Nomad Agent CA 1")[0].public_bytes(serialization.Encoding.PEM)
+    respelled("CA file: 150 copies of a CA of its name first", "ca", lambda b: copy * 150 + b)
     return cases
 
 

@@ -440,11 +440,26 @@ def check_leaf(
                 fix=reissue_command(leaf, ca),
             )
         ]
-    try:
-        intermediates = verify.load_pem_certificates(data)[1:]
-    except ValueError:
-        intermediates = []
-    return check_certificate(
+    # Go's X509KeyPair sends every CERTIFICATE block; each peer parses them all.
+    blocks = [b.der for b in parsers.go_pem_blocks(data) if b.type == b"CERTIFICATE"]
+    intermediates, damaged = [], []
+    for der in blocks[1:]:
+        try:
+            intermediates.append(parsers.load_der_certificate(der))
+        except parsers.ParseError as e:
+            damaged.append(
+                Finding(
+                    "error",
+                    str(leaf.cert),
+                    "cert.chain-read",
+                    f"a certificate after the first cannot be read ({e}); peers refuse the "
+                    "whole chain",
+                    nomad_error="tls: failed to parse certificate from server: x509: malformed "
+                    "certificate",
+                    fix=reissue_command(leaf, ca),
+                )
+            )
+    return damaged + check_certificate(
         leaf, cert, ca, now=now, warn_within=warn_within, intermediates=intermediates
     )
 
