@@ -745,3 +745,17 @@ def test_a_role_certificate_file_without_a_certificate_is_an_error(cli, kits, tm
     errors = _checks(report)
     assert list(errors) == ["global-cli-nomad.pem:cert.read"], errors
     assert "not a PEM certificate" in errors["global-cli-nomad.pem:cert.read"]["message"]
+
+
+def test_loose_files_of_another_region_are_judged_for_their_own_region(cli, kits):
+    # helper-29: without --region, doctor --cert took every certificate for region global.
+    kit = kits["eu-west-1"]
+    for role in ("server", "client"):
+        code, report = _doctor(cli, "--cert", kit / f"eu-west-1-{role}-nomad.pem",
+                               "--key", kit / f"eu-west-1-{role}-nomad-key.pem",
+                               "--ca", kit / "ca.pem")  # fmt: skip
+        assert code == 0, report
+    renamed_copy = kits["eu-west-1"] / "eu-west-1-server-nomad.pem"
+    code, report = _doctor(cli, "--cert", renamed_copy, "--region", "global")
+    assert code == 7  # a region given is the one judged
+    assert "eu-west-1-server-nomad.pem:names.server" in _checks(report)

@@ -48,7 +48,11 @@ def configure(sub: Subparsers) -> None:
         choices=("server", "client", "cli"),
         help="the role the certificate is for (default: from its names)",
     )
-    doc.add_argument("--region", default=None, help="Nomad region (default global)")
+    doc.add_argument(
+        "--region",
+        default=None,
+        help="Nomad region (default: from the file name or the certificate, else global)",
+    )
     doc.add_argument(
         "--warn-within",
         default="30",
@@ -103,8 +107,13 @@ def execute(args: argparse.Namespace) -> int:
         if not args.cert.is_file():
             why = "not a regular file" if args.cert.exists() else "no such file"
             raise InputError(str(args.cert), why, fix="give the certificate to check")
-        report = doctor.diagnose_files(
-            cert=args.cert, key=args.key, ca=args.ca, role=args.role, region=region, options=options
+        report = doctor.diagnose_files(  # without --region: the file's name or its own names
+            cert=args.cert,
+            key=args.key,
+            ca=args.ca,
+            role=args.role,
+            region=args.region,
+            options=options,
         )
     else:
         folder = args.folder or Path()

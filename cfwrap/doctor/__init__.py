@@ -299,18 +299,22 @@ def diagnose_files(
     key: Path | None,
     ca: Path | None,
     role: Role | None,
-    region: str,
+    region: str | None,
     options: Options,
 ) -> Report:
-    """Check loose files made by anyone: one certificate, its key, its CA."""
+    """Check loose files made by anyone: one certificate, its key, its CA.
+
+    Without a role or region, the file's name says them (``<region>-<role>-nomad.pem``), else
+    the certificate's own names, else: no role, region global.
+    """
     report = Report()
     loaded: certs.LoadedCA | None = None
     if ca is not None:
         loaded, found = certs.load_ca(ca, None)
         report.findings += found
-    if role is None:
-        role = _role_from_names(cert)[0]
-    leaf = certs.Leaf(role, region, cert, key)
+    named = parse_file_stem(cert.name.removesuffix(".pem")) or _role_from_names(cert)
+    role = role or named[0]
+    leaf = certs.Leaf(role, region or named[1] or DEFAULT_REGION, cert, key)
     report.findings += certs.check_leaf(
         leaf, loaded, now=options.now, warn_within=options.warn_within
     )
