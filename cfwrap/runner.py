@@ -38,6 +38,8 @@ DEFAULT_TIMEOUT = 120.0
 # Processes started and not yet finished, so an interrupted cfwrap can stop them before it
 # removes its staging folder (a tool still writing there would leave files behind).
 _ACTIVE: dict[int, Any] = {}  # by id(): sh's RunningCommand is not hashable
+#: The pids of running calls that lead a process group of their own (``Call.group``).
+_GROUPS: set[int] = set()
 
 #: The most of one tool's stdout, and of its stderr, that cfwrap keeps. The rest is read and
 #: dropped as it comes (so the tool is not blocked or killed by a full pipe), and counted.
@@ -399,6 +401,9 @@ class Call:
     never logged, and its value is remembered so that it is removed wherever it shows up later.
     ``on_exit`` runs when the tool has ended, before its output is logged: replay reads the
     secrets a step wrote into its folder there, so that its output cannot show them.
+    ``group``: the tool and whatever it starts are a process group of their own, killed whole
+    on a timeout or a stop, and when the tool ends (what it left running in the background
+    would outlive the call: a guide's ``sh -c '... &'``).
     """
 
     argv: tuple[str, ...]
@@ -407,6 +412,7 @@ class Call:
     cwd: Path | None = None
     secret_stdout: bool = False
     on_exit: Callable[[], None] | None = None
+    group: bool = False
 
     @classmethod
     def of(
@@ -418,9 +424,11 @@ class Call:
         cwd: Path | None = None,
         secret_stdout: bool = False,
         on_exit: Callable[[], None] | None = None,
+        group: bool = False,
     ) -> Call:
         """Build a call from path-or-string arguments."""
-        return cls(tuple(str(a) for a in argv), stdin, timeout, cwd, secret_stdout, on_exit)
+        argv_text = tuple(str(a) for a in argv)
+        return cls(argv_text, stdin, timeout, cwd, secret_stdout, on_exit, group)
 
     @property
     def tool(self) -> str:
@@ -508,7 +516,18 @@ def _options(
         options |= {"_out": stdout, "_out_bufsize": _READ_SIZE}
     if call.cwd is not None:
         options["_cwd"] = str(call.cwd)
+    if call.group:
+        options["_new_group"] = True
     return options
+
+
+def _kill(pid: int, *, group: bool) -> None:
+    """SIGKILL a tool, or its whole process group; nothing when it is gone already."""
+    with contextlib.suppress(OSError):
+        if group:
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
 
 
 def _start(
@@ -566,9 +585,11 @@ def _start(
         # Registered first of all: a SIGTERM from here on finds it in stop_all, and one that
         # lands before the registration is caught below and the tool killed all the same.
         _ACTIVE[id(running)] = running
+        if call.group:
+            _GROUPS.add(running.pid)
     except BaseException:
         with contextlib.suppress(OSError, AttributeError):
-            os.kill(running.pid, signal.SIGKILL)
+            _kill(running.pid, group=call.group)
         if stderr_pipe:
             os.close(stderr_pipe[0])
         raise
@@ -583,8 +604,7 @@ def _start(
     # cfssl call takes; a timer that kills the process on expiry costs nothing until then.
     def expire() -> None:
         timed_out.set()
-        with contextlib.suppress(OSError):
-            running.kill()
+        _kill(running.pid, group=call.group)
 
     watchdog = threading.Timer(call.timeout, expire)
     watchdog.daemon = True
@@ -627,6 +647,9 @@ def _finish(running: _Running, *, check: bool = True) -> Result:
     finally:
         running.watchdog.cancel()
         _ACTIVE.pop(id(running.command), None)
+        if call.group:  # what it left running in the background ends with it
+            _kill(running.command.pid, group=True)
+            _GROUPS.discard(running.command.pid)
     own = running.command.process.exit_code
     result = _result(running, own)
     _log_output(result)
@@ -975,6 +998,9 @@ def stop_all() -> None:
     deadlock with the wait the main thread was in when the signal came.
     """
     for running in list(_ACTIVE.values()):
-        with contextlib.suppress(OSError, AttributeError):
-            os.kill(running.pid, signal.SIGKILL)
+        with contextlib.suppress(AttributeError):
+            _kill(running.pid, group=running.pid in _GROUPS)
+    for pid in list(_GROUPS):  # a group whose leader has ended may still have members
+        _kill(pid, group=True)
     _ACTIVE.clear()
+    _GROUPS.clear()

@@ -6,9 +6,11 @@ import base64
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import jsonschema
@@ -865,3 +867,55 @@ def test_keys_printed_in_other_forms_never_reach_transcripts_or_logs(tmp_path):
         flat = re.sub(r"(?m)^[0-9a-f]{6,8}:?|[^0-9a-f\n]|\n", "", text.lower())
         assert gossip.hex() not in flat, where  # xxd -p, or xxd's lines with their offsets
         assert_no_secrets(text, base64.b64encode(gossip).decode())
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or one that has ended and waits to be reaped."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")
+
+
+BACKGROUND_STEP = """
+[[steps]]
+kind = "run"
+say = "start something in the background"
+pipeline = [["sh", "-c", "sleep 300 >/dev/null 2>&1 </dev/null & echo $! > bg.pid; {then}"]]
+"""
+
+
+@pytest.mark.parametrize("how", ["the step ends", "cfwrap is stopped"])
+def test_what_a_step_starts_in_the_background_ends_with_it(tmp_path, how):
+    # helper-29: a guide's `cmd &` outlived the replay and changed its folder afterwards.
+    then = "echo started" if how == "the step ends" else "wait"
+    guide = _guide(tmp_path, BACKGROUND_STEP.format(then=then))
+    out = tmp_path / "r"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cfwrap", "replay", guide, "--out", out],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    pid_files: list[Path] = []
+    deadline = time.monotonic() + 60
+    while not pid_files and proc.poll() is None and time.monotonic() < deadline:
+        pid_files = [p for p in tmp_path.glob(".r.*/files/bg.pid") if p.read_text().strip()]
+        time.sleep(0.05)
+    if how == "cfwrap is stopped":
+        assert pid_files, "the step never started its background process"
+        background = int(pid_files[0].read_text())
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == ExitCode.TERMINATED, err
+    else:
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode in (0, ExitCode.VERIFY_FAILED), err
+        background = int((out / "files" / "bg.pid").read_text())
+    deadline = time.monotonic() + 10
+    while not _gone(background) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    alive = not _gone(background)
+    if alive:
+        os.kill(background, signal.SIGKILL)
+    assert not alive, "the step's background process outlived it"

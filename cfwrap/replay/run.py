@@ -267,6 +267,7 @@ class _Run:
                     secret_stdout=secret and index == len(step.pipeline) - 1,
                     # what the step wrote, before its output is logged (-v)
                     on_exit=functools.partial(_remember_secrets, self.work, self.scanned),
+                    group=True,  # what a step starts in the background ends with it
                 )
                 for index, stage in enumerate(step.pipeline)
             ]
