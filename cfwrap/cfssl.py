@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cfwrap.errors import InputError, ToolFailedError
-from cfwrap.runner import Call, Result, failure_reason
+from cfwrap.runner import DEFAULT_TIMEOUT, Call, Result, failure_reason
 
 if TYPE_CHECKING:
     # Types only: the models are loaded where a call is built, so that doctor (which uses
@@ -46,11 +46,28 @@ def key_path(cert: Path) -> Path:
     return cert.with_name(cert.name.removesuffix(".pem") + "-key.pem")
 
 
+def keygen_timeout(csr: CSR) -> float:
+    """How long a call that makes ``csr``'s key may take.
+
+    An RSA key of 6144 or 8192 bits takes cfssl from seconds to minutes (its primes are found
+    by chance), and a kit makes several at once on a small machine: 120 s is not enough.
+    """
+    if csr.key.algo == "rsa" and csr.key.size > 4096:
+        return 1200.0
+    if csr.key.algo == "rsa" and csr.key.size > 2048:
+        return 300.0
+    return DEFAULT_TIMEOUT
+
+
 def initca(cfssl: Tool, csr: CSR) -> Call:
     """The call that makes a new CA from ``csr`` (``cfssl gencert -initca -``)."""
     from cfwrap.models import to_cfssl_json
 
-    return Call.of([cfssl.path, "gencert", "-initca", "-"], stdin=to_cfssl_json(csr))
+    return Call.of(
+        [cfssl.path, "gencert", "-initca", "-"],
+        stdin=to_cfssl_json(csr),
+        timeout=keygen_timeout(csr),
+    )
 
 
 def gencert(
@@ -86,7 +103,7 @@ def gencert(
     ]  # fmt: skip
     from cfwrap.models import to_cfssl_json
 
-    return Call.of(argv, stdin=to_cfssl_json(csr))
+    return Call.of(argv, stdin=to_cfssl_json(csr), timeout=keygen_timeout(csr))
 
 
 def sign(

@@ -564,6 +564,7 @@ def check_target_folder(target: Path, *, force: bool) -> None:
         raise ConflictError(target, "is a symlink", fix="give the real folder, or another path")
     if target.exists() and not target.is_dir():
         raise ConflictError(target, "exists and is not a folder", fix="choose another --out")
+
     if target.is_dir() and any(target.iterdir()) and not force:
         raise ConflictError(
             target,
@@ -599,6 +600,12 @@ class Staging:
         check_target_folder(
             self.target, force=self.force
         )  # before the lock: a refusal leaves no trace
+        if os.path.ismount(self.target):  # the kit is moved into place whole: a rename
+            raise ConflictError(
+                self.target,
+                "is a mount point, which cannot be replaced by a new folder",
+                fix=f"give a folder inside it, e.g. --out {self.target / 'nomad-tls'}",
+            )
         self._lock.__enter__()
         try:
             check_target_folder(self.target, force=self.force)

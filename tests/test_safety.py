@@ -351,3 +351,18 @@ def test_a_killed_certs_copy_of_the_ca_key_is_swept_by_the_next_run(tmp_path, ki
     )  # fmt: skip
     assert rerun.returncode == 0, rerun.stderr
     assert list(temp.iterdir()) == []
+
+
+def test_a_mount_point_as_out_is_refused_before_cfssl_runs(tmp_path):
+    # helper-28: an empty tmpfs as --out got a whole kit issued, then "Device or resource busy".
+    with mounted_tmpfs(tmp_path / "mnt", "size=1m") as mount:
+        done = subprocess.run([*PYTHON, "quickstart", "--out", str(mount)], cwd=tmp_path,
+                              capture_output=True, text=True, check=False)  # fmt: skip
+        assert done.returncode == ExitCode.CONFLICT, done.stderr
+        assert "is a mount point" in done.stderr and done.stderr.count("\n") == 1
+        assert list(mount.iterdir()) == []
+        inside = subprocess.run([*PYTHON, "quickstart", "--out", str(mount / "nomad-tls")],
+                                cwd=tmp_path, capture_output=True, text=True,
+                                check=False)  # fmt: skip
+        assert inside.returncode == 0, inside.stderr
+        assert (mount / "nomad-tls" / "manifest.json").is_file()

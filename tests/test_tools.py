@@ -169,3 +169,17 @@ def test_redact_removes_keys_from_tool_output():
     assert b"MHcCAQEE" not in out
     assert b"abc" not in out
     assert failure_reason(b"2026/01/01 [INFO] x\n2026/01/01 [ERROR] it broke\n") == "it broke"
+
+
+def test_a_large_rsa_key_gets_the_time_it_takes():
+    # helper-28: three RSA 8192 leaves made at once on two cores outran the 120 s timeout.
+    from cfwrap import cfssl
+    from cfwrap.models import CSR, KeySpec
+    from cfwrap.runner import DEFAULT_TIMEOUT
+
+    tool = tools.find("cfssl")
+    sizes = {("ecdsa", 256): DEFAULT_TIMEOUT, ("rsa", 2048): DEFAULT_TIMEOUT,
+             ("rsa", 4096): 300.0, ("rsa", 8192): 1200.0}  # fmt: skip
+    for (algo, size), timeout in sizes.items():
+        csr = CSR(CN="x", key=KeySpec(algo=algo, size=size))
+        assert cfssl.initca(tool, csr).timeout == timeout
