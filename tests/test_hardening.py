@@ -570,3 +570,14 @@ def test_a_leaf_as_long_as_its_new_ca_is_refused_and_ca_expiry_names_its_flag(cl
             (tmp_path / "c" / f"global-{role}-nomad.pem").read_bytes()
         )
         assert leaf.not_valid_after_utc < ca.not_valid_after_utc
+
+
+@pytest.mark.parametrize("pathlen", ["true", '"1"', "1.0"])
+def test_a_ca_csr_value_of_another_type_is_refused_not_converted(cli, tmp_path, pathlen):
+    # helper-28: pydantic's lax mode made these pathlen 1; cfssl's JSON decoder refuses them.
+    csr = tmp_path / "ca-csr.json"
+    csr.write_text('{"CN": "x", "ca": {"pathlen": ' + pathlen + "}}")
+    done = cli("ca", "--out", tmp_path / "ca", "--csr", csr)
+    assert done.code == ExitCode.INPUT, done.err
+    assert "ca.pathlen" in done.err and "valid integer" in done.err
+    assert not (tmp_path / "ca").exists()

@@ -92,7 +92,9 @@ def _ca_from_csr_file(path: Path) -> CASpec:
         raise InputError(str(path), "nested too deeply to be a CSR") from None
     except ValueError as e:
         raise InputError(str(path), f"not JSON ({e})") from None
-    csr = parse_model(CSR, data, what=str(path))
+    # Exact types, as cfssl's JSON decoder takes them: "pathlen": true or "1" is refused here,
+    # never turned into 1.
+    csr = parse_model(CSR, data, what=str(path), exact=True)
     if csr.hosts:
         raise InputError(
             f"{path}: hosts",
