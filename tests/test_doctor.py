@@ -759,3 +759,48 @@ def test_loose_files_of_another_region_are_judged_for_their_own_region(cli, kits
     code, report = _doctor(cli, "--cert", renamed_copy, "--region", "global")
     assert code == 7  # a region given is the one judged
     assert "eu-west-1-server-nomad.pem:names.server" in _checks(report)
+
+
+def test_connect_builds_the_chain_with_the_intermediates_the_peer_sends(cli, tmp_path):
+    """helper-29: a node of a plan with intermediates sends its leaf and its region's CA; doctor
+    used only the leaf and reported no chain, where Go's handshake succeeds."""
+    w = tmp_path
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=w, check=True, capture_output=True)
+
+    openssl("req", "-x509", *ec, "-keyout", "root-key.pem", "-out", "root.pem", "-subj",
+            "/CN=Root", "-days", "3650", "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
+    (w / "int.ext").write_text("basicConstraints=critical,CA:TRUE,pathlen:0\n"
+                               "keyUsage=critical,keyCertSign,cRLSign\n")  # fmt: skip
+    openssl("req", "-new", *ec, "-keyout", "int-key.pem", "-out", "int.csr", "-subj", "/CN=Int")
+    openssl("x509", "-req", "-in", "int.csr", "-CA", "root.pem", "-CAkey", "root-key.pem",
+            "-CAcreateserial", "-days", "3000", "-extfile", "int.ext", "-out",
+            "int.pem")  # fmt: skip
+    (w / "leaf.ext").write_text(
+        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+        "extendedKeyUsage=serverAuth,clientAuth\n"
+        "subjectAltName=DNS:server.global.nomad,DNS:localhost,IP:127.0.0.1\n"
+    )
+    openssl("req", "-new", *ec, "-keyout", "leaf-key.pem", "-out", "leaf.csr", "-subj",
+            "/CN=server.global.nomad")  # fmt: skip
+    openssl("x509", "-req", "-in", "leaf.csr", "-CA", "int.pem", "-CAkey", "int-key.pem",
+            "-CAcreateserial", "-days", "300", "-extfile", "leaf.ext", "-out",
+            "leaf.pem")  # fmt: skip
+    port = free_port()
+    server = subprocess.Popen(
+        ["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-cert", "leaf.pem", "-key",
+         "leaf-key.pem", "-cert_chain", "int.pem", "-quiet"],
+        cwd=w, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for_port(port)
+        code, report = _doctor(cli, "--connect", f"127.0.0.1:{port}", "--ca", w / "root.pem",
+                               "--role", "server")  # fmt: skip
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    assert code == 0, report
+    assert report["presented"]["issuer"] == "CN=Int"

@@ -6,6 +6,7 @@ certificate, else from the file name (``<region>-<role>-nomad.pem``), else from 
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -351,6 +352,10 @@ def diagnose_peer(
     loaded, found = certs.load_ca(ca, None)
     report.findings += found
     leaf = certs.Leaf(role, region, Path(address), None)
+    intermediates = []
+    for der in presented.chain_der:  # what it sent after its own, as Nomad's peers use it
+        with contextlib.suppress(parsers.ParseError):
+            intermediates.append(parsers.load_der_certificate(der))
     report.findings += certs.check_certificate(
         leaf,
         parsers.load_der_certificate(presented.certificate_der),
@@ -358,6 +363,7 @@ def diagnose_peer(
         now=options.now,
         warn_within=options.warn_within,
         label=address,
+        intermediates=intermediates,
     )
     if not presented.verified:
         report.findings.append(

@@ -24,6 +24,8 @@ class Presented:
     certificate_der: bytes | None
     verified: bool
     error: str
+    #: The certificates the peer sent after its own (its intermediates), as it sent them.
+    chain_der: tuple[bytes, ...] = ()
 
     def summary(self) -> dict[str, Any]:
         """Subject, issuer, names and dates of what was presented, for reports."""
@@ -111,6 +113,7 @@ def connect(
             look.wrap_socket(raw, server_hostname=server_name) as tls,
         ):
             der = tls.getpeercert(binary_form=True)
+            sent = _sent_chain(tls)
     except (OSError, ssl.SSLError, UnicodeError) as e:
         return Presented(address, None, verified=False, error=f"cannot connect: {e}")
     if der is not None:
@@ -126,5 +129,18 @@ def connect(
         ):
             pass
     except (OSError, ssl.SSLError, UnicodeError) as e:
-        return Presented(address, der, verified=False, error=str(e))
-    return Presented(address, der, verified=True, error="")
+        return Presented(address, der, verified=False, error=str(e), chain_der=sent)
+    return Presented(address, der, verified=True, error="", chain_der=sent)
+
+
+def _sent_chain(tls: ssl.SSLSocket) -> tuple[bytes, ...]:
+    """The certificates a peer sent after its own, in DER (Python 3.13 names the call)."""
+    chain = getattr(tls, "get_unverified_chain", None)
+    if chain is None:  # Python 3.11 and 3.12: on the socket's OpenSSL object
+        chain = getattr(getattr(tls, "_sslobj", None), "get_unverified_chain", None)
+    if chain is None:
+        return ()
+    certs = chain() or []
+    return tuple(
+        c if isinstance(c, bytes) else ssl.PEM_cert_to_DER_cert(c.public_bytes()) for c in certs
+    )[1:]
