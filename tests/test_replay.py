@@ -919,3 +919,23 @@ def test_what_a_step_starts_in_the_background_ends_with_it(tmp_path, how):
     if alive:
         os.kill(background, signal.SIGKILL)
     assert not alive, "the step's background process outlived it"
+
+
+def test_files_a_step_makes_in_a_subfolder_are_recorded(tmp_path):
+    # helper-29: `cfssljson -bare certs/ca` made certs/ca-key.pem, and the step's table was empty.
+    steps = """
+[[steps]]
+kind = "run"
+say = "files in a subfolder"
+pipeline = [["sh", "-c", "mkdir -p certs/in && echo a > certs/a.txt && echo b > certs/in/b.txt"]]
+"""
+    out = tmp_path / "r"
+    done = subprocess.run(
+        [sys.executable, "-m", "cfwrap", "replay", _guide(tmp_path, steps), "--out", out],
+        capture_output=True, text=True, check=False, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert done.returncode in (0, ExitCode.VERIFY_FAILED), done.stderr
+    made = json.loads((out / "transcript.json").read_text())["steps"][0]["files"]
+    assert {f["path"]: f["change"] for f in made} == {
+        "certs/a.txt": "created", "certs/in/b.txt": "created"
+    }  # fmt: skip

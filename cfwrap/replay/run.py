@@ -82,17 +82,23 @@ class ReplayResult:
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[str, str]]:
-    """Each regular file in ``folder`` with its sha256 and mode.
+    """Each regular file below ``folder`` (``certs/ca.pem`` too) with its sha256 and mode.
 
-    Symlinks, FIFOs and devices are never opened; past :data:`HASH_LIMIT` a file's size and
-    time stand in for its sha256.
+    Symlinks, FIFOs and devices are never opened, nor symlinked folders entered; past
+    :data:`HASH_LIMIT` a file's size and time stand in for its sha256, and past
+    :data:`_SECRET_SCAN_FILES` files the rest are not listed.
     """
-    state = {}
-    for path in sorted(folder.iterdir()):
-        info = path.lstat()
-        if stat.S_ISREG(info.st_mode):
-            mode = f"0{stat.S_IMODE(info.st_mode):03o}"
-            state[path.name] = (_digest(path, info), mode)
+    state: dict[str, tuple[str, str]] = {}
+    for top, dirs, names in os.walk(folder):  # never into a symlinked folder
+        dirs.sort()
+        for name in sorted(names):
+            if len(state) >= _SECRET_SCAN_FILES:
+                return state
+            path = Path(top) / name
+            info = path.lstat()
+            if stat.S_ISREG(info.st_mode):
+                mode = f"0{stat.S_IMODE(info.st_mode):03o}"
+                state[str(path.relative_to(folder))] = (_digest(path, info), mode)
     return state
 
 
