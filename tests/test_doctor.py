@@ -186,6 +186,14 @@ def test_key_that_does_not_match(cli, kits, other_kit, tmp_path):
     assert code == 7
     finding = _checks(report)["global-cli-nomad-key.pem:key.pair"]
     assert finding["nomad_error"] == "tls: private key does not match public key"
+    # The server's key given for the server's certificate, its own key beside it: the fix names
+    # that key (helper-29), not a reissue that would replace a certificate whose key is there.
+    server = kit / "global-server-nomad.pem"
+    code, report = _doctor(cli, "--cert", server, "--key", kit / "global-client-nomad-key.pem",
+                           "--ca", kit / "ca.pem", "--role", "server")  # fmt: skip
+    assert code == 7
+    fix = _checks(report)["global-client-nomad-key.pem:key.pair"]["fix"]
+    assert fix == f"use {kit / 'global-server-nomad-key.pem'}, which does (key_file)"
 
 
 def test_expired_and_expiring_certificates(cli, kits, tmp_path):

@@ -628,6 +628,7 @@ def _check_pair(leaf: Leaf, facts: parsers.CertFacts, fix: str) -> list[Finding]
         return [Finding("error", str(leaf.key), "key.read", f"cannot read: {reason}", fix=fix)]
     findings = check_key_file(leaf.key)
     if key.public_key_sha256 != facts.key.public_key_sha256:
+        own = _own_key_beside(leaf, facts)
         findings.append(
             Finding(
                 "error",
@@ -635,7 +636,21 @@ def _check_pair(leaf: Leaf, facts: parsers.CertFacts, fix: str) -> list[Finding]
                 "key.pair",
                 f"does not belong to {leaf.cert.name}",
                 nomad_error="tls: private key does not match public key",
-                fix=fix,
+                fix=f"use {own}, which does (key_file)" if own else fix,
             )
         )
     return findings
+
+
+def _own_key_beside(leaf: Leaf, facts: parsers.CertFacts) -> Path | None:
+    """A key file beside the certificate that does belong to it (the right key exists)."""
+    for candidate in sorted(leaf.cert.parent.glob("*key*.pem")):
+        if candidate == leaf.key or not files.is_regular(candidate):
+            continue
+        try:
+            found = parsers.read_key_as_go(files.read_input(candidate))
+        except (OSError, parsers.ParseError):
+            continue
+        if found.public_key_sha256 == facts.key.public_key_sha256:
+            return candidate
+    return None
