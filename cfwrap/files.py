@@ -465,8 +465,8 @@ def sweep_scratch(folder: Path) -> None:
             os.kill(int(match[1]), 0)
         except ProcessLookupError:
             shutil.rmtree(entry, ignore_errors=True)  # its owner is gone
-        except OSError:
-            continue  # alive, or not ours to judge
+        except (OSError, OverflowError):
+            continue  # alive, not ours to judge, or no pid at all
 
 
 def new_scratch(kind: str = "") -> Path:

@@ -400,11 +400,15 @@ def check_lone_root(ca: CA) -> None:
     Raises:
         InputError: more than one PEM block, or a CA its own key did not sign.
     """
-    blocks = [b.type.decode("ascii", "replace") for b in parsers.go_pem_blocks(ca.cert_pem)]
-    if len(blocks) != 1:
+    blocks = list(parsers.go_pem_blocks(ca.cert_pem))
+    # cfssl takes one PEM object and refuses anything but blanks after it.
+    after = ca.cert_pem[blocks[0].end :].strip() if blocks else b""
+    if len(blocks) != 1 or after:
+        types = ", ".join(b.type.decode("ascii", "replace") for b in blocks)
+        held = f"{len(blocks)} PEM blocks ({types})" if len(blocks) != 1 else "text after it"
         raise InputError(
             str(ca.cert_path),
-            f"holds {len(blocks)} PEM blocks ({', '.join(blocks)}), not the CA certificate alone",
+            f"holds {held}, not the CA certificate alone",
             fix="give a file with the CA certificate only (keep its key in --ca-key)",
         )
     cert = parsers.load_certificate(ca.cert_pem)

@@ -8,6 +8,7 @@ certificate).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 from dataclasses import dataclass
@@ -285,11 +286,17 @@ def read_certificate(data: bytes) -> CertFacts:
 
 @dataclass(frozen=True)
 class PemBlock:
-    """A block as Go's ``encoding/pem`` decodes it: its type, whether it has headers, its DER."""
+    """A block as Go's ``encoding/pem`` decodes it: its type, headers and DER, and where it ends.
+
+    ``encrypted``: a ``Proc-Type: 4,ENCRYPTED`` header (Go ignores any other header, and so
+    parses ``der`` as it is). ``end``: the offset in the data just past its END line.
+    """
 
     type: bytes
     has_headers: bool
     der: bytes
+    encrypted: bool = False
+    end: int = 0
 
 
 _PEM_START, _PEM_END, _DASHES = b"-----BEGIN ", b"\n-----END ", b"-----"
@@ -320,7 +327,7 @@ def go_pem_blocks(data: bytes) -> Iterator[PemBlock]:
                 return
         block, rest = _go_block(rest)
         if block is not None:
-            yield block
+            yield dataclasses.replace(block, end=len(data) - len(rest))
 
 
 def _go_block(rest: bytes) -> tuple[PemBlock | None, bytes]:
@@ -332,11 +339,14 @@ def _go_block(rest: bytes) -> tuple[PemBlock | None, bytes]:
     if not type_line.endswith(_DASHES):
         return None, rest
     kind = type_line[: -len(_DASHES)]
-    has_headers = False
+    has_headers = encrypted = False
     while rest:
         line, after = _go_line(rest)
         if b":" not in line:
             break
+        key, _, value = line.partition(b":")
+        if key.strip() == b"Proc-Type" and b"ENCRYPTED" in value:
+            encrypted = True
         has_headers, rest = True, after
     if not has_headers and rest.startswith(_PEM_END[1:]):
         end, trailer = 0, len(_PEM_END) - 1
@@ -351,7 +361,7 @@ def _go_block(rest: bytes) -> tuple[PemBlock | None, bytes]:
         der = base64.b64decode(rest[:end].translate(None, b" \t\r\n"), validate=True)
     except (binascii.Error, ValueError):
         return None, rest
-    return PemBlock(kind, has_headers, der), next_rest
+    return PemBlock(kind, has_headers, der, encrypted), next_rest
 
 
 def read_key_as_go(data: bytes) -> KeyFacts:
@@ -373,7 +383,7 @@ def read_key_as_go(data: bytes) -> KeyFacts:
     if block is None:
         found = pem_kind(data) or (f"a {blocks[0].type!r} block" if blocks else "no PEM block")
         raise ParseError(f"not a PEM private key (found: {found})")
-    if block.has_headers or b"ENCRYPTED" in block.type:
+    if block.encrypted or b"ENCRYPTED" in block.type:
         raise ParseError("encrypted private key; cfssl needs it unencrypted")
     try:
         key = load_der_private_key(block.der, password=None)

@@ -65,7 +65,7 @@ _TEXT_DUMP = re.compile(
 # an OCTET STRING): any such dump of 16 bytes or more is removed.
 _HEX_DUMP = re.compile(rb"(\[HEX DUMP\]:)[0-9A-Fa-f]{32,}")
 # A gossip key given as the value of ``encrypt`` (Nomad's HCL, or a step echoing one).
-_ENCRYPT = re.compile(rb'(encrypt\s*=\s*"?|"encrypt"\s*:\s*")[A-Za-z0-9+/]{22,44}={0,2}')
+_ENCRYPT = re.compile(rb'(?i)(encrypt\s*=\s*"?|"encrypt"\s*:\s*")[A-Za-z0-9+/]{22,44}={0,2}')
 # Long base64 and hex runs: each is tried as a DER private key (a key printed in another form).
 _BASE64_RUN = re.compile(rb"[A-Za-z0-9+/]{64,}={0,2}")
 _HEX_RUN = re.compile(rb"(?:[0-9A-Fa-f]{2}[:\s]?){48,}")
@@ -147,7 +147,7 @@ def remember_secret(value: str | bytes) -> None:
 
 
 #: A gossip key as the value of ``encrypt`` in a file (an agent's HCL, or its JSON form).
-_GOSSIP_IN_TEXT = re.compile(rb'(?:encrypt\s*=\s*|"encrypt"\s*:\s*)"([A-Za-z0-9+/=]{20,})"')
+_GOSSIP_IN_TEXT = re.compile(rb'(?i)(?:encrypt\s*=\s*|"encrypt"\s*:\s*)"([A-Za-z0-9+/=]{20,})"')
 
 
 def remember_secrets_in(data: bytes) -> None:
@@ -279,11 +279,32 @@ def redact(data: bytes) -> bytes:
 _WRAPPED_BASE64 = re.compile(
     rb"(?m)^[A-Za-z0-9+/]{16,}[ \t]*\r?\n(?:[A-Za-z0-9+/]{16,}[ \t]*\r?\n)*[A-Za-z0-9+/]*={0,2}$"
 )
-# A hex dump, line by line: an offset, then bytes in groups of 1 or 2 (xxd, hexdump -C,
-# od -t x1), then maybe the bytes as text. Its bytes are read back and searched for secrets.
-_DUMP_LINE = rb"[ \t]*+[0-9a-fA-F]{6,8}+:?[ \t]++(?:[0-9a-fA-F]{2,4}+[ \t]?)++(?:[ \t|>].*)?"
-_DUMP_LINES = re.compile(rb"(?m)^%s(?:\r?\n%s)*$" % (_DUMP_LINE, _DUMP_LINE))
-_DUMP_BYTES = re.compile(rb"(?m)^[ \t]*+[0-9a-fA-F]{6,8}+:?[ \t]++((?:[0-9a-fA-F]{2,4}+[ \t]?)++)")
+# A hex dump: lines that start with an offset and a byte in hex (xxd, hexdump -C, od -t x1), or
+# a C array of bytes (xxd -i). Its bytes are read back and searched for secrets.
+_DUMP_LINE = rb"[ \t]*+[0-9a-fA-F]{6,8}+:?[ \t]++[0-9a-fA-F]{2}.*"
+_C_LINE = rb"[ \t]*+0x[0-9a-fA-F]{2}(?:,[ \t]*+0x[0-9a-fA-F]{2})*+,?[ \t]*+"
+_DUMP_LINES = re.compile(
+    rb"(?m)^(?:%s(?:\r?\n%s)*|%s(?:\r?\n%s)*)$" % (_DUMP_LINE, _DUMP_LINE, _C_LINE, _C_LINE)
+)
+_OFFSET = re.compile(rb"\A[ \t]*[0-9a-fA-F]{6,8}:?[ \t]+")
+_HEX_GROUP = re.compile(rb"(?:[0-9a-fA-F]{2}){1,2}")
+#: The bytes a dump line shows: a text column after them is never read as bytes.
+_PER_LINE = 16
+
+
+def _dump_bytes(dump: bytes) -> bytes:
+    """The bytes a hex dump shows, line by line, in order."""
+    if dump.lstrip().startswith(b"0x"):
+        return bytes(int(b, 16) for b in re.findall(rb"0x([0-9a-fA-F]{2})", dump))
+    shown = bytearray()
+    for line in dump.splitlines():
+        line_bytes = bytearray()
+        for token in _OFFSET.sub(b"", line).split():
+            if not _HEX_GROUP.fullmatch(token) or len(line_bytes) >= _PER_LINE:
+                break
+            line_bytes += bytes.fromhex(token.decode())
+        shown += line_bytes[:_PER_LINE]
+    return bytes(shown)
 
 
 def _wrapped_key(match: re.Match[bytes]) -> bytes:
@@ -301,10 +322,7 @@ def _wrapped_key(match: re.Match[bytes]) -> bytes:
 
 def _dumped_secret(match: re.Match[bytes]) -> bytes:
     """A hex dump whose bytes hold a private key, or a secret already known, removed whole."""
-    dumped = b"".join(
-        bytes.fromhex(re.sub(rb"\s", b"", line).decode())
-        for line in _DUMP_BYTES.findall(match.group())
-    )
+    dumped = _dump_bytes(match.group())
     _SECRETS.patterns()  # the private numbers of the keys seen so far, derived
     with _SECRETS.lock:
         known = [*_SECRETS.raw, *_SECRETS.literals]

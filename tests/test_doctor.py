@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -812,3 +813,13 @@ def test_connect_builds_the_chain_with_the_intermediates_the_peer_sends(cli, tmp
         server.wait(timeout=10)
     assert code == 0, report
     assert report["presented"]["issuer"] == "CN=Int"
+
+
+def test_a_file_name_that_names_no_region_does_not_override_the_certificates_names(
+    cli, kits, tmp_path
+):
+    # helper-30: nomad-server.pem was judged for region "nomad", with a fix to reissue so.
+    shutil.copy(kits["global"] / "global-server-nomad.pem", tmp_path / "nomad-server.pem")
+    code, report = _doctor(cli, "--cert", tmp_path / "nomad-server.pem",
+                           "--ca", kits["global"] / "ca.pem")  # fmt: skip
+    assert code == 0, report

@@ -577,6 +577,12 @@ def build_corpus(root: Path, kit: Path, other_kit: Path) -> list[Case]:
         ("PEM: cert file label in lower case", "cert", lower_labels),
         ("PEM: text before the certificate", "cert", lambda b: b"issued today\n" + b),
         ("PEM: a damaged certificate after the leaf", "cert", lambda b: b + broken),
+        ("PEM: a damaged certificate before the leaf", "cert", lambda b: broken + b),
+        # Go skips the block whose END line has more on it, and takes the client's as the leaf.
+        ("PEM: the leaf's END line damaged, another certificate after", "cert",
+         lambda b: b.replace(b"-----END CERTIFICATE-----", b"-----END CERTIFICATE----- x")
+         + (base.cert.parent / "global-client-nomad.pem").read_bytes()),
+        ("PEM: a header in the key file", "key", with_headers),
         ("PEM: blanks after BEGIN in the key file", "key", blanks),
         ("PEM: key file in CRLF, indented", "key", crlf_indented),
         ("PEM: key file label in lower case", "key", lower_labels),

@@ -520,6 +520,10 @@ def test_ca_files_cert_takes_and_refuses_before_cfssl_runs(cli, tmp_path, kits):
     combined = w / "combined.pem"
     combined.write_bytes((kits["global"] / "ca.pem").read_bytes()
                          + (kits["global"] / "ca-key.pem").read_bytes())  # fmt: skip
+    # A key whose END line has text after it: Go's pem skips it, cfssl refuses the file.
+    trailing = w / "trailing.pem"
+    end = b"-----END EC PRIVATE KEY-----"
+    trailing.write_bytes(combined.read_bytes().replace(end, end + b" x"))
     later = w / "later"
     later.mkdir()
     from cryptography.hazmat.primitives import hashes, serialization
@@ -545,6 +549,7 @@ def test_ca_files_cert_takes_and_refuses_before_cfssl_runs(cli, tmp_path, kits):
             (combined, kits["global"] / "ca-key.pem",
              "holds 2 PEM blocks (CERTIFICATE, EC PRIVATE KEY)"),
             (later / "ca.pem", later / "ca-key.pem", "the CA is not valid before"),
+            (trailing, kits["global"] / "ca-key.pem", "holds text after it"),
         ):  # fmt: skip
             refused = cli("cert", "--ca", ca, "--ca-key", ca_key, "--role", "server",
                           "--out", w / "refused")  # fmt: skip
@@ -552,7 +557,8 @@ def test_ca_files_cert_takes_and_refuses_before_cfssl_runs(cli, tmp_path, kits):
             assert said in refused.err and refused.err.count("\n") == 1
             assert not (w / "refused").exists()
     finally:
-        combined.unlink()  # it holds a key in a file no scan takes for a key file
+        combined.unlink()  # they hold a key in a file no scan takes for a key file
+        trailing.unlink()
 
 
 def test_a_leaf_as_long_as_its_new_ca_is_refused_and_ca_expiry_names_its_flag(cli, tmp_path):

@@ -345,12 +345,14 @@ def test_a_killed_certs_copy_of_the_ca_key_is_swept_by_the_next_run(tmp_path, ki
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid.name), signal.SIGKILL)
     assert left.exists()  # nothing cleans up after a SIGKILL but the next run
+    no_pid = temp / "cfwrap-99999999999999999999-abcdefgh"  # no process has such a pid
+    no_pid.mkdir()
     rerun = subprocess.run(
         [*PYTHON, *map(str, cert_argv(ca, "client", tmp_path / "b"))],
         env=env, capture_output=True, check=False, timeout=120,
     )  # fmt: skip
     assert rerun.returncode == 0, rerun.stderr
-    assert list(temp.iterdir()) == []
+    assert list(temp.iterdir()) == [no_pid]  # left alone, never a traceback (helper-30)
 
 
 def test_a_mount_point_as_out_is_refused_before_cfssl_runs(tmp_path):

@@ -305,15 +305,19 @@ def diagnose_files(
 ) -> Report:
     """Check loose files made by anyone: one certificate, its key, its CA.
 
-    Without a role or region, the file's name says them (``<region>-<role>-nomad.pem``), else
-    the certificate's own names, else: no role, region global.
+    Without a role or region, a file named as cfwrap names them (``<region>-<role>-nomad.pem``)
+    says them, else the certificate's own names, else: no role, region global.
     """
     report = Report()
     loaded: certs.LoadedCA | None = None
     if ca is not None:
         loaded, found = certs.load_ca(ca, None)
         report.findings += found
-    named = parse_file_stem(cert.name.removesuffix(".pem")) or _role_from_names(cert)
+    # A name as cfwrap gives them (<region>-<role>-nomad.pem) says what the file is for; any
+    # other (nomad-server.pem names no region) gives way to the certificate's own names.
+    stem = cert.name.removesuffix(".pem")
+    by_name = parse_file_stem(stem) if stem.endswith("-nomad") else None
+    named = by_name or _role_from_names(cert)
     role = role or named[0]
     leaf = certs.Leaf(role, region or named[1] or DEFAULT_REGION, cert, key)
     report.findings += certs.check_leaf(

@@ -428,7 +428,12 @@ def check_leaf(
     """
     try:
         data = files.read_input(leaf.cert)
-        cert = parsers.load_certificate(data)
+        # Go's X509KeyPair: the CERTIFICATE blocks pem.Decode finds, the first the leaf.
+        blocks = [b.der for b in parsers.go_pem_blocks(data) if b.type == b"CERTIFICATE"]
+        if not blocks:  # cryptography's words for what is there instead
+            parsers.load_certificate(data)
+            raise parsers.ParseError("no certificate Go takes (a CERTIFICATE block it decodes)")
+        cert = parsers.load_der_certificate(blocks[0])
     except (OSError, parsers.ParseError) as e:
         reason = e.strerror if isinstance(e, OSError) else str(e)
         return [
@@ -441,7 +446,6 @@ def check_leaf(
             )
         ]
     # Go's X509KeyPair sends every CERTIFICATE block; each peer parses them all.
-    blocks = [b.der for b in parsers.go_pem_blocks(data) if b.type == b"CERTIFICATE"]
     intermediates, damaged = [], []
     for der in blocks[1:]:
         try:
