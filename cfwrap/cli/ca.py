@@ -92,6 +92,12 @@ def _ca_from_csr_file(path: Path) -> CASpec:
         raise InputError(str(path), "nested too deeply to be a CSR") from None
     except ValueError as e:
         raise InputError(str(path), f"not JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise InputError(
+            str(path),
+            f"is not a CSR: a JSON object is expected, not {type(data).__name__}",
+            fix='give a cfssl CSR JSON object, e.g. {"CN": "Nomad Agent CA"}',
+        )
     # Exact types, as cfssl's JSON decoder takes them: "pathlen": true or "1" is refused here,
     # never turned into 1.
     csr = parse_model(CSR, data, what=str(path), exact=True)
