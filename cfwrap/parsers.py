@@ -379,7 +379,7 @@ def read_key_as_go(data: bytes) -> KeyFacts:
     from cryptography.hazmat.primitives.serialization import load_der_private_key
 
     blocks = list(go_pem_blocks(data))
-    block = next((b for b in blocks if _is_key_label(b.type)), None)
+    block = next((b for b in blocks if is_key_label(b.type)), None)
     if block is None:
         found = pem_kind(data) or (f"a {blocks[0].type!r} block" if blocks else "no PEM block")
         raise ParseError(f"not a PEM private key (found: {found})")
@@ -394,7 +394,8 @@ def read_key_as_go(data: bytes) -> KeyFacts:
     return _key_facts(key.public_key())
 
 
-def _is_key_label(label: bytes) -> bool:
+def is_key_label(label: bytes) -> bool:
+    """A PEM label Go's ``tls.X509KeyPair`` takes for a private key: ``[* ]PRIVATE KEY``."""
     return label == b"PRIVATE KEY" or label.endswith(b" PRIVATE KEY")
 
 

@@ -115,7 +115,7 @@ def load_ca(path: Path, key_path: Path | None) -> tuple[LoadedCA | None, list[Fi
                 fix="cfwrap ca --out NEW-CA-DIR, then reissue the certificates from it",
             )
         )
-    if any(b.type.endswith(b"PRIVATE KEY") for b in parsers.go_pem_blocks(data)):
+    if any(parsers.is_key_label(b.type) for b in parsers.go_pem_blocks(data)):
         findings.append(
             Finding(
                 "error",
