@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from cfwrap import parsers
 from cfwrap.errors import InputError
 from cfwrap.models import CSR, KeySpec
 from cfwrap.runner import remember_private_keys
@@ -72,6 +73,7 @@ def private_key_pem(key: PrivateKey, *, remember: bool = True) -> bytes:
     )
     if remember:
         remember_private_keys(pem)
+    parsers.note_made_key(pem, key.public_key())
     return pem
 
 

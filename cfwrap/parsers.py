@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import threading
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Literal
@@ -431,8 +432,32 @@ def read_private_key(data: bytes, *, validate: bool = True) -> KeyFacts:
     Raises:
         ParseError: see :func:`load_private_key`.
     """
+    made = _MADE_KEYS.get(hashlib.sha256(data).digest())
+    if made is not None:
+        return made
     key = load_private_key(data, validate=validate)
     return _key_facts(key.public_key())
+
+
+#: The public halves of the last private keys this process made (:func:`note_made_key`), by the
+#: SHA-256 of their exact PEM: a plan's manifests pair thousands of new keys with their
+#: certificates, and loading each key back (OpenSSL checks it on load) cost 5% of a fleet
+#: apply's CPU. Only the PEM's hash is kept, never the key; any other bytes are read as ever.
+_MADE_KEYS: dict[bytes, KeyFacts] = {}
+_MADE_KEYS_KEPT = 64
+_MADE_KEYS_LOCK = threading.Lock()
+
+
+def note_made_key(pem: bytes, public: PublicKeyTypes) -> None:
+    """Remember that ``pem`` is the private key this process made, whose public half is ``public``.
+
+    Only for a PEM just serialised from the key object whose ``public_key()`` is ``public``.
+    """
+    facts = _key_facts(public)
+    with _MADE_KEYS_LOCK:
+        while len(_MADE_KEYS) >= _MADE_KEYS_KEPT:
+            del _MADE_KEYS[next(iter(_MADE_KEYS))]  # the oldest: a dict keeps insertion order
+        _MADE_KEYS[hashlib.sha256(pem).digest()] = facts
 
 
 def read_csr(data: bytes) -> CSRFacts:

@@ -19,7 +19,7 @@ import shlex
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -422,6 +422,8 @@ class Call:
     ``group``: the tool and whatever it starts are a process group of their own, killed whole
     on a timeout or a stop, and when the tool ends (what it left running in the background
     would outlive the call: a guide's ``sh -c '... &'``).
+    ``env``: variables set for the tool on top of cfwrap's own environment (``GOMAXPROCS`` for
+    a loopback ``cfssl serve``); the command's display shows them.
     """
 
     argv: tuple[str, ...]
@@ -431,6 +433,7 @@ class Call:
     secret_stdout: bool = False
     on_exit: Callable[[], None] | None = None
     group: bool = False
+    env: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def of(
@@ -443,10 +446,12 @@ class Call:
         secret_stdout: bool = False,
         on_exit: Callable[[], None] | None = None,
         group: bool = False,
+        env: Mapping[str, str] | None = None,
     ) -> Call:
         """Build a call from path-or-string arguments."""
         argv_text = tuple(str(a) for a in argv)
-        return cls(argv_text, stdin, timeout, cwd, secret_stdout, on_exit, group)
+        variables = tuple((env or {}).items())
+        return cls(argv_text, stdin, timeout, cwd, secret_stdout, on_exit, group, variables)
 
     @property
     def tool(self) -> str:
@@ -455,7 +460,8 @@ class Call:
 
     def display(self) -> str:
         """The command as a person would type it."""
-        return shlex.join(self.argv) + (" < (stdin)" if self.stdin is not None else "")
+        variables = "".join(f"{name}={shlex.quote(value)} " for name, value in self.env)
+        return variables + shlex.join(self.argv) + (" < (stdin)" if self.stdin is not None else "")
 
 
 @dataclass(frozen=True)
@@ -536,6 +542,8 @@ def _options(
         options["_cwd"] = str(call.cwd)
     if call.group:
         options["_new_group"] = True
+    if call.env:
+        options["_env"] = {**os.environ, **dict(call.env)}
     return options
 
 

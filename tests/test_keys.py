@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 from pathlib import Path
@@ -47,6 +48,43 @@ def test_keys_load_with_openssl_in_cfssljson_pem_form(tmp_path, spec):
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         == checked.stdout
     )
+
+
+def test_a_made_keys_facts_are_what_openssl_reads_from_its_pem_and_no_other_bytes_get_them(
+    tmp_path,
+):
+    """A key this process made is paired by its PEM's hash, not loaded back: never wrongly."""
+    made = [keys.private_key_pem(keys.new_private_key(KeySpec())) for _ in range(3)]
+    openssl_hashes = []
+    for i, pem in enumerate(made):
+        path = tmp_path / f"{i}-key.pem"
+        path.write_bytes(pem)
+        path.chmod(0o600)
+        spki = subprocess.run(
+            ["openssl", "pkey", "-in", path, "-pubout", "-outform", "DER"],
+            check=True,
+            capture_output=True,
+        ).stdout
+        facts = parsers.read_private_key(pem)
+        assert facts.public_key_sha256 == hashlib.sha256(spki).hexdigest()
+        assert (facts.algorithm, facts.size) == ("ecdsa", 256)
+        openssl_hashes.append(facts.public_key_sha256)
+        path.unlink()
+    # A damaged copy is read as what it is, not as the key it came from.
+    lines = made[0].splitlines(keepends=True)
+    with pytest.raises(parsers.ParseError):
+        parsers.read_private_key(b"".join(lines[:2] + lines[3:]))
+    # So is the same key written another way (PKCS#8): the same public half, read afresh.
+    pkcs8 = serialization.load_pem_private_key(made[1], None).private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    assert parsers.read_private_key(pkcs8) == parsers.read_private_key(made[1])
+    # Long after (only the newest few are remembered), a key is still read right, from its bytes.
+    for _ in range(100):
+        keys.private_key_pem(keys.new_private_key(KeySpec()), remember=False)
+    assert parsers.read_private_key(made[2]).public_key_sha256 == openssl_hashes[2]
 
 
 def test_each_key_is_new():

@@ -167,6 +167,18 @@ def test_argv_at_info_output_at_debug(caplog):
     assert any(level == logging.DEBUG and "stdout: hello there" in m for level, m in records)
 
 
+def test_env_adds_variables_to_the_tools_environment_and_shows_them(caplog, monkeypatch):
+    monkeypatch.setenv("CFWRAP_TEST_KEPT", "kept")
+    monkeypatch.delenv("GOMAXPROCS", raising=False)
+    script = 'echo "$GOMAXPROCS $CFWRAP_TEST_KEPT"'
+    call = Call.of(["/bin/sh", "-c", script], env={"GOMAXPROCS": "1"})
+    with caplog.at_level(logging.INFO, logger="cfwrap.runner"):
+        done = run(call)
+    assert done.stdout == b"1 kept\n"  # set on top of cfwrap's own environment, not instead
+    assert "run: GOMAXPROCS=1 /bin/sh -c " in caplog.text
+    assert run(Call.of(["/bin/sh", "-c", script])).stdout == b" kept\n"  # cfwrap's own: untouched
+
+
 @pytest.fixture
 def ec_key_file(tmp_path: Path) -> tuple[Path, int]:
     key = ec.generate_private_key(ec.SECP256R1())
