@@ -40,7 +40,7 @@ from types import TracebackType
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from cfwrap import files, parsers
+from cfwrap import files, loopback, parsers
 from cfwrap.errors import CfwrapError, InputError, ToolFailedError
 from cfwrap.models import SigningConfig
 from cfwrap.runner import Call, Service, remember_private_keys, remember_secret, start_service
@@ -642,7 +642,7 @@ class LocalSigner:
         self._scratch: Path | None = None
         self._service: Service | None = None
         self._port = 0
-        self._idle: list[http.client.HTTPConnection] = []
+        self._idle: list[loopback.Connection] = []
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -909,11 +909,9 @@ class LocalSigner:
                     connection = self._idle.pop() if self._idle else None
             reused = connection is not None
             if connection is None:
-                connection = http.client.HTTPConnection("127.0.0.1", self._port, timeout=30.0)
+                connection = loopback.Connection(self._port, timeout=30.0)
             try:
-                connection.request(
-                    "POST", AUTHSIGN, body=body, headers={"Content-Type": "application/json"}
-                )
+                connection.post(AUTHSIGN, body)
             except _CONNECTION_ERRORS as e:
                 connection.close()
                 if reused and attempt == 0 and service.alive():
@@ -927,7 +925,7 @@ class LocalSigner:
         """Read the answer to ``sent``; once more on a new connection if a kept-alive one failed."""
         service = self._running()
         try:
-            status, answer = _answer(sent.connection)
+            status, answer = sent.connection.answer()
         except _CONNECTION_ERRORS as e:
             sent.connection.close()
             if sent.reused and service.alive():  # the server had closed it: once more, new
@@ -964,5 +962,5 @@ class _Sent:
 
     request: SignRequest
     spki: bytes
-    connection: http.client.HTTPConnection
+    connection: loopback.Connection
     reused: bool
