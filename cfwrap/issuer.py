@@ -132,6 +132,9 @@ def _csr_public_key(request: SignRequest) -> bytes:
 
     if parsers.pem_kind(request.csr_pem) != "csr" or request.csr_pem.count(b"-----BEGIN ") != 1:
         raise InputError(request.where, "not one PEM certificate request")
+    made = parsers.made_csr_public_key(request.csr_pem)  # one of ours, just made: known
+    if made is not None:
+        return made
     try:
         csr = x509.load_pem_x509_csr(request.csr_pem)
         return csr.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)

@@ -121,7 +121,12 @@ def csr_pem(key: PrivateKey, csr: CSR) -> bytes:
         InputError: a host that is neither an IP address nor an ASCII DNS name.
     """
     request = _unsigned(csr).sign(key, hashes.SHA256())
-    return request.public_bytes(serialization.Encoding.PEM)
+    pem = request.public_bytes(serialization.Encoding.PEM)
+    spki = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    parsers.note_made_csr(pem, spki)
+    return pem
 
 
 @functools.lru_cache(maxsize=64)

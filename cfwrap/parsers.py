@@ -14,7 +14,7 @@ import hashlib
 import threading
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Generic, Literal, TypeVar
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -432,20 +432,43 @@ def read_private_key(data: bytes, *, validate: bool = True) -> KeyFacts:
     Raises:
         ParseError: see :func:`load_private_key`.
     """
-    made = _MADE_KEYS.get(hashlib.sha256(data).digest())
+    made = _MADE_KEYS.get(data)
     if made is not None:
         return made
     key = load_private_key(data, validate=validate)
     return _key_facts(key.public_key())
 
 
-#: The public halves of the last private keys this process made (:func:`note_made_key`), by the
-#: SHA-256 of their exact PEM: a plan's manifests pair thousands of new keys with their
-#: certificates, and loading each key back (OpenSSL checks it on load) cost 5% of a fleet
-#: apply's CPU. Only the PEM's hash is kept, never the key; any other bytes are read as ever.
-_MADE_KEYS: dict[bytes, KeyFacts] = {}
-_MADE_KEYS_KEPT = 64
-_MADE_KEYS_LOCK = threading.Lock()
+_T = TypeVar("_T")
+
+
+class _Made(Generic[_T]):
+    """What this process knows of the last PEM blocks it made, by the SHA-256 of their bytes.
+
+    A plan's apply makes thousands of keys and requests and reads each back at once: the key to
+    pair it with its certificate, the request to check the certificate is for its key. Reading
+    them back (OpenSSL checks a key on load) cost 6% of a fleet apply's CPU. Only a hash of each
+    PEM is kept, never the PEM; bytes that are not one of the last few made are read as ever.
+    """
+
+    KEPT = 64
+
+    def __init__(self) -> None:
+        self._known: dict[bytes, _T] = {}
+        self._lock = threading.Lock()
+
+    def note(self, pem: bytes, value: _T) -> None:
+        with self._lock:
+            while len(self._known) >= self.KEPT:
+                del self._known[next(iter(self._known))]  # the oldest: a dict keeps the order
+            self._known[hashlib.sha256(pem).digest()] = value
+
+    def get(self, pem: bytes) -> _T | None:
+        return self._known.get(hashlib.sha256(pem).digest())
+
+
+_MADE_KEYS: _Made[KeyFacts] = _Made()
+_MADE_CSRS: _Made[bytes] = _Made()
 
 
 def note_made_key(pem: bytes, public: PublicKeyTypes) -> None:
@@ -453,11 +476,20 @@ def note_made_key(pem: bytes, public: PublicKeyTypes) -> None:
 
     Only for a PEM just serialised from the key object whose ``public_key()`` is ``public``.
     """
-    facts = _key_facts(public)
-    with _MADE_KEYS_LOCK:
-        while len(_MADE_KEYS) >= _MADE_KEYS_KEPT:
-            del _MADE_KEYS[next(iter(_MADE_KEYS))]  # the oldest: a dict keeps insertion order
-        _MADE_KEYS[hashlib.sha256(pem).digest()] = facts
+    _MADE_KEYS.note(pem, _key_facts(public))
+
+
+def note_made_csr(pem: bytes, spki: bytes) -> None:
+    """Remember that ``pem`` is a request this process made for the key whose DER SPKI is ``spki``.
+
+    Only for a PEM just serialised from a request signed by that key.
+    """
+    _MADE_CSRS.note(pem, spki)
+
+
+def made_csr_public_key(pem: bytes) -> bytes | None:
+    """The DER SubjectPublicKeyInfo of a request this process made (:func:`note_made_csr`)."""
+    return _MADE_CSRS.get(pem)
 
 
 def read_csr(data: bytes) -> CSRFacts:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from cfwrap import issuer, keys, nomad, parsers, runner, tools, verify
 from cfwrap.errors import InputError, ToolFailedError
@@ -350,6 +350,35 @@ def test_refusals_come_back_in_one_line(signer):
         signer.sign(issuer.SignRequest(forged, "server", request.hosts, label="forged"))
     message = str(caught.value)
     assert message.startswith("cfssl failed: forged: refused: ") and "\n" not in message
+
+
+def test_a_request_made_elsewhere_is_read_for_its_own_key(tmp_path, signer):
+    """A CSR cfwrap did not make (openssl's here) is parsed: its certificate is for its key."""
+    key_file = tmp_path / "other-key.pem"
+    subprocess.run(
+        ["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", key_file],
+        check=True,
+    )
+    csr_pem = subprocess.run(
+        ["openssl", "req", "-new", "-key", key_file, "-subj", "/CN=client.eu.nomad"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    spki = subprocess.run(
+        ["openssl", "pkey", "-in", key_file, "-pubout", "-outform", "DER"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    key_file.unlink()
+    hosts = ("client.eu.nomad", "localhost", "127.0.0.1")
+    cert_pem = signer.sign(issuer.SignRequest(csr_pem, "client", hosts, label="openssl"))
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    assert cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo) == spki
+    # One of cfwrap's own requests, its key's bytes changed: read afresh, and refused.
+    request, _ = _request(SPECS["client"])
+    damaged = request.csr_pem.replace(b"\n", b"\nA", 1)
+    with pytest.raises(InputError, match="damaged certificate request"):
+        signer.sign(issuer.SignRequest(damaged, "client", request.hosts, label="damaged"))
 
 
 # --- secrets and lifecycle ------------------------------------------------------------------
