@@ -63,6 +63,8 @@ DISABLED_ENDPOINTS = (
 
 #: How long the local signer may take to answer its health check after it starts.
 READY_WITHIN = 5.0
+#: How long the local signer's answer to one request may take, whole.
+ANSWER_WITHIN = 30.0
 # How many times a new port is tried when another process took the one picked first.
 _BIND_ATTEMPTS = 4
 _AUTH_KEY_NAME = "cfwrap-run"
@@ -300,7 +302,7 @@ def _connection_failure(error: BaseException) -> str:
     return _one_line(f"{type(error).__name__}: {error}")
 
 
-def _stale(connection: http.client.HTTPConnection) -> bool:
+def _stale(connection: http.client.HTTPConnection | loopback.Connection) -> bool:
     """Whether an idle kept-alive connection has something to read: the server closed it.
 
     Checked before a request is sent, so a connection the server closed while idle is replaced
@@ -910,14 +912,19 @@ class LocalSigner:
             if not fresh:
                 with self._lock:
                     connection = self._idle.pop() if self._idle else None
-            reused = connection is not None
+            if connection is not None and _stale(connection):
+                connection.close()  # the server closed it while idle: a new one, before sending
+            reused = connection is not None and connection.sock is not None
             if connection is None:
-                connection = loopback.Connection(self._port, timeout=30.0)
+                connection = loopback.Connection(self._port, timeout=ANSWER_WITHIN)
             try:
                 connection.post(AUTHSIGN, body)
             except _CONNECTION_ERRORS as e:
                 connection.close()
-                if reused and attempt == 0 and service.alive():
+                if reused and attempt == 0 and isinstance(e, _CLOSED_BY_PEER) and service.alive():
+                    log.debug(
+                        "%s: cfssl serve closed a kept-alive connection; again", request.where
+                    )
                     continue  # a kept-alive connection the server had closed: once more, new
                 self._raise_if_died(request, service, e)
                 raise self._unreachable(request, service, e) from e
@@ -931,12 +938,18 @@ class LocalSigner:
             status, answer = sent.connection.answer()
         except _CONNECTION_ERRORS as e:
             sent.connection.close()
-            if sent.reused and service.alive():  # the server had closed it: once more, new
+            # Only a kept-alive connection the server had closed, before it read the request,
+            # is tried once more: after a timeout or a damaged answer cfssl may have signed it.
+            if sent.reused and isinstance(e, _CLOSED_BY_PEER) and service.alive():
+                log.debug(
+                    "%s: cfssl serve closed a kept-alive connection; again", sent.request.where
+                )
                 return self._receive(self._send(sent.request, fresh=True))
             self._raise_if_died(sent.request, service, e)
             raise self._unreachable(sent.request, service, e) from e
-        with self._lock:
-            self._idle.append(sent.connection)
+        if sent.connection.sock is not None:  # the answer did not end it
+            with self._lock:
+                self._idle.append(sent.connection)
         return _certificate(sent.request, sent.spki, status, answer)
 
     def _running(self) -> Service:

@@ -17,7 +17,9 @@ connection the server had closed); anything else that is not HTTP/1.x is an
 from __future__ import annotations
 
 import http.client
+import re
 import socket
+import time
 
 #: The most an answer's head or body may hold; cfssl's answers are a few KiB.
 MAX_HEAD = 64 * 1024
@@ -25,6 +27,12 @@ MAX_BODY = 16 * 1024 * 1024
 _READ_SIZE = 64 * 1024
 #: Answers that never have a body (RFC 9112 section 6.3).
 _NO_BODY = {204, 304}
+#: How many interim (1xx) answers may come before the answer.
+_INTERIM = 4
+#: A length or a chunk size: digits only (``int()`` also takes signs, blanks, ``_`` and ``0x``),
+#: and few enough to stay far below the 4,300 digits past which ``int()`` refuses a number.
+_DIGITS = re.compile(rb"[0-9]{1,18}")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
 
 
 class Connection:
@@ -42,6 +50,8 @@ class Connection:
         self.sock: socket.socket | None = None
         self._buffer = bytearray()
         self._waiting = False
+        self._deadline = 0.0
+        self._lines_left = MAX_HEAD
 
     def post(self, path: str, body: bytes, *, content_type: str = "application/json") -> None:
         """Send a POST of ``body`` to ``path``; read its answer with :meth:`answer`.
@@ -61,37 +71,35 @@ class Connection:
             f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
             f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
         )
+        self.sock.settimeout(self.timeout)  # the last answer's read left its remainder set
         self.sock.sendall(head.encode("ascii") + body)
         self._waiting = True
 
     def answer(self) -> tuple[int, bytes]:
         """The status and body of the answer to the request just sent.
 
+        The whole answer must come within the connection's timeout, and hold at most
+        :data:`MAX_HEAD` bytes of status, header, chunk-size and trailer lines and
+        :data:`MAX_BODY` bytes of body. The connection is closed after an answer that ends it,
+        after any failure, and when more bytes came than the answer holds (a server that sends
+        what was not asked for is out of step with its requests).
+
         Raises:
             http.client.RemoteDisconnected: the stream ended before the answer began.
             http.client.HTTPException: an answer that is not well-formed HTTP/1.x, or too large.
-            OSError: a read failed or timed out.
+            OSError: a read failed, or the answer did not come whole in time (TimeoutError).
         """
         if not self._waiting or self.sock is None:
             raise RuntimeError("no request on this connection is waiting for its answer")
-        status, version, headers = self._head()
-        while 100 <= status < 200:  # an interim answer (100 Continue): the real one follows
-            status, version, headers = self._head()
-        keep = version == b"HTTP/1.1" and b"close" not in _tokens(headers, b"connection")
-        if status in _NO_BODY:
-            body = b""
-        elif b"transfer-encoding" in headers:
-            codings = _tokens(headers, b"transfer-encoding")
-            if codings[-1:] == [b"chunked"]:
-                body = self._chunked()
-            else:  # framed by the end of the connection (RFC 9112 section 6.3, point 4)
-                body, keep = self._to_end(), False
-        elif b"content-length" in headers:
-            body = self._exactly(_content_length(headers[b"content-length"]))
-        else:
-            body, keep = self._to_end(), False
+        self._deadline = time.monotonic() + self.timeout
+        self._lines_left = MAX_HEAD
+        try:
+            status, body, keep = self._read_answer()
+        except BaseException:
+            self.close()
+            raise
         self._waiting = False
-        if not keep:
+        if not keep or self._buffer:
             self.close()
         return status, body
 
@@ -103,27 +111,57 @@ class Connection:
         if sock is not None:
             sock.close()
 
+    def _read_answer(self) -> tuple[int, bytes, bool]:
+        """Status, body, and whether the connection may carry the next request."""
+        status, version, headers = self._head()
+        for _ in range(_INTERIM):
+            if not 100 <= status < 200:
+                break
+            if status == 101:  # nothing here asks to switch protocols
+                raise http.client.HTTPException("an answer switching protocols (101)")
+            status, version, headers = self._head()  # after 100 Continue: the real answer
+        else:
+            raise http.client.HTTPException(f"more than {_INTERIM} interim answers")
+        keep = version == b"HTTP/1.1" and b"close" not in _tokens(headers, b"connection")
+        framed = b"transfer-encoding" in headers
+        if framed and (b"content-length" in headers or version != b"HTTP/1.1"):
+            # RFC 9112 section 6.1: either one is a sign of a message built to be misread.
+            raise http.client.HTTPException("an answer framed by Transfer-Encoding and more")
+        if status in _NO_BODY:
+            return status, b"", keep
+        if framed:
+            if _tokens(headers, b"transfer-encoding")[-1:] == [b"chunked"]:
+                return status, self._chunked(), keep
+            return status, self._to_end(), False  # framed by the end (section 6.3, point 4)
+        if b"content-length" in headers:
+            return status, self._exactly(_content_length(headers[b"content-length"])), keep
+        return status, self._to_end(), False
+
     def _fill(self, *, first: bool = False) -> bool:
         """Read what the server sent next into the buffer; False at the end of the stream."""
         assert self.sock is not None  # noqa: S101 (answer() checked)
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"the answer did not come whole within {self.timeout:g}s")
+        self.sock.settimeout(left)
         data = self.sock.recv(_READ_SIZE)
         if not data and first:
-            self.close()
             raise http.client.RemoteDisconnected("the server closed the connection")
         self._buffer += data
         return bool(data)
 
-    def _line(self, limit: int, what: str) -> bytes:
-        """The next line (without its CRLF or LF), read whole."""
+    def _line(self, what: str) -> bytes:
+        """The next line (without its CRLF or LF), read whole, counted against MAX_HEAD."""
         start = 0
         while (end := self._buffer.find(b"\n", start)) < 0:
             start = len(self._buffer)
-            if start > limit:
+            if start > self._lines_left:
                 raise http.client.LineTooLong(what)
             if not self._fill():
                 raise http.client.IncompleteRead(bytes(self._buffer))
-        if end > limit:
+        if end + 1 > self._lines_left:
             raise http.client.LineTooLong(what)
+        self._lines_left -= end + 1
         line = bytes(self._buffer[:end])
         del self._buffer[: end + 1]
         return line.removesuffix(b"\r")
@@ -132,7 +170,7 @@ class Connection:
         """Read a status line and its header lines: the status, the version, the headers."""
         if not self._buffer:
             self._fill(first=True)
-        line = self._line(MAX_HEAD, "status line")
+        line = self._line("status line")
         version, _, rest = line.partition(b" ")
         code = rest[:3]
         if (
@@ -142,11 +180,7 @@ class Connection:
         ):
             raise http.client.BadStatusLine(repr(line[:80]))
         headers: dict[bytes, list[bytes]] = {}
-        size = len(line)
-        while line := self._line(MAX_HEAD, "header line"):
-            size += len(line)
-            if size > MAX_HEAD:
-                raise http.client.LineTooLong("header lines")
+        while line := self._line("header lines"):
             name, colon, value = line.partition(b":")
             if not colon or not name or name != name.strip() or line[:1] in (b" ", b"\t"):
                 raise http.client.HTTPException(f"a malformed header line: {line[:80]!r}")
@@ -168,21 +202,18 @@ class Connection:
         """A body in the chunked transfer coding, its trailer lines read and dropped."""
         body = bytearray()
         while True:
-            size_text = self._line(MAX_HEAD, "chunk size").partition(b";")[0].strip(b" \t")
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise http.client.HTTPException(f"a bad chunk size: {size_text[:20]!r}") from None
-            if size_text[:1] in (b"-", b"+") or b"_" in size_text:  # int() takes these
+            size_text = self._line("chunk size").partition(b";")[0].strip(b" \t")
+            if _HEX.fullmatch(size_text) is None:
                 raise http.client.HTTPException(f"a bad chunk size: {size_text[:20]!r}")
+            size = int(size_text, 16)
             if size == 0:
-                while self._line(MAX_HEAD, "trailer line"):
+                while self._line("trailer lines"):
                     pass
                 return bytes(body)
             if len(body) + size > MAX_BODY:
                 raise http.client.HTTPException(f"an answer of over {MAX_BODY} bytes")
             body += self._exactly(size)
-            if self._line(2, "chunk end"):
+            if self._line("chunk end"):
                 raise http.client.HTTPException("a chunk longer than its size")
 
     def _to_end(self) -> bytes:
@@ -209,6 +240,6 @@ def _tokens(headers: dict[bytes, list[bytes]], name: bytes) -> list[bytes]:
 def _content_length(values: list[bytes]) -> int:
     """The one length all ``Content-Length`` values give (RFC 9112 section 6.3, point 5)."""
     lengths = {part.strip(b" \t") for value in values for part in value.split(b",")}
-    if len(lengths) != 1 or not all(length.isdigit() for length in lengths):
+    if len(lengths) != 1 or not all(_DIGITS.fullmatch(length) for length in lengths):
         raise http.client.HTTPException(f"a bad Content-Length: {b', '.join(values)[:40]!r}")
     return int(lengths.pop())

@@ -571,7 +571,7 @@ def test_workers_must_be_positive(cfssl_tool, ca):
 # --- failures only a fake cfssl can produce -------------------------------------------------
 
 _FAKE_SERVER = """
-import json, sys
+import json, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 mode, args = sys.argv[1], sys.argv[2:]
@@ -604,6 +604,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
+        if mode.startswith("slow-second:"):  # counts the requests; the second never in time
+            with open(mode.partition(":")[2], "a") as count:
+                count.write("post\\n")
+            with open(mode.partition(":")[2]) as count:
+                if len(count.readlines()) == 2:
+                    time.sleep(3)
+            self.send(400, json.dumps(answers["refuse"]).encode())
+            return
         if mode == "close":
             self.close_connection = True
             return
@@ -647,6 +655,21 @@ def test_answers_that_are_not_one_certificate_for_the_key_are_refused(tmp_path, 
             message = str(caught.value)
             assert message.startswith("cfssl failed: nodes/eu/server-1: "), message
             assert expected in message and "\n" not in message and "\x1b" not in message
+
+
+def test_a_slow_answer_is_never_asked_for_again(tmp_path, ca, monkeypatch):
+    """A timeout on a kept-alive connection is a failure, not a closed connection to retry:
+    cfssl may have signed the request, and asking again would sign it twice."""
+    monkeypatch.setattr(issuer, "ANSWER_WITHIN", 1.0)
+    count = tmp_path / "posts"
+    request, _ = _request(SPECS["client"], label="nodes/eu/client-1")
+    with _signer(_fake_cfssl(tmp_path, f"slow-second:{count}"), ca) as running:
+        with pytest.raises(ToolFailedError, match="refused"):  # kept alive after it
+            running.sign(request)
+        with pytest.raises(ToolFailedError, match="no answer in time"):
+            running.sign(request)
+        time.sleep(2.5)  # the slow answer's handler is done by now
+        assert count.read_text().splitlines() == ["post", "post"]
 
 
 def test_a_port_taken_by_another_process_is_retried_on_a_new_one(tmp_path, ca):

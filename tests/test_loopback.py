@@ -154,7 +154,7 @@ def _answers(draw: st.DrawFn) -> tuple[bytes, list[bytes]]:
     if framing == "length":
         headers.append(b"Content-Length: %d" % len(body))
         payload = body
-    elif framing == "chunked":
+    elif framing == "chunked" and version == b"HTTP/1.1":
         headers.append(
             draw(st.sampled_from([b"Transfer-Encoding: chunked", b"transfer-encoding: CHUNKED"]))
         )
@@ -167,7 +167,7 @@ def _answers(draw: st.DrawFn) -> tuple[bytes, list[bytes]]:
         )
         payload += b"0\r\n" + draw(st.sampled_from([b"", b"Trailer-One: x\r\n"])) + b"\r\n"
     else:
-        payload = body
+        framing, payload = "end", body
     eol = draw(st.sampled_from([b"\r\n", b"\n"]))
     data = eol.join([version + b" %d" % status + reason, *headers]) + eol + eol + payload
     cuts = sorted(set(draw(st.lists(st.integers(1, max(1, len(data) - 1)), max_size=6))))
@@ -210,15 +210,19 @@ def test_a_request_is_one_well_formed_post(serve):
     assert _stdlib(answer)[:2] == (200, BODY)
 
 
-def test_two_answers_in_one_read_are_told_apart(serve):
+def test_bytes_past_the_answer_end_the_connection_and_the_next_answer_is_asked_anew(serve):
+    """A server that sends what was not asked for is out of step: nothing of it is taken."""
     one = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nab"
     two = b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n2\r\ncd\r\n0\r\n\r\n"
-    server = _start(serve, [[one + two], []])  # the second answer comes before its request
+    stray = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nzz"
+    server = _start(serve, [[one + stray], None, [two]])
     connection = _connect(serve, server)
     connection.post("/a", b"1")
     assert connection.answer() == (200, b"ab")
+    assert connection.sock is None  # closed: the stray answer is never read as the next one
     connection.post("/b", b"2")
     assert connection.answer() == (404, b"cd")
+    assert server.connections == 2
 
 
 def test_an_interim_answer_is_skipped(serve):
@@ -281,6 +285,44 @@ def test_a_kept_alive_connection_the_server_closed_reads_as_remote_disconnected(
             http.client.IncompleteRead,
         ),
         (b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70000 + b"\r\n\r\n", http.client.LineTooLong),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: " + b"0" * 5000 + b"1\r\n\r\nx",
+            http.client.HTTPException,
+        ),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: +1\r\n\r\nx", http.client.HTTPException),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+            http.client.HTTPException,
+        ),
+        (
+            b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            http.client.HTTPException,
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x1\r\na\r\n0\r\n\r\n",
+            http.client.HTTPException,
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"0" * 5000 + b"1\r\n",
+            http.client.HTTPException,
+        ),
+        (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", http.client.HTTPException),
+        (
+            b"HTTP/1.1 100 Continue\r\n\r\n" * 5 + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+            http.client.HTTPException,
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n"
+            + b"T: x\r\n" * 20000
+            + b"\r\n",
+            http.client.LineTooLong,
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + (b"1;" + b"e" * 1000 + b"\r\nx\r\n") * 100
+            + b"0\r\n\r\n",
+            http.client.LineTooLong,
+        ),
         (b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 20000 + b"\r\n", http.client.LineTooLong),
     ],
     ids=lambda v: v.__name__ if isinstance(v, type) else None,
@@ -309,6 +351,39 @@ def test_an_answer_past_the_body_limit_is_refused(serve, monkeypatch):
         with pytest.raises(http.client.HTTPException, match="100"):
             connection.answer()
         connection.close()
+
+
+def test_an_answer_that_never_ends_times_out_whole_not_per_read(serve):
+    """A server that sends a byte now and then gets the timeout for the whole answer."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle() -> None:
+        sock, _ = listener.accept()
+        with sock:
+            _read_request(sock)
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+            for _ in range(30):  # a byte every 0.1 s for 3 s (then silence), never all 1000
+                if stop.wait(0.1):
+                    return
+                sock.sendall(b"x")
+            stop.wait()
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    connection = loopback.Connection(listener.getsockname()[1], timeout=0.5)
+    try:
+        connection.post("/a", b"1")
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            connection.answer()
+        assert time.monotonic() - started < 2
+        assert connection.sock is None
+    finally:
+        stop.set()
+        connection.close()
+        thread.join(5)
+        listener.close()
 
 
 def test_an_answer_that_never_comes_times_out(serve):
