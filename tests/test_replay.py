@@ -949,3 +949,43 @@ pipeline = [["sh", "-c", "mkdir -p certs/in && echo a > certs/a.txt && echo b > 
     assert {f["path"]: f["change"] for f in made} == {
         "certs/a.txt": "created", "certs/in/b.txt": "created"
     }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("first", "kind"),
+    [
+        ('[["ln", "-s", "{outside}/target.json", "csr.json"]]', "a symlink"),
+        ('[["sh", "-c", "echo made > csr.json"]]', "a file"),
+        ('[["mkdir", "csr.json"]]', "a folder"),
+    ],
+    ids=["symlink", "file", "folder"],
+)
+def test_a_write_step_whose_name_an_earlier_step_took_stops_with_a_transcript(
+    cli, tmp_path, first, kind
+):
+    """Nothing is written through an earlier step's symlink or over its file; the replay says so."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    steps = f"""
+[[steps]]
+kind = "run"
+say = "take the name"
+pipeline = {first.format(outside=outside)}
+
+[[steps]]
+kind = "write"
+say = "write the CSR"
+path = "csr.json"
+content = "{{}}"
+"""
+    out = tmp_path / "out"
+    result = cli("replay", _guide(tmp_path, steps), "--out", out)
+    assert result.code == ExitCode.TOOL_FAILED, result.err
+    assert f"csr.json is already there ({kind} an earlier step made)" in result.err
+    data = json.loads((out / "transcript.json").read_text())
+    assert data["outcome"] == "step-failed"
+    assert [(s["number"], s["ok"]) for s in data["steps"]] == [(1, True), (2, False)]
+    assert kind in data["steps"][1]["note"]
+    assert list(outside.iterdir()) == []  # nothing written through the link
+    if kind == "a file":
+        assert (out / "files" / "csr.json").read_text() == "made\n"  # the step's, untouched

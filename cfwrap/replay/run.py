@@ -26,7 +26,7 @@ from pathlib import Path
 
 from cfwrap import doctor, files, gossip, tools
 from cfwrap.doctor import probe
-from cfwrap.errors import ToolFailedError, ToolMissingError
+from cfwrap.errors import ConflictError, FileSystemError, ToolFailedError, ToolMissingError
 from cfwrap.manifest import tool_record
 from cfwrap.replay.guide import Check, Guide, RunStep, WriteStep
 from cfwrap.replay.transcript import (
@@ -225,23 +225,43 @@ class _Run:
         before = _snapshot(self.work)
         started = time.monotonic()
         if isinstance(step, WriteStep):
-            files.write_new(self.work / step.path, step.content.encode(), mode=int(step.mode, 8))
-            self.steps.append(
-                StepRecord(
-                    number=number,
-                    say=step.say,
-                    kind="write",
-                    command=f"cat > {step.path}",
-                    exit_codes=[],
-                    seconds=time.monotonic() - started,
-                    stdout="",
-                    stderr=[],
-                    files=_changes(before, _snapshot(self.work)),
-                    ok=True,
-                )
-            )
-            return ""
+            return self._write(number, step, before, started)
         return self._run(number, step, before, started)
+
+    def _write(
+        self, number: int, step: WriteStep, before: dict[str, tuple[str, str]], started: float
+    ) -> str:
+        """Write a step's file; a name an earlier step took (a symlink too) stops the replay.
+
+        The guide's own ``cat >`` would write through a symlink an earlier step planted, or
+        over its file: cfwrap does neither, and says which step's file is in the way.
+        """
+        path = self.work / step.path
+        why = ""
+        if os.path.lexists(path):
+            kind = "a symlink" if path.is_symlink() else "a folder" if path.is_dir() else "a file"
+            why = f"{step.path} is already there ({kind} an earlier step made)"
+        else:
+            try:
+                files.write_new(path, step.content.encode(), mode=int(step.mode, 8))
+            except (ConflictError, FileSystemError) as e:
+                why = _shown(e.message, self.work)
+        self.steps.append(
+            StepRecord(
+                number=number,
+                say=step.say,
+                kind="write",
+                command=f"cat > {step.path}",
+                exit_codes=[],
+                seconds=time.monotonic() - started,
+                stdout="",
+                stderr=[],
+                files=_changes(before, _snapshot(self.work)),
+                ok=not why,
+                note=why,
+            )
+        )
+        return f"step-failed: step {number} (cat > {step.path}) failed: {why}" if why else ""
 
     def _run(
         self, number: int, step: RunStep, before: dict[str, tuple[str, str]], started: float
