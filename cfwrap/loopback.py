@@ -27,6 +27,8 @@ MAX_BODY = 16 * 1024 * 1024
 _READ_SIZE = 64 * 1024
 #: Answers that never have a body (RFC 9112 section 6.3).
 _NO_BODY = {204, 304}
+#: What a connection the server closed or reset raises.
+_CLOSED = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 #: How many interim (1xx) answers may come before the answer.
 _INTERIM = 4
 #: A length or a chunk size: digits only (``int()`` also takes signs, blanks, ``_`` and ``0x``),
@@ -52,6 +54,7 @@ class Connection:
         self._waiting = False
         self._deadline = 0.0
         self._lines_left = MAX_HEAD
+        self._received = 0  # bytes of the answer being read
 
     def post(self, path: str, body: bytes, *, content_type: str = "application/json") -> None:
         """Send a POST of ``body`` to ``path``; read its answer with :meth:`answer`.
@@ -93,8 +96,18 @@ class Connection:
             raise RuntimeError("no request on this connection is waiting for its answer")
         self._deadline = time.monotonic() + self.timeout
         self._lines_left = MAX_HEAD
+        self._received = 0
         try:
             status, body, keep = self._read_answer()
+        except _CLOSED as e:
+            self.close()
+            if not self._received:  # closed before answering: the request was never read
+                raise
+            # Part of an answer came: cfssl read the request, and may have signed it. Not a
+            # closed idle connection, which the signer would send the request again on.
+            raise http.client.HTTPException(
+                f"the connection was cut in the middle of an answer ({type(e).__name__})"
+            ) from e
         except BaseException:
             self.close()
             raise
@@ -137,16 +150,21 @@ class Connection:
             return status, self._exactly(_content_length(headers[b"content-length"])), keep
         return status, self._to_end(), False
 
-    def _fill(self, *, first: bool = False) -> bool:
-        """Read what the server sent next into the buffer; False at the end of the stream."""
+    def _fill(self) -> bool:
+        """Read what the server sent next into the buffer; False at the end of the stream.
+
+        Raises:
+            http.client.RemoteDisconnected: the stream ended before any byte of the answer.
+        """
         assert self.sock is not None  # noqa: S101 (answer() checked)
         left = self._deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError(f"the answer did not come whole within {self.timeout:g}s")
         self.sock.settimeout(left)
         data = self.sock.recv(_READ_SIZE)
-        if not data and first:
+        if not data and not self._received:
             raise http.client.RemoteDisconnected("the server closed the connection")
+        self._received += len(data)
         self._buffer += data
         return bool(data)
 
@@ -169,7 +187,7 @@ class Connection:
     def _head(self) -> tuple[int, bytes, dict[bytes, list[bytes]]]:
         """Read a status line and its header lines: the status, the version, the headers."""
         if not self._buffer:
-            self._fill(first=True)
+            self._fill()
         line = self._line("status line")
         version, _, rest = line.partition(b" ")
         code = rest[:3]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import io
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +22,8 @@ from hypothesis import strategies as st
 
 from cfwrap import loopback
 
+#: In an answer's fragments: reset the connection there.
+RESET = b"<reset>"
 BODY = b'{"success":true,"result":{"certificate":"-----BEGIN CERTIFICATE-----\\n"}}'
 
 
@@ -63,7 +66,15 @@ class _Server:
                             return
                         self.requests.append(request)
                         for fragment in answer:
+                            if fragment is RESET:  # a reset (RST), not a close (FIN)
+                                sock.setsockopt(
+                                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                                )
+                                break
                             sock.sendall(fragment)
+                        else:
+                            continue
+                        break  # reset: this connection is over
                     else:  # no more answers: hold the connection open until the test ends
                         while not self.stopped:
                             time.sleep(0.01)
@@ -403,3 +414,34 @@ def test_a_second_request_before_the_first_answer_is_a_mistake(serve):
         connection.post("/a", b"2")
     assert connection.answer() == (200, b"")
     connection.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        [b"HTTP/1.1 200 OK\r\n", RESET],
+        [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", RESET],
+        [b"HTTP/1.1 100 Continue\r\n\r\n", RESET],
+        [b"HTTP/1.1 100 Continue\r\n\r\n"],  # then a close (FIN)
+    ],
+    ids=["status-then-reset", "half-body-then-reset", "continue-then-reset", "continue-then-close"],
+)
+def test_a_connection_cut_after_the_answer_began_is_not_a_closed_idle_one(serve, answer):
+    """Once any byte of the answer came, cfssl has read the request: the signer must not take
+    the cut for an idle connection the server closed, and send the request again."""
+    server = _start(serve, [answer, None])
+    connection = _connect(serve, server)
+    connection.post("/a", b"1")
+    with pytest.raises(http.client.HTTPException) as caught:
+        connection.answer()
+    assert not isinstance(caught.value, ConnectionError)
+    assert connection.sock is None
+
+
+def test_a_connection_reset_before_any_answer_reads_as_closed(serve):
+    server = _start(serve, [[RESET]])
+    connection = _connect(serve, server)
+    connection.post("/a", b"1")
+    with pytest.raises(ConnectionResetError):  # RemoteDisconnected is one too: retried once
+        connection.answer()
+    assert connection.sock is None

@@ -989,3 +989,28 @@ content = "{{}}"
     assert list(outside.iterdir()) == []  # nothing written through the link
     if kind == "a file":
         assert (out / "files" / "csr.json").read_text() == "made\n"  # the step's, untouched
+
+
+def test_a_write_step_after_its_folder_was_swapped_for_a_symlink_writes_nothing(cli, tmp_path):
+    """helper-32: a step moved the replay's folder away and left a symlink to elsewhere."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    steps = f"""
+[[steps]]
+kind = "run"
+say = "swap the folder"
+pipeline = [["sh", "-c", "cd .. && mv files moved && ln -s {outside} files"]]
+
+[[steps]]
+kind = "write"
+say = "write the CSR"
+path = "csr.json"
+content = "{{}}"
+"""
+    out = tmp_path / "out"
+    result = cli("replay", _guide(tmp_path, steps), "--out", out)
+    assert result.code == ExitCode.TOOL_FAILED, result.err
+    assert "the replay's folder was moved or replaced" in result.err
+    assert list(outside.iterdir()) == []
+    data = json.loads((out / "transcript.json").read_text())
+    assert [(s["number"], s["ok"]) for s in data["steps"]] == [(1, True), (2, False)]

@@ -81,6 +81,15 @@ class ReplayResult:
         return self.folder / "transcript.json"
 
 
+def _identity(folder: Path) -> tuple[int, int] | None:
+    """The device and inode of ``folder`` itself (not what a symlink there points to)."""
+    try:
+        info = os.lstat(folder)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino) if stat.S_ISDIR(info.st_mode) else None
+
+
 def _snapshot(folder: Path) -> dict[str, tuple[str, str]]:
     """Each regular file below ``folder`` (``certs/ca.pem`` too) with its sha256 and mode.
 
@@ -218,6 +227,8 @@ class _Run:
         self.findings: list[FindingRecord] = []
         self.tools: dict[str, tools.Tool] = {}
         self.scanned: dict[str, tuple[int, int]] = {}
+        #: The folder's identity: a step may move it and leave a symlink in its place.
+        self.identity = _identity(work)
 
     def run_step(self, number: int, step: RunStep | WriteStep) -> str:
         """Run one step and record it; return why the replay must stop ('' to go on)."""
@@ -238,7 +249,9 @@ class _Run:
         """
         path = self.work / step.path
         why = ""
-        if os.path.lexists(path):
+        if _identity(self.work) != self.identity:
+            why = "the replay's folder was moved or replaced (by a symlink?) by an earlier step"
+        elif os.path.lexists(path):
             kind = "a symlink" if path.is_symlink() else "a folder" if path.is_dir() else "a file"
             why = f"{step.path} is already there ({kind} an earlier step made)"
         else:
