@@ -211,9 +211,11 @@ def test_sign_all_pulls_requests_lazily(signer):
     assert pulled < 100
 
 
-def test_every_answer_is_closed_where_it_is_read_never_by_a_finalizer(signer, monkeypatch):
+def test_every_answer_is_closed_where_it_is_read_never_by_a_finalizer(cfssl_tool, ca, monkeypatch):
     # Signing runs in the main thread, where signal handlers run: a SIGTERM handled inside a
-    # close() that a finalizer runs is swallowed by CPython (exit 6 instead of 143).
+    # close() that a finalizer runs is swallowed by CPython (exit 6 instead of 143). The local
+    # signer's requests go through cfwrap.loopback (no answer objects to close); a remote
+    # signer's, and the local one's readiness probes, read http.client answers.
     by_finalizer = []
     real_close = http.client.HTTPResponse.close
 
@@ -224,8 +226,16 @@ def test_every_answer_is_closed_where_it_is_read_never_by_a_finalizer(signer, mo
 
     monkeypatch.setattr(http.client.HTTPResponse, "close", close)
     request, _ = _request(SPECS["client"])
-    assert len(list(signer.sign_all([request] * 3 * signer.workers))) == 3 * signer.workers
-    signer.sign(request)
+    with _signer(cfssl_tool, ca) as signer:
+        assert len(list(signer.sign_all([request] * 3 * signer.workers))) == 3 * signer.workers
+        signer.sign(request)
+        assert signer.scratch is not None
+        auth_key = (signer.scratch / "auth-key.hex").read_text().strip()
+        with issuer.RemoteSigner(
+            signer.url, auth_keys={"client": auth_key}, ssl_context=None
+        ) as remote:
+            for _ in range(3):  # on one kept-alive connection, from this (the main) thread
+                remote.sign(request)
     gc.collect()
     assert by_finalizer == []
 
