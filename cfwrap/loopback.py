@@ -8,10 +8,11 @@ RFC 9112 frames it: a status line, header lines, then a body framed by ``Content
 chunked transfer coding, or by the end of the connection (Go's ``net/http`` uses the first two).
 Only for that server: the central signer is spoken to through ``http.client`` over TLS.
 
-Its failures are ``http.client``'s and ``OSError``'s, as the signer's callers expect: an
-end of stream before an answer is :class:`http.client.RemoteDisconnected` (a kept-alive
-connection the server had closed); anything else that is not HTTP/1.x is an
-:class:`http.client.HTTPException`.
+Its failures are ``http.client``'s and ``OSError``'s, as the signer's callers expect: an end
+or a reset of the stream before any byte of an answer is :class:`http.client.RemoteDisconnected`
+or :class:`ConnectionResetError` (a kept-alive connection the server had closed, which the
+signer tries once more); a cut once the answer began, and anything that is not HTTP/1.x, is an
+:class:`http.client.HTTPException` (the server read the request: it is never sent again).
 """
 
 from __future__ import annotations
@@ -46,7 +47,10 @@ class Connection:
     """
 
     def __init__(self, port: int, *, timeout: float) -> None:
-        """A connection to the loopback server at ``port``; each read or write waits ``timeout``."""
+        """A connection to the loopback server at ``port``.
+
+        A request's write may take ``timeout`` seconds, and so may its whole answer.
+        """
         self.port = port
         self.timeout = timeout
         self.sock: socket.socket | None = None
