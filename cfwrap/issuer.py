@@ -279,13 +279,7 @@ def _answer(connection: http.client.HTTPConnection) -> tuple[int, bytes]:
 
 # What a kept-alive connection the server has closed raises on its next request (EOF before the
 # status line, a reset, a broken pipe, or TLS's own end of stream): one retry on a new one.
-_CLOSED_BY_PEER = (
-    ConnectionResetError,  # http.client.RemoteDisconnected among them
-    BrokenPipeError,
-    ConnectionAbortedError,
-    ssl.SSLEOFError,
-    ssl.SSLZeroReturnError,
-)
+_CLOSED_BY_PEER = (*loopback.CLOSED, ssl.SSLEOFError, ssl.SSLZeroReturnError)
 
 
 def _connection_failure(error: BaseException) -> str:

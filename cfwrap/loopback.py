@@ -28,8 +28,8 @@ MAX_BODY = 16 * 1024 * 1024
 _READ_SIZE = 64 * 1024
 #: Answers that never have a body (RFC 9112 section 6.3).
 _NO_BODY = {204, 304}
-#: What a connection the server closed or reset raises.
-_CLOSED = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+#: What a connection the server closed or reset raises (http.client.RemoteDisconnected too).
+CLOSED = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 #: How many interim (1xx) answers may come before the answer.
 _INTERIM = 4
 #: A length or a chunk size: digits only (``int()`` also takes signs, blanks, ``_`` and ``0x``),
@@ -103,7 +103,7 @@ class Connection:
         self._received = 0
         try:
             status, body, keep = self._read_answer()
-        except _CLOSED as e:
+        except CLOSED as e:
             self.close()
             if not self._received:  # closed before answering: the request was never read
                 raise

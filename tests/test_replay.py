@@ -951,6 +951,26 @@ pipeline = [["sh", "-c", "mkdir -p certs/in && echo a > certs/a.txt && echo b > 
     }  # fmt: skip
 
 
+def _write_after(cli, tmp_path: Path, pipeline: str) -> tuple[CliResult, Path, Path]:
+    """Replay a run step (``pipeline``, ``{outside}`` filled in), then a write of csr.json."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    steps = f"""
+[[steps]]
+kind = "run"
+say = "get in the write's way"
+pipeline = {pipeline.format(outside=outside)}
+
+[[steps]]
+kind = "write"
+say = "write the CSR"
+path = "csr.json"
+content = "{{}}"
+"""
+    out = tmp_path / "out"
+    return cli("replay", _guide(tmp_path, steps), "--out", out), out, outside
+
+
 @pytest.mark.parametrize(
     ("first", "kind"),
     [
@@ -964,22 +984,7 @@ def test_a_write_step_whose_name_an_earlier_step_took_stops_with_a_transcript(
     cli, tmp_path, first, kind
 ):
     """Nothing is written through an earlier step's symlink or over its file; the replay says so."""
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    steps = f"""
-[[steps]]
-kind = "run"
-say = "take the name"
-pipeline = {first.format(outside=outside)}
-
-[[steps]]
-kind = "write"
-say = "write the CSR"
-path = "csr.json"
-content = "{{}}"
-"""
-    out = tmp_path / "out"
-    result = cli("replay", _guide(tmp_path, steps), "--out", out)
+    result, out, outside = _write_after(cli, tmp_path, first)
     assert result.code == ExitCode.TOOL_FAILED, result.err
     assert f"csr.json is already there ({kind} an earlier step made)" in result.err
     data = json.loads((out / "transcript.json").read_text())
@@ -993,22 +998,8 @@ content = "{{}}"
 
 def test_a_write_step_after_its_folder_was_swapped_for_a_symlink_writes_nothing(cli, tmp_path):
     """helper-32: a step moved the replay's folder away and left a symlink to elsewhere."""
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    steps = f"""
-[[steps]]
-kind = "run"
-say = "swap the folder"
-pipeline = [["sh", "-c", "cd .. && mv files moved && ln -s {outside} files"]]
-
-[[steps]]
-kind = "write"
-say = "write the CSR"
-path = "csr.json"
-content = "{{}}"
-"""
-    out = tmp_path / "out"
-    result = cli("replay", _guide(tmp_path, steps), "--out", out)
+    swap = '[["sh", "-c", "cd .. && mv files moved && ln -s {outside} files"]]'
+    result, out, outside = _write_after(cli, tmp_path, swap)
     assert result.code == ExitCode.TOOL_FAILED, result.err
     assert "the replay's folder was moved or replaced" in result.err
     assert list(outside.iterdir()) == []
